@@ -1,0 +1,122 @@
+"""Numba kernels of the tiled inference: cube extraction, solvent test and overlap-add.
+
+Each kernel takes C-contiguous float32 arrays, an ``(n, 3)`` int64 array of cube corners
+``(z, y, x)`` in the padded volume, and plain ints; it writes into preallocated outputs and
+allocates nothing itself. Every kernel has a plain-NumPy twin (``*_reference``) with the same
+arguments and the same arithmetic order, which the tests compare it against.
+
+The kernels release the GIL (``nogil=True``) so that extraction, inference and accumulation
+can run in separate threads; they are compiled on first use and cached on disk
+(``cache=True``), so only the very first run of an installation pays the compilation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def extract_cubes(padded: np.ndarray, corners: np.ndarray, first: int, count: int,
+                  batch: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Copy cubes ``corners[first:first + count]`` of ``padded`` into ``batch[:count, 0]``.
+
+    Parameters
+    ----------
+    padded : (Z, Y, X) float32, C-contiguous
+        The padded volume.
+    corners : (n, 3) int64
+        Cube corners ``(z, y, x)``; every cube must lie inside ``padded``.
+    first, count : int
+        Range of corners to extract; ``count <= batch.shape[0]``.
+    batch : (B, 1, c, c, c) float32, C-contiguous
+        Output buffer; entries past ``count`` are left untouched.
+    """
+    size = batch.shape[2]
+    for index in range(count):
+        z0 = corners[first + index, 0]
+        y0 = corners[first + index, 1]
+        x0 = corners[first + index, 2]
+        for i in range(size):
+            for j in range(size):
+                for k in range(size):
+                    batch[index, 0, i, j, k] = padded[z0 + i, y0 + j, x0 + k]
+
+
+def extract_cubes_reference(padded: np.ndarray, corners: np.ndarray, first: int, count: int,
+                            batch: np.ndarray) -> None:
+    """NumPy twin of :func:`extract_cubes` (same arguments, same result)."""
+    size = batch.shape[2]
+    for index in range(count):
+        z0, y0, x0 = (int(value) for value in corners[first + index])
+        batch[index, 0] = padded[z0:z0 + size, y0:y0 + size, x0:x0 + size]
+
+
+@njit(cache=True, nogil=True)
+def accumulate_cubes(predictions: np.ndarray, corners: np.ndarray, first: int, count: int,
+                     weights: np.ndarray, accumulator: np.ndarray,
+                     weight_sum: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Add weighted predictions into ``accumulator`` and the weights into ``weight_sum``.
+
+    Parameters
+    ----------
+    predictions : (B, 1, c, c, c) float32, C-contiguous
+        Network outputs for cubes ``corners[first:first + count]``.
+    corners : (n, 3) int64
+        Cube corners ``(z, y, x)`` in the padded volume.
+    first, count : int
+        Range of corners the predictions belong to.
+    weights : (c, c, c) float32, C-contiguous
+        Blending window.
+    accumulator, weight_sum : (Z, Y, X) float32, C-contiguous
+        Running weighted sum of predictions and of weights (both start at 0).
+    """
+    size = weights.shape[0]
+    for index in range(count):
+        z0 = corners[first + index, 0]
+        y0 = corners[first + index, 1]
+        x0 = corners[first + index, 2]
+        for i in range(size):
+            for j in range(size):
+                for k in range(size):
+                    weight = weights[i, j, k]
+                    accumulator[z0 + i, y0 + j, x0 + k] += predictions[index, 0, i, j, k] * weight
+                    weight_sum[z0 + i, y0 + j, x0 + k] += weight
+
+
+def accumulate_cubes_reference(predictions: np.ndarray, corners: np.ndarray, first: int,
+                               count: int, weights: np.ndarray, accumulator: np.ndarray,
+                               weight_sum: np.ndarray) -> None:
+    """NumPy twin of :func:`accumulate_cubes` (same arguments, same result)."""
+    size = weights.shape[0]
+    for index in range(count):
+        z0, y0, x0 = (int(value) for value in corners[first + index])
+        region = (slice(z0, z0 + size), slice(y0, y0 + size), slice(x0, x0 + size))
+        accumulator[region] += predictions[index, 0] * weights
+        weight_sum[region] += weights
+
+
+@njit(cache=True, nogil=True)
+def cube_abs_max(padded: np.ndarray, corners: np.ndarray, size: int,
+                 out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Write the largest ``|value|`` of every cube of edge ``size`` into ``out[n]`` (float32)."""
+    for index in range(corners.shape[0]):
+        z0 = corners[index, 0]
+        y0 = corners[index, 1]
+        x0 = corners[index, 2]
+        largest = np.float32(0.0)
+        for i in range(size):
+            for j in range(size):
+                for k in range(size):
+                    value = abs(padded[z0 + i, y0 + j, x0 + k])
+                    if value > largest:
+                        largest = value
+        out[index] = largest
+
+
+def cube_abs_max_reference(padded: np.ndarray, corners: np.ndarray, size: int,
+                           out: np.ndarray) -> None:
+    """NumPy twin of :func:`cube_abs_max` (same arguments, same result)."""
+    for index, (z0, y0, x0) in enumerate(corners.tolist()):
+        cube = padded[z0:z0 + size, y0:y0 + size, x0:x0 + size]
+        out[index] = np.abs(cube).max()

@@ -1,0 +1,215 @@
+"""Tiled inference: extract cubes, run them in batches, blend the predictions back.
+
+Three stages overlap in threads when there is more than one batch: a producer extracts the
+next batch into one of a few preallocated ``(B, 1, c, c, c)`` buffers, the calling thread runs
+the network, and an accumulator thread adds the predictions into the float32 sums. The numba
+kernels and ONNX Runtime both release the GIL, so the device is kept fed while the host works.
+Accumulation happens in cube order in a single thread, so results are bitwise reproducible
+and independent of the batch size.
+
+Memory: the padded input, the accumulator and the weight sum (three float32 volumes of the
+padded shape) plus a few batches.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from demhx import _kernels
+from demhx.tiling import TilingPlan, crop
+
+Predict = Callable[[np.ndarray], np.ndarray]
+Progress = Callable[[int, int], None]
+_BUFFERS = 3
+_STOP = None
+
+
+@dataclass(frozen=True)
+class TileCounts:
+    """How many cubes a run had, ran and skipped as solvent."""
+
+    total: int
+    run: int
+    skipped: int
+
+
+def select_cubes(padded: np.ndarray, plan: TilingPlan, skip_below: float | None) -> np.ndarray:
+    """Corners of the cubes to run: those whose largest ``|value|`` reaches ``skip_below``.
+
+    ``skip_below`` is in the padded volume's units; ``None`` keeps every cube.
+    """
+    if skip_below is None:
+        return plan.corners
+    maxima = np.empty(plan.cube_count, dtype=np.float32)
+    _kernels.cube_abs_max(padded, plan.corners, plan.cube_size, maxima)
+    return np.ascontiguousarray(plan.corners[maxima >= skip_below])
+
+
+def overlap_add(padded: np.ndarray, plan: TilingPlan, predict: Predict, batch_size: int, *,
+                background: float = 0.0, skip_below: float | None = None,
+                progress: Progress | None = None) -> tuple[np.ndarray, TileCounts]:
+    """Run ``predict`` over the cubes of ``plan`` and blend the predictions.
+
+    Parameters
+    ----------
+    padded : (Z, Y, X) float32, C-contiguous, ``plan.padded_shape``
+        The normalised, padded input (see :func:`demhx.tiling.pad_volume`).
+    plan : the tiling.
+    predict : maps a ``(b, 1, c, c, c)`` float32 batch to predictions of the same shape.
+    batch_size : cubes per call of ``predict`` (>= 1).
+    background : output value of voxels that no run cube covers (skipped solvent).
+    skip_below : skip cubes whose largest ``|value|`` is below this (padded-volume units).
+    progress : called as ``progress(done, total)`` with cube counts, in the calling thread.
+
+    Returns
+    -------
+    output : (z, y, x) float32 of ``plan.shape``, the blended predictions.
+    counts : cubes in the plan, run and skipped.
+    """
+    padded = np.ascontiguousarray(padded, dtype=np.float32)
+    # Choose the cubes worth running.
+    corners = select_cubes(padded, plan, skip_below)
+    counts = TileCounts(plan.cube_count, int(corners.shape[0]),
+                        plan.cube_count - int(corners.shape[0]))
+    # Run them and sum the weighted predictions.
+    accumulator = np.zeros(plan.padded_shape, dtype=np.float32)
+    weight_sum = np.zeros(plan.padded_shape, dtype=np.float32)
+    sums = _Sums(plan.weights, accumulator, weight_sum)
+    _run_batches(padded, corners, plan.cube_size, predict, batch_size, sums, progress)
+    del padded
+    # Divide by the weights; uncovered voxels are background.
+    covered = weight_sum > 0
+    np.divide(accumulator, weight_sum, out=accumulator, where=covered)
+    del weight_sum
+    accumulator[~covered] = background
+    return np.ascontiguousarray(crop(accumulator, plan)), counts
+
+
+@dataclass(frozen=True)
+class _Sums:
+    weights: np.ndarray
+    accumulator: np.ndarray
+    weight_sum: np.ndarray
+
+    def add(self, predictions: np.ndarray, corners: np.ndarray, first: int, count: int) -> None:
+        _kernels.accumulate_cubes(predictions, corners, first, count, self.weights,
+                                  self.accumulator, self.weight_sum)
+
+
+def _batches(total: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(first, min(batch_size, total - first)) for first in range(0, total, batch_size)]
+
+
+def _predict_checked(predict: Predict, batch: np.ndarray) -> np.ndarray:
+    """Run ``predict`` and return a float32 C-contiguous result that does not alias ``batch``."""
+    result = predict(batch)
+    if getattr(result, "shape", None) != batch.shape:
+        raise RuntimeError(f"the model returned shape {getattr(result, 'shape', None)} for "
+                           f"input {batch.shape}; a demhx model must keep the input shape")
+    if np.may_share_memory(result, batch):
+        result = np.array(result, dtype=np.float32)
+    return np.ascontiguousarray(result, dtype=np.float32)
+
+
+def _run_batches(padded: np.ndarray, corners: np.ndarray, cube_size: int, predict: Predict,
+                 batch_size: int, sums: _Sums, progress: Progress | None) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch size {batch_size} must be a positive integer")
+    batches = _batches(int(corners.shape[0]), batch_size)
+    total = int(corners.shape[0])
+    if progress is not None:
+        progress(0, total)
+    if len(batches) <= 1:
+        _run_serial(padded, corners, cube_size, predict, batches, sums, progress, total)
+    else:
+        _Pipeline(padded, corners, cube_size, batch_size, sums).run(predict, batches, progress,
+                                                                   total)
+
+
+def _run_serial(padded: np.ndarray, corners: np.ndarray, cube_size: int, predict: Predict,
+                batches: list[tuple[int, int]], sums: _Sums, progress: Progress | None,
+                total: int) -> None:
+    for first, count in batches:
+        batch = np.empty((count, 1, cube_size, cube_size, cube_size), dtype=np.float32)
+        _kernels.extract_cubes(padded, corners, first, count, batch)
+        sums.add(_predict_checked(predict, batch), corners, first, count)
+        if progress is not None:
+            progress(first + count, total)
+
+
+class _Pipeline:
+    """Producer (extract) → caller (predict) → accumulator threads, with error propagation."""
+
+    def __init__(self, padded: np.ndarray, corners: np.ndarray, cube_size: int,
+                 batch_size: int, sums: _Sums) -> None:
+        self.padded, self.corners, self.sums = padded, corners, sums
+        self.free: queue.Queue = queue.Queue()
+        for _ in range(_BUFFERS):
+            self.free.put(np.empty((batch_size, 1) + (cube_size,) * 3, dtype=np.float32))
+        self.ready: queue.Queue = queue.Queue()
+        self.done: queue.Queue = queue.Queue(maxsize=_BUFFERS)
+        self.stop = threading.Event()
+        self.errors: list[BaseException] = []
+
+    def run(self, predict: Predict, batches: list[tuple[int, int]],
+            progress: Progress | None, total: int) -> None:
+        producer = threading.Thread(target=self._produce, args=(batches,), daemon=True)
+        consumer = threading.Thread(target=self._consume, daemon=True)
+        producer.start()
+        consumer.start()
+        try:
+            for _ in batches:
+                item = self.ready.get()
+                if item is _STOP:
+                    break
+                first, count, buffer = item
+                predictions = _predict_checked(predict, buffer[:count])
+                self.free.put(buffer)
+                self.done.put((first, count, predictions))
+                if progress is not None:
+                    progress(first + count, total)
+                self._raise_error()
+        finally:
+            self._shut_down(producer, consumer)
+        self._raise_error()
+
+    def _produce(self, batches: list[tuple[int, int]]) -> None:
+        try:
+            for first, count in batches:
+                buffer = self.free.get()
+                if self.stop.is_set():
+                    return
+                _kernels.extract_cubes(self.padded, self.corners, first, count, buffer)
+                self.ready.put((first, count, buffer))
+        except BaseException as error:  # handed to the calling thread
+            self.errors.append(error)
+            self.ready.put(_STOP)
+
+    def _consume(self) -> None:
+        while True:
+            item = self.done.get()
+            if item is _STOP:
+                return
+            if self.errors:
+                continue
+            first, count, predictions = item
+            try:
+                self.sums.add(predictions, self.corners, first, count)
+            except BaseException as error:  # handed to the calling thread
+                self.errors.append(error)
+
+    def _raise_error(self) -> None:
+        if self.errors:
+            raise self.errors[0]
+
+    def _shut_down(self, producer: threading.Thread, consumer: threading.Thread) -> None:
+        self.stop.set()
+        self.free.put(None)  # wakes a producer waiting for a buffer
+        self.done.put(_STOP)
+        producer.join()
+        consumer.join()

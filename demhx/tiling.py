@@ -1,0 +1,205 @@
+"""Tiling geometry: where the cubes go, how their predictions are blended, which may be skipped.
+
+Two schemes are built in (:func:`scheme_for`):
+
+``reference``
+    The paper exactly: cubes of the model's cube size at the model's stride (64 and 16 for
+    DeepEMhancer), every cube run, predictions averaged with uniform weights. A 256³ map needs
+    13³ = 2197 cubes. This is the correctness reference.
+``default``
+    Faster and faithful: stride ``cube_size * DEFAULT_STRIDE_FRACTION`` (32 for 64³ cubes, 8×
+    fewer cubes than the reference: 7³ = 343 for 256³) with a raised-cosine blending window,
+    and cubes whose normalised input is pure solvent skipped. The window is flat in the cube's
+    centre and tapers as ``sin²`` over the ``cube_size - stride`` voxels that overlap a
+    neighbour, so the windows of neighbouring cubes sum to exactly one (a partition of unity)
+    and no voxel ever gets weight zero: voxels are predicted mostly from the centre of the cubes,
+    where the network sees the most context. A cube is skipped when its largest ``|value|`` is
+    below ``DEFAULT_SKIP_THRESHOLD`` solvent-noise standard deviations: the largest of the
+    64³ samples of pure Gaussian noise is about 5 σ, density above it is not solvent. A skipped
+    cube contributes nothing; voxels that no run cube covers get the model's background.
+    Stride fraction and threshold are parameters so that they can be tuned by measurement.
+
+Every box shape is covered: each axis is padded on its own to ``cube_size + (n - 1) * stride``
+with ``n`` the fewest cubes that cover it (a box smaller than one cube is padded to one cube),
+the box centred in the padding. All functions here are pure and work on shapes and small arrays.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+REFERENCE = "reference"
+DEFAULT = "default"
+SCHEMES = (DEFAULT, REFERENCE)
+WINDOWS = ("uniform", "cosine")
+
+DEFAULT_STRIDE_FRACTION = 0.5
+"""Stride of the default scheme as a fraction of the cube size (32 voxels for 64³ cubes)."""
+DEFAULT_SKIP_THRESHOLD = 6.0
+"""Largest ``|value|`` of a solvent cube, in solvent-noise standard deviations."""
+
+
+@dataclass(frozen=True)
+class TilingScheme:
+    """How a volume is cut into cubes and reassembled.
+
+    Attributes
+    ----------
+    name : ``"reference"``, ``"default"`` or a free name for a custom scheme.
+    stride : distance between neighbouring cube corners, voxels (1 … cube size).
+    window : ``"uniform"`` (plain averaging) or ``"cosine"`` (raised-cosine blending).
+    skip_threshold : cubes whose largest ``|value|`` is below this many solvent-noise standard
+        deviations are not run; ``None`` runs every cube.
+    """
+
+    name: str
+    stride: int
+    window: str = "uniform"
+    skip_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.window not in WINDOWS:
+            raise ValueError(f"tiling window {self.window!r} is not one of {WINDOWS}")
+        if self.stride < 1:
+            raise ValueError(f"tiling stride {self.stride} must be at least 1 voxel")
+        if self.skip_threshold is not None and not self.skip_threshold >= 0:
+            raise ValueError(f"tiling skip threshold {self.skip_threshold} must be >= 0 or None")
+
+
+def scheme_for(tiling: str | TilingScheme, cube_size: int, model_stride: int) -> TilingScheme:
+    """Resolve a scheme name for a model with the given cube size and reference stride.
+
+    Parameters
+    ----------
+    tiling : ``"default"``, ``"reference"`` or a ready :class:`TilingScheme`.
+    cube_size : edge of the network's cubes, voxels.
+    model_stride : the paper's stride recorded in the model, voxels.
+    """
+    if isinstance(tiling, TilingScheme):
+        if tiling.stride > cube_size:
+            raise ValueError(f"tiling stride {tiling.stride} exceeds the cube size {cube_size}; "
+                             "voxels between cubes would never be predicted")
+        return tiling
+    if tiling == REFERENCE:
+        return TilingScheme(REFERENCE, model_stride, "uniform", None)
+    if tiling == DEFAULT:
+        stride = max(1, min(cube_size, round(cube_size * DEFAULT_STRIDE_FRACTION)))
+        return TilingScheme(DEFAULT, stride, "cosine", DEFAULT_SKIP_THRESHOLD)
+    raise ValueError(f"--tiling {tiling!r} is not a tiling scheme; use one of "
+                     f"{', '.join(SCHEMES)}")
+
+
+def axis_layout(length: int, cube_size: int, stride: int) -> tuple[int, int, np.ndarray]:
+    """Cube positions along one axis of ``length`` voxels.
+
+    Returns
+    -------
+    padded_length : ``cube_size + (n - 1) * stride`` >= ``length``, with ``n`` the fewest cubes
+        that cover the axis (at least one).
+    offset : index of the first voxel of the box in the padded axis (box centred).
+    starts : (n,) int64, first padded index of every cube.
+    """
+    if length < 1:
+        raise ValueError(f"axis length {length} must be at least 1 voxel")
+    count = 1 if length <= cube_size else 1 + math.ceil((length - cube_size) / stride)
+    padded_length = cube_size + (count - 1) * stride
+    return padded_length, (padded_length - length) // 2, np.arange(count, dtype=np.int64) * stride
+
+
+def window_1d(cube_size: int, stride: int, window: str) -> np.ndarray:
+    """Blending weights along one cube edge, float64, all > 0.
+
+    ``"cosine"`` is flat in the middle and rises as ``sin²`` over ``taper = min(cube_size -
+    stride, cube_size // 2)`` voxels at each end, sampled at voxel centres: when ``stride >=
+    cube_size / 2`` the tapers of two neighbouring cubes add up to exactly one.
+    """
+    weights = np.ones(cube_size)
+    taper = min(cube_size - stride, cube_size // 2)
+    if window == "uniform" or taper <= 0:
+        return weights
+    rise = np.sin(0.5 * np.pi * (np.arange(taper) + 0.5) / taper) ** 2
+    weights[:taper] = rise
+    weights[cube_size - taper:] = rise[::-1]
+    return weights
+
+
+def window_3d(cube_size: int, stride: int, window: str) -> np.ndarray:
+    """Separable blending window ``(c, c, c)`` float32, C-contiguous."""
+    line = window_1d(cube_size, stride, window)
+    cube = line[:, None, None] * line[None, :, None] * line[None, None, :]
+    return np.ascontiguousarray(cube, dtype=np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class TilingPlan:
+    """The cubes that tile one volume.
+
+    Attributes
+    ----------
+    shape : (z, y, x) shape of the volume.
+    padded_shape : (z, y, x) shape of the padded volume the cubes are cut from.
+    offset : (z, y, x) index of the volume's first voxel in the padded volume.
+    cube_size : cube edge, voxels.
+    corners : (n, 3) int64, C-contiguous: padded ``(z, y, x)`` corner of every cube, z slowest.
+    weights : (c, c, c) float32 blending window.
+    scheme : the scheme the plan follows.
+    """
+
+    shape: tuple[int, int, int]
+    padded_shape: tuple[int, int, int]
+    offset: tuple[int, int, int]
+    cube_size: int
+    corners: np.ndarray
+    weights: np.ndarray
+    scheme: TilingScheme
+
+    @property
+    def cube_count(self) -> int:
+        """Number of cubes in the plan."""
+        return int(self.corners.shape[0])
+
+    @property
+    def region(self) -> tuple[slice, slice, slice]:
+        """Slices of the padded volume that hold the original volume."""
+        (z0, y0, x0), (nz, ny, nx) = self.offset, self.shape
+        return slice(z0, z0 + nz), slice(y0, y0 + ny), slice(x0, x0 + nx)
+
+
+def plan_tiling(shape: tuple[int, ...], cube_size: int, scheme: TilingScheme) -> TilingPlan:
+    """Cube corners, padding and weights covering every voxel of a ``(z, y, x)`` box."""
+    if len(shape) != 3:
+        raise ValueError(f"volume must be 3-D (z, y, x), got shape {tuple(shape)}")
+    if not 1 <= scheme.stride <= cube_size:
+        raise ValueError(f"tiling stride {scheme.stride} must be within 1..{cube_size}")
+    layouts = [axis_layout(int(n), cube_size, scheme.stride) for n in shape]
+    grids = np.meshgrid(*(starts for _, _, starts in layouts), indexing="ij")
+    corners = np.ascontiguousarray(np.stack([g.ravel() for g in grids], axis=1), dtype=np.int64)
+    return TilingPlan(
+        shape=tuple(int(n) for n in shape),  # type: ignore[arg-type]
+        padded_shape=tuple(padded for padded, _, _ in layouts),  # type: ignore[arg-type]
+        offset=tuple(offset for _, offset, _ in layouts),  # type: ignore[arg-type]
+        cube_size=cube_size,
+        corners=corners,
+        weights=window_3d(cube_size, scheme.stride, scheme.window),
+        scheme=scheme,
+    )
+
+
+def pad_volume(volume: np.ndarray, plan: TilingPlan, fill: float = 0.0) -> np.ndarray:
+    """The volume placed in a new float32 C-contiguous array of ``plan.padded_shape``.
+
+    The padding holds ``fill`` (0: the solvent mean of a normalised map).
+    """
+    if tuple(volume.shape) != plan.shape:
+        raise ValueError(f"volume shape {volume.shape} does not match the plan {plan.shape}")
+    padded = np.full(plan.padded_shape, fill, dtype=np.float32)
+    padded[plan.region] = volume
+    return padded
+
+
+def crop(padded: np.ndarray, plan: TilingPlan) -> np.ndarray:
+    """The original box of a padded volume (a view)."""
+    return padded[plan.region]

@@ -1,0 +1,164 @@
+"""Tiling geometry and overlap-add: coverage, partition of unity, the paper's counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from demhx import tiling
+from demhx._overlap_add import overlap_add, select_cubes
+
+SHAPES = [(1, 1, 1), (17, 65, 130), (64, 64, 64), (65, 65, 65), (100, 37, 200)]
+CUBE = 64
+
+
+def _schemes() -> list[tiling.TilingScheme]:
+    default = tiling.scheme_for("default", CUBE, 16)
+    no_skip = tiling.TilingScheme("default-no-skip", default.stride, default.window, None)
+    return [tiling.scheme_for("reference", CUBE, 16), no_skip]
+
+
+def _ones(batch: np.ndarray) -> np.ndarray:
+    return np.ones_like(batch)
+
+
+def _identity(batch: np.ndarray) -> np.ndarray:
+    return batch.copy()
+
+
+@given(length=st.integers(1, 400), cube=st.integers(8, 64), data=st.data())
+@settings(max_examples=200, deadline=None)
+def test_axis_layout_covers_every_voxel(length: int, cube: int, data: st.DataObject) -> None:
+    stride = data.draw(st.integers(1, cube))
+    padded, offset, starts = tiling.axis_layout(length, cube, stride)
+    assert padded == cube + (len(starts) - 1) * stride >= length
+    assert 0 <= offset and offset + length <= padded
+    assert starts[0] == 0 and starts[-1] + cube == padded
+    assert np.all(np.diff(starts) == stride)
+    # The fewest cubes: one fewer would not reach the end.
+    assert len(starts) == 1 or cube + (len(starts) - 2) * stride < length
+
+
+def test_reference_counts_are_the_papers() -> None:
+    scheme = tiling.scheme_for("reference", CUBE, 16)
+    assert (scheme.stride, scheme.window, scheme.skip_threshold) == (16, "uniform", None)
+    assert tiling.plan_tiling((256, 256, 256), CUBE, scheme).cube_count == 13 ** 3
+    assert tiling.plan_tiling((100, 100, 100), CUBE, scheme).cube_count == 4 ** 3
+    plan = tiling.plan_tiling((64, 80, 30), CUBE, scheme)
+    assert plan.cube_count == 1 * 2 * 1 and plan.padded_shape == (64, 80, 64)
+    np.testing.assert_array_equal(plan.weights, 1.0)
+
+
+def test_default_scheme_is_faster() -> None:
+    scheme = tiling.scheme_for("default", CUBE, 16)
+    assert scheme.stride == 32 and scheme.window == "cosine"
+    assert scheme.skip_threshold == tiling.DEFAULT_SKIP_THRESHOLD
+    assert tiling.plan_tiling((256, 256, 256), CUBE, scheme).cube_count == 7 ** 3
+
+
+@pytest.mark.parametrize("stride", [8, 16, 32, 40, 48, 64])
+def test_cosine_window_is_positive_and_a_partition_of_unity(stride: int) -> None:
+    line = tiling.window_1d(CUBE, stride, "cosine")
+    assert line.min() > 0 and line.max() <= 1.0
+    total = np.zeros(CUBE + 4 * stride)
+    for start in range(0, 4 * stride + 1, stride):
+        total[start:start + CUBE] += line
+    interior = total[CUBE:4 * stride] if 4 * stride > CUBE else total[:0]
+    if stride >= CUBE // 2:
+        np.testing.assert_allclose(interior, 1.0, rtol=1e-12)
+
+
+def test_bad_schemes_are_refused() -> None:
+    with pytest.raises(ValueError, match="tiling scheme"):
+        tiling.scheme_for("fast", CUBE, 16)
+    with pytest.raises(ValueError, match="exceeds the cube size"):
+        tiling.scheme_for(tiling.TilingScheme("wide", 65), CUBE, 16)
+    with pytest.raises(ValueError, match="window"):
+        tiling.TilingScheme("x", 16, "triangle")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("scheme", _schemes(), ids=lambda s: s.name)
+def test_overlap_add_of_ones_is_exactly_one(shape: tuple[int, int, int],
+                                            scheme: tiling.TilingScheme) -> None:
+    plan = tiling.plan_tiling(shape, CUBE, scheme)
+    padded = tiling.pad_volume(np.zeros(shape, np.float32), plan)
+    output, counts = overlap_add(padded, plan, _ones, batch_size=3, background=-7.0)
+    assert output.shape == shape and output.dtype == np.float32
+    assert np.all(output == 1.0)  # every voxel covered and weights normalised exactly
+    assert counts.run == plan.cube_count and counts.skipped == 0
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (17, 65, 130), (65, 65, 65)])
+@pytest.mark.parametrize("scheme", _schemes(), ids=lambda s: s.name)
+def test_identity_network_returns_the_input(shape: tuple[int, int, int],
+                                            scheme: tiling.TilingScheme) -> None:
+    volume = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    plan = tiling.plan_tiling(shape, CUBE, scheme)
+    output, _ = overlap_add(tiling.pad_volume(volume, plan), plan, _identity, batch_size=4)
+    np.testing.assert_allclose(output, volume, rtol=2e-6, atol=1e-6)
+
+
+def test_batched_equals_one_by_one() -> None:
+    shape = (40, 70, 90)
+    volume = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    plan = tiling.plan_tiling(shape, CUBE, _schemes()[1])
+    padded = tiling.pad_volume(volume, plan)
+
+    def nonlinear(batch: np.ndarray) -> np.ndarray:
+        return np.tanh(batch * 3.0) + batch.mean(axis=(1, 2, 3, 4), keepdims=True)
+
+    single, _ = overlap_add(padded, plan, nonlinear, batch_size=1)
+    for batch_size in (2, 5, plan.cube_count + 3):
+        batched, _ = overlap_add(padded, plan, nonlinear, batch_size=batch_size)
+        np.testing.assert_array_equal(batched, single)
+
+
+def test_solvent_cubes_are_skipped_and_get_the_background() -> None:
+    shape = (96, 96, 96)
+    volume = np.zeros(shape, np.float32)
+    volume[10, 10, 10] = 5.0  # density in one corner only
+    plan = tiling.plan_tiling(shape, CUBE, tiling.scheme_for("default", CUBE, 16))
+    padded = tiling.pad_volume(volume, plan)
+    assert len(select_cubes(padded, plan, 1.0)) == 1
+    assert len(select_cubes(padded, plan, None)) == plan.cube_count == 8
+    output, counts = overlap_add(padded, plan, _identity, batch_size=2, background=-1.0,
+                                 skip_below=1.0)
+    assert (counts.total, counts.run, counts.skipped) == (8, 1, 7)
+    near = (slice(0, 64),) * 3  # the one cube that runs
+    np.testing.assert_allclose(output[near], volume[near], rtol=1e-6)
+    far = output.copy()
+    far[near] = -1.0
+    assert np.all(far == -1.0)
+
+
+def test_progress_counts_cubes_and_can_interrupt() -> None:
+    shape = (96, 96, 96)
+    plan = tiling.plan_tiling(shape, CUBE, _schemes()[1])
+    padded = tiling.pad_volume(np.zeros(shape, np.float32), plan)
+    seen: list[tuple[int, int]] = []
+    overlap_add(padded, plan, _ones, batch_size=3, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(0, 8), (3, 8), (6, 8), (8, 8)]
+
+    def interrupt(done: int, total: int) -> None:
+        if done >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        overlap_add(padded, plan, _ones, batch_size=3, progress=interrupt)
+
+
+def test_model_errors_propagate_and_wrong_shapes_are_refused() -> None:
+    shape = (96, 70, 70)
+    plan = tiling.plan_tiling(shape, CUBE, _schemes()[1])
+    padded = tiling.pad_volume(np.zeros(shape, np.float32), plan)
+
+    def broken(batch: np.ndarray) -> np.ndarray:
+        raise RuntimeError("device lost")
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        overlap_add(padded, plan, broken, batch_size=2)
+    with pytest.raises(RuntimeError, match="keep the input shape"):
+        overlap_add(padded, plan, lambda b: b[:, :, :8], batch_size=2)
