@@ -1,4 +1,4 @@
-"""The model contract: what an ONNX file must declare to run in demhx, and the shipped-model registry.
+"""The model contract: what an ONNX file must declare to run in demhx, and the model registry.
 
 A demhx model is a single ONNX file with one float32 input of shape ``(batch, 1, D, H, W)``
 and one output of the same shape. Everything model-specific is read from the file's
@@ -123,7 +123,7 @@ def spec_from_metadata(path: Path, metadata: dict[str, str]) -> ModelSpec:
         background=_parse(path, values, "background", float, "0.0"),
         trained=values.get("trained", "true").strip().lower() != "false",
         provenance=values.get("provenance", ""),
-        fp16_path=_fp16_twin(path),
+        fp16_path=fp16_twin(path),
         extra={k: v for k, v in values.items() if k not in _KNOWN},
     )
     _check_spec(spec)
@@ -164,7 +164,8 @@ def _check_spec(spec: ModelSpec) -> None:
                          "re-export the model")
 
 
-def _fp16_twin(path: Path) -> Path | None:
+def fp16_twin(path: Path) -> Path | None:
+    """The ``NAME.fp16.onnx`` file next to ``NAME.onnx``, if it exists."""
     if path.name.endswith(".fp16.onnx"):
         return None
     twin = path.with_name(path.name[: -len(".onnx")] + ".fp16.onnx") \
@@ -172,19 +173,37 @@ def _fp16_twin(path: Path) -> Path | None:
     return twin if twin is not None and twin.is_file() else None
 
 
-def read_metadata(path: Path) -> dict[str, str]:
-    """The ``metadata_props`` of an ONNX file, read with ONNX Runtime (no ``onnx`` needed)."""
+def open_session(path: Path, options: Any = None, providers: list[Any] | None = None) -> Any:
+    """An ``onnxruntime.InferenceSession`` for ``path``; ValueError names the file if it fails.
+
+    ``options`` defaults to quiet session options (warnings silenced), ``providers`` to CPU.
+    """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    if options is None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options,
+                                    providers=providers or ["CPUExecutionProvider"])
     except Exception as error:  # ORT raises its own exception types
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path}: not a loadable ONNX model ({first[:200]}); "
                          "check the file or re-export it") from None
+
+
+def metadata_of(session: Any) -> dict[str, str]:
+    """The ``metadata_props`` of an open ONNX Runtime session."""
     return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file, read with ONNX Runtime (no ``onnx`` needed).
+
+    Opens a throw-away CPU session; the runtime (:mod:`demhx.session`) instead reads the
+    metadata from the session it runs, so a model is loaded only once.
+    """
+    return metadata_of(open_session(path))
 
 
 # --------------------------------------------------------------------------- registry
@@ -251,7 +270,8 @@ def verify_sha256(path: Path, expected: str | None) -> None:
     actual = sha256_of(path)
     if actual != expected:
         raise ValueError(f"{path}: sha256 {actual[:12]}… does not match the registry "
-                         f"({expected[:12]}…); the file is corrupt or was modified, reinstall demhx")
+                         f"({expected[:12]}…); the file is corrupt or was modified, "
+                         "reinstall demhx")
 
 
 def load_spec(model: str | Path | None = None) -> ModelSpec:

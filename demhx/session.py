@@ -1,0 +1,370 @@
+"""The inference session: which device runs, with which model file, in batches of what size.
+
+:func:`load_runtime` resolves and checksums the model, creates one
+``onnxruntime.InferenceSession``, reads the model contract from that same session, checks
+its input and output shapes against the contract, and decides from
+``session.get_providers()`` what actually runs (``onnxruntime-gpu`` lists CUDA even on a
+machine without a GPU). Provider choice is the one function :func:`choose_providers`;
+``device="cpu"`` or ``"cuda[:N]"`` override the automatic choice.
+
+On CUDA the ``.fp16.onnx`` twin of the model is used when present (fed float16 cubes) and
+inputs/outputs go through ONNX Runtime's IO binding; on CPU ``threads`` sets ONNX Runtime's
+intra-op threads. ONNX Runtime's own log lines (provider probing) are silenced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.metadata
+import shutil
+import subprocess
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from demhx import model as model_contract
+from demhx.model import ModelSpec
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+CPU_BATCH_SIZE = 1
+"""Cubes per batch on CPU: larger batches are no faster there and cost memory."""
+CUDA_BATCH_SIZE = 8
+"""Cubes per batch on CUDA when the free GPU memory cannot be queried."""
+CUDA_MAX_BATCH_SIZE = 32
+_CUDA_MEMORY_SHARE = 0.5  # part of the free GPU memory a batch may use
+_ACTIVATIONS_PER_VOXEL = 16  # live activation tensors of the widest level, per cube voxel
+_ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+_ORT_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu, then pip install demhx again "
+            "(or pip install 'demhx[gpu]' on a CUDA machine)")
+_LOG_QUIET = 3  # ONNX Runtime severity: errors only
+_LOG_SILENT = 4  # fatal only: hides the CUDA-provider probe of onnxruntime-gpu
+
+
+class DemhxWarning(UserWarning):
+    """A warning the demhx command line prints as one ``demhx: warning:`` line."""
+
+
+class DeviceError(ValueError):
+    """The requested device cannot run here (a usage error: the fix is an option or install)."""
+
+
+class InstallError(RuntimeError):
+    """ONNX Runtime is missing or broken in this environment."""
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """A parsed ``--device``: kind ``"auto"``, ``"cpu"`` or ``"cuda"``, and a CUDA index."""
+
+    kind: str
+    index: int = 0
+
+
+def parse_device(device: str) -> DeviceRequest:
+    """Parse ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ValueError with the choices otherwise."""
+    text = str(device).strip().lower()
+    if text in ("auto", "cpu", "cuda"):
+        return DeviceRequest(text)
+    kind, _, index = text.partition(":")
+    if kind == "cuda" and index.isdigit():
+        return DeviceRequest("cuda", int(index))
+    raise ValueError(f"--device {device!r} is not a device; use one of {', '.join(DEVICES)}")
+
+
+def choose_providers(request: DeviceRequest, available: Sequence[str]) -> list[Any]:
+    """ONNX Runtime providers to try, best first, for a device request.
+
+    ``cpu`` gives CPU only; ``cuda`` gives CUDA (the requested GPU) then CPU, and raises
+    :class:`DeviceError` if this ONNX Runtime has no CUDA provider; ``auto`` is ``cuda`` when
+    the provider exists and ``cpu`` otherwise.
+    """
+    has_cuda = CUDA in available
+    if request.kind == "cuda" and not has_cuda:
+        raise DeviceError(
+            "--device cuda: this ONNX Runtime has no CUDA support (providers: "
+            f"{', '.join(available)}); install it with pip install 'demhx[gpu]' "
+            "(onnxruntime-gpu, Linux/Windows x86-64 with an NVIDIA driver) or use --device cpu")
+    if request.kind == "cpu" or not has_cuda:
+        return [CPU]
+    return [(CUDA, {"device_id": request.index}), CPU]
+
+
+@functools.lru_cache(maxsize=1)
+def import_onnxruntime() -> Any:
+    """``onnxruntime``, after checking the install; :class:`InstallError` names the fix.
+
+    Both ``onnxruntime`` and ``onnxruntime-gpu`` install the same module, so having both
+    leaves a mixture of files: warn when both are installed, fail when the import is broken.
+    """
+    installed = [name for name in _ORT_DISTRIBUTIONS if _distribution_version(name)]
+    try:
+        import onnxruntime as ort
+
+        ort.InferenceSession  # noqa: B018 - a half-overwritten install lacks it
+    except (ImportError, AttributeError, OSError) as error:
+        both = " (both onnxruntime and onnxruntime-gpu are installed)" if len(installed) > 1 else ""
+        raise InstallError(f"ONNX Runtime cannot be imported{both}: {error}; fix: {_ORT_FIX}"
+                           ) from None
+    if len(installed) > 1:
+        warnings.warn("both onnxruntime and onnxruntime-gpu are installed and overwrite each "
+                      f"other's files; fix: {_ORT_FIX}", DemhxWarning, stacklevel=2)
+    ort.set_default_logger_severity(_LOG_QUIET)
+    return ort
+
+
+def _distribution_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """Input/output names of a model, its input element type and its fixed batch size if any."""
+
+    input_name: str
+    output_name: str
+    input_dtype: type
+    fixed_batch: int | None
+
+
+_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def check_io(session: Any, spec: ModelSpec, path: Path) -> ModelIO:
+    """Check that the model maps ``(batch, 1, c, c, c)`` to the same shape, ``c`` its cube size."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ValueError(f"{path}: model has {len(inputs)} inputs and {len(outputs)} outputs; "
+                         "a demhx model has one of each; re-export the model")
+    cube = spec.cube_size
+    for role, arg in (("input", inputs[0]), ("output", outputs[0])):
+        if not _shape_fits(arg.shape, cube):
+            shape = "(" + ", ".join(str(dim) for dim in arg.shape) + ")"
+            raise ValueError(f"{path}: model {role} has shape {shape}, not (batch, 1, {cube}, "
+                             f"{cube}, {cube}) as its metadata cube size {cube} requires; "
+                             "re-export the model")
+    dtype = _DTYPES.get(inputs[0].type)
+    if dtype is None:
+        raise ValueError(f"{path}: model input type {inputs[0].type} is not float32 or float16; "
+                         "re-export the model")
+    batch = inputs[0].shape[0]
+    return ModelIO(inputs[0].name, outputs[0].name, dtype,
+                   batch if isinstance(batch, int) and batch > 0 else None)
+
+
+def _shape_fits(shape: Sequence[Any], cube: int) -> bool:
+    if len(shape) != 5:
+        return False
+    fixed = [(dim, want) for dim, want in zip(shape[1:], (1, cube, cube, cube), strict=True)
+             if isinstance(dim, int) and dim > 0]
+    return all(dim == want for dim, want in fixed)
+
+
+@dataclass(frozen=True, eq=False)
+class Runtime:
+    """A loaded model, ready to run batches of cubes.
+
+    Attributes
+    ----------
+    spec : the model contract (``spec.path`` is the float32 file).
+    session : the ``onnxruntime.InferenceSession``.
+    model_file : the file the session runs (the ``.fp16.onnx`` twin on CUDA when present).
+    device : ``"cpu"`` or ``"cuda:N"``: what actually runs.
+    batch_size : cubes per inference call.
+    threads : CPU intra-op threads (None: ONNX Runtime's default, the physical cores).
+    io : input/output names and the input element type.
+    io_binding : True when inputs and outputs go through ONNX Runtime IO binding.
+    note : why the device differs from the request, if it does.
+    """
+
+    spec: ModelSpec
+    session: Any
+    model_file: Path
+    device: str
+    batch_size: int
+    threads: int | None
+    io: ModelIO
+    io_binding: bool = False
+    note: str = ""
+
+    @property
+    def description(self) -> str:
+        """One line: device, provider, precision, batch size and model."""
+        provider = CUDA if self.device.startswith("cuda") else CPU
+        details = [provider, "fp16" if self.io.input_dtype is np.float16 else "fp32"]
+        if self.device == "cpu":
+            details.append(f"{self.threads} threads" if self.threads else "all cores")
+        if self.io_binding:
+            details.append("IO binding")
+        line = (f"device {self.device} ({', '.join(details)}), batch {self.batch_size}, "
+                f"model {self.spec.label} [{self.model_file.name}]")
+        return f"{line}; {self.note}" if self.note else line
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Predictions ``(b, 1, c, c, c)`` float32 for a batch of the same shape."""
+        feed = np.ascontiguousarray(batch, dtype=self.io.input_dtype)
+        try:
+            if self.io_binding:
+                result = self._run_bound(feed)
+            else:
+                result = self.session.run([self.io.output_name], {self.io.input_name: feed})[0]
+        except Exception as error:  # ORT raises its own exception types
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+            raise RuntimeError(f"{self.model_file}: inference failed on {self.device} ({first});"
+                               " try a smaller --batch-size or --device cpu") from error
+        return np.asarray(result, dtype=np.float32)
+
+    def _run_bound(self, feed: np.ndarray) -> np.ndarray:
+        kind, _, index = self.device.partition(":")
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.io.input_name, feed)
+        binding.bind_output(self.io.output_name, kind, int(index or 0))
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+
+def check_positive(option: str, value: Any) -> int | None:
+    """``value`` as a positive int (None stays None); ValueError naming the option otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{option} {value!r}: must be a positive integer")
+    return int(value)
+
+
+def load_runtime(model: str | Path | None = None, *, device: str = "auto",
+                 batch_size: int | None = None, threads: int | None = None) -> Runtime:
+    """Load a model once and decide where it runs.
+
+    Parameters
+    ----------
+    model : a registered model name, a path to an ONNX file, or None for the default model.
+    device : ``"auto"`` (CUDA when usable, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    batch_size : cubes per inference call; None picks one for the device.
+    threads : CPU intra-op threads; None lets ONNX Runtime use the physical cores.
+
+    Raises
+    ------
+    ValueError : bad option, unknown model, checksum mismatch, not a demhx model, wrong shape.
+    FileNotFoundError : the model file does not exist.
+    DeviceError : CUDA asked for but not available.
+    InstallError : ONNX Runtime missing or broken.
+    """
+    # Validate the options before touching the model.
+    request = parse_device(device)
+    batch_size = check_positive("--batch-size", batch_size)
+    threads = check_positive("--threads", threads)
+    ort = import_onnxruntime()
+    # Resolve the model file and check its sha256 against the registry.
+    path, expected = model_contract.resolve_model(model)
+    model_contract.verify_sha256(path, expected)
+    # Open one session on the chosen providers and read the contract from it.
+    providers = choose_providers(request, ort.get_available_providers())
+    session, used = _open(ort, path, providers, threads)
+    actual, note = _actual_device(session, request)
+    if used != path and actual == "cpu":  # fp16 twin but no CUDA after all: run float32
+        session, used = _open(ort, path, [CPU], threads)
+    spec = _spec(path, used, session)
+    io = check_io(session, spec, used)
+    # Decide the batch size and warn about untrained models.
+    batch = _batch_size(batch_size, io, actual, spec)
+    if not spec.trained:
+        warnings.warn(f"{path.name}: model {spec.label} is marked untrained (random weights); "
+                      "its output is not an enhanced map, use it only to test the pipeline",
+                      DemhxWarning, stacklevel=2)
+    return Runtime(spec, session, used, actual, batch, threads if actual == "cpu" else None, io,
+                   io_binding=actual != "cpu", note=note)
+
+
+def _open(ort: Any, path: Path, providers: list[Any], threads: int | None) -> tuple[Any, Path]:
+    """A session on ``providers``, on the fp16 twin when CUDA is among them and a twin exists."""
+    wants_cuda = any(isinstance(p, tuple) and p[0] == CUDA for p in providers)
+    twin = model_contract.fp16_twin(path) if wants_cuda else None
+    used = twin or path
+    options = ort.SessionOptions()
+    options.log_severity_level = _LOG_SILENT if wants_cuda else _LOG_QUIET
+    options.inter_op_num_threads = 1
+    if threads:
+        options.intra_op_num_threads = threads
+    if wants_cuda:
+        ort.set_default_logger_severity(_LOG_SILENT)
+    try:
+        with warnings.catch_warnings():  # ORT's Python-side provider-probe warning
+            warnings.filterwarnings("ignore", message="Specified provider", category=UserWarning)
+            return model_contract.open_session(used, options, providers), used
+    finally:
+        ort.set_default_logger_severity(_LOG_QUIET)
+
+
+def _spec(path: Path, used: Path, session: Any) -> ModelSpec:
+    """The contract read from the running session (``spec.path`` is the float32 file)."""
+    spec = model_contract.spec_from_metadata(used, model_contract.metadata_of(session))
+    if used == path:
+        return spec
+    return dataclasses.replace(spec, path=path, fp16_path=used)
+
+
+def _actual_device(session: Any, request: DeviceRequest) -> tuple[str, str]:
+    """What runs, from ``session.get_providers()``, and a note when it is not what was asked."""
+    if CUDA in session.get_providers():
+        options = session.get_provider_options().get(CUDA, {})
+        return f"cuda:{options.get('device_id', request.index)}", ""
+    if request.kind == "cuda":
+        raise DeviceError(
+            f"--device cuda:{request.index}: ONNX Runtime has CUDA support but could not start "
+            "it (no GPU visible, or the CUDA/cuDNN libraries onnxruntime-gpu needs are "
+            "missing); check nvidia-smi and the onnxruntime-gpu requirements, or use --device cpu")
+    if request.kind == "auto" and CUDA in _available_providers():
+        return "cpu", "CUDA support is installed but no usable GPU was found"
+    return "cpu", ""
+
+
+def _available_providers() -> list[str]:
+    return list(import_onnxruntime().get_available_providers())
+
+
+def _batch_size(requested: int | None, io: ModelIO, device: str, spec: ModelSpec) -> int:
+    """The requested batch size, the model's fixed one, or a default for the device."""
+    if io.fixed_batch is not None:
+        if requested not in (None, io.fixed_batch):
+            raise ValueError(f"--batch-size {requested}: model {spec.path.name} only takes "
+                             f"batches of {io.fixed_batch}; drop --batch-size")
+        return io.fixed_batch
+    if requested is not None:
+        return requested
+    if device == "cpu":
+        return CPU_BATCH_SIZE
+    return _cuda_batch_size(device, spec, io.input_dtype is np.float16)
+
+
+def _cuda_batch_size(device: str, spec: ModelSpec, fp16: bool) -> int:
+    """Cubes that fit in a share of the free GPU memory (nvidia-smi), else the fixed default."""
+    free = _cuda_free_bytes(int(device.partition(":")[2] or 0))
+    if free is None:
+        return CUDA_BATCH_SIZE
+    widths = spec.extra.get("widths", "32").split(",")
+    width = int(widths[0]) if widths[0].strip().isdigit() else 32
+    per_cube = spec.cube_size ** 3 * width * _ACTIVATIONS_PER_VOXEL * (2 if fp16 else 4)
+    return max(1, min(CUDA_MAX_BATCH_SIZE, int(free * _CUDA_MEMORY_SHARE // per_cube)))
+
+
+def _cuda_free_bytes(index: int) -> int | None:
+    command = shutil.which("nvidia-smi")
+    if command is None:
+        return None
+    try:
+        result = subprocess.run([command, "--query-gpu=memory.free", "--format=csv,noheader,"
+                                 "nounits", "-i", str(index)], capture_output=True, text=True,
+                                timeout=5, check=True)
+        return int(result.stdout.strip().splitlines()[0]) * 2 ** 20
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None

@@ -1,0 +1,150 @@
+"""Device choice, session creation, shape checks and batch sizes of demhx.session."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx_fixtures import CUBE, identity_path, metadata, scale_model, write_model
+
+from demhx import session
+from demhx.session import CPU, CUDA, DemhxWarning, DeviceError, DeviceRequest
+
+HAS_CUDA = CUDA in session.import_onnxruntime().get_available_providers()
+
+
+@pytest.fixture
+def identity(tmp_path: Path) -> Path:
+    return identity_path(tmp_path)
+
+
+@pytest.mark.parametrize(("text", "request_"), [
+    ("auto", DeviceRequest("auto")), ("CPU", DeviceRequest("cpu")),
+    ("cuda", DeviceRequest("cuda", 0)), ("cuda:3", DeviceRequest("cuda", 3)),
+])
+def test_parse_device(text: str, request_: DeviceRequest) -> None:
+    assert session.parse_device(text) == request_
+
+
+@pytest.mark.parametrize("text", ["gpu", "cuda:", "cuda:x", "cpu:0", ""])
+def test_parse_device_refuses_unknown(text: str) -> None:
+    with pytest.raises(ValueError, match="--device .* use one of auto, cpu, cuda, cuda:N"):
+        session.parse_device(text)
+
+
+def test_choose_providers() -> None:
+    both = [CUDA, CPU]
+    assert session.choose_providers(DeviceRequest("cpu"), both) == [CPU]
+    assert session.choose_providers(DeviceRequest("auto"), [CPU]) == [CPU]
+    assert session.choose_providers(DeviceRequest("auto"), both) == [(CUDA, {"device_id": 0}), CPU]
+    assert session.choose_providers(DeviceRequest("cuda", 2), both)[0] == (CUDA, {"device_id": 2})
+    with pytest.raises(DeviceError, match="demhx\\[gpu\\].*--device cpu"):
+        session.choose_providers(DeviceRequest("cuda"), [CPU])
+
+
+def test_load_runtime_on_cpu(identity: Path) -> None:
+    runtime = session.load_runtime(identity, device="cpu", threads=1)
+    assert runtime.device == "cpu" and runtime.batch_size == session.CPU_BATCH_SIZE
+    assert runtime.spec.cube_size == CUBE and runtime.model_file == identity
+    assert runtime.session.get_session_options().intra_op_num_threads == 1
+    assert runtime.description.startswith("device cpu (CPUExecutionProvider, fp32, 1 threads)")
+    batch = np.random.default_rng(0).standard_normal((3, 1, CUBE, CUBE, CUBE), np.float32)
+    np.testing.assert_array_equal(runtime.run(batch), batch)
+    bound = dataclasses.replace(runtime, io_binding=True)
+    np.testing.assert_array_equal(bound.run(batch), batch)
+
+
+def test_batch_size_and_threads_must_be_positive(identity: Path) -> None:
+    for option, value in (("batch_size", 0), ("batch_size", -2), ("threads", 0),
+                          ("batch_size", 1.5), ("batch_size", True)):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            session.load_runtime(identity, device="cpu", **{option: value})
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this ONNX Runtime has CUDA")
+def test_cuda_without_cuda_is_a_clear_error(identity: Path) -> None:
+    with pytest.raises(DeviceError, match="no CUDA support.*--device cpu"):
+        session.load_runtime(identity, device="cuda")
+
+
+def test_cuda_provider_without_gpu_falls_back(identity: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu lists CUDA without a GPU: the session decides what runs."""
+    write_model(tmp_path, "identity.fp16.onnx", scale_model(1.0, fp16=True, meta=metadata()))
+    ort = session.import_onnxruntime()
+    if HAS_CUDA:
+        pytest.skip("a real CUDA provider is present")
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    runtime = session.load_runtime(identity, device="auto")
+    assert runtime.device == "cpu" and runtime.model_file == identity  # float32, not the twin
+    assert runtime.io.input_dtype is np.float32 and not runtime.io_binding
+    assert "no usable GPU" in runtime.description
+    with pytest.raises(DeviceError, match="could not start it.*--device cpu"):
+        session.load_runtime(identity, device="cuda:0")
+
+
+def test_wrong_input_shape_is_refused(tmp_path: Path) -> None:
+    path = write_model(tmp_path, "small.onnx", scale_model(1.0, cube=8, meta=metadata()))
+    with pytest.raises(ValueError, match=r"small.onnx: model input has shape \(batch, 1, 8, 8, 8"
+                                         r"\), not \(batch, 1, 16, 16, 16\)"):
+        session.load_runtime(path, device="cpu")
+    flat = write_model(tmp_path, "flat.onnx", scale_model(1.0, shape=["b", 1, 16, 16]))
+    with pytest.raises(ValueError, match="flat.onnx: model input has shape"):
+        session.load_runtime(flat, device="cpu")
+
+
+def test_missing_metadata_is_refused(tmp_path: Path) -> None:
+    path = write_model(tmp_path, "bare.onnx", scale_model(1.0, meta={"author": "x"}))
+    with pytest.raises(ValueError, match="bare.onnx: not a demhx model"):
+        session.load_runtime(path, device="cpu")
+
+
+def test_untrained_model_warns(tmp_path: Path) -> None:
+    path = identity_path(tmp_path, trained="false")
+    with pytest.warns(DemhxWarning, match="identity.onnx: .* untrained"):
+        session.load_runtime(path, device="cpu")
+
+
+def test_trained_model_does_not_warn(identity: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        session.load_runtime(identity, device="cpu")
+
+
+def test_fixed_batch_model(tmp_path: Path) -> None:
+    path = write_model(tmp_path, "fixed.onnx", scale_model(2.0, shape=[2, 1, 16, 16, 16]))
+    runtime = session.load_runtime(path, device="cpu")
+    assert runtime.batch_size == 2
+    with pytest.raises(ValueError, match="only takes batches of 2"):
+        session.load_runtime(path, device="cpu", batch_size=3)
+
+
+def test_duplicate_onnxruntime_install_warns(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(session, "_distribution_version", lambda name: "1.0")
+    session.import_onnxruntime.cache_clear()
+    try:
+        with pytest.warns(DemhxWarning, match="both onnxruntime and onnxruntime-gpu"):
+            session.import_onnxruntime()
+    finally:
+        session.import_onnxruntime.cache_clear()
+
+
+def test_broken_onnxruntime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    session.import_onnxruntime.cache_clear()
+    try:
+        with pytest.raises(session.InstallError, match="cannot be imported.*pip uninstall"):
+            session.import_onnxruntime()
+    finally:
+        monkeypatch.undo()
+        session.import_onnxruntime.cache_clear()
+
+
+def test_inference_failure_names_the_model(identity: Path) -> None:
+    runtime = session.load_runtime(identity, device="cpu")
+    with pytest.raises(RuntimeError, match="identity.onnx: inference failed on cpu"):
+        runtime.run(np.zeros((1, 1, 8, 8, 8), np.float32))
