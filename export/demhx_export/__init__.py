@@ -1,0 +1,14 @@
+"""demhx-export: the paper's 3D U-net in PyTorch, its checkpoints, and its ONNX export for demhx.
+
+Modules, one per stage:
+
+- :mod:`demhx_export.network` — ``UNet3D``, ``count_parameters``, ``flops_per_cube``;
+- :mod:`demhx_export.checkpoint` — ``save_checkpoint`` / ``load_checkpoint``
+  (safetensors + JSON);
+- :mod:`demhx_export.onnx_export` — ``export_onnx`` (verified fp32 file plus fp16 twin);
+- :mod:`demhx_export.cli` — the ``demhx-export`` command.
+
+Nothing is imported here, so that ``import demhx_export`` stays cheap (torch is heavy).
+"""
+
+__version__ = "0.1.0"
