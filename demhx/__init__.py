@@ -1,0 +1,35 @@
+"""demhx: DeepEMhancer-style local sharpening and masking of cryo-EM maps on ONNX Runtime.
+
+>>> import demhx
+>>> enhanced = demhx.enhance(volume, voxel_size=1.06)         # doctest: +SKIP
+>>> demhx.enhance_file("half1.mrc", "out.mrc", half2="half2.mrc")  # doctest: +SKIP
+
+The heavy modules (numba, ONNX Runtime, scipy) are imported on first use, so that
+``import demhx`` stays fast.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = _metadata.version("demhx")
+except _metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.1.0"
+
+__all__ = ["Enhancer", "__version__", "enhance", "enhance_file"]
+
+if TYPE_CHECKING:
+    from demhx.pipeline import Enhancer, enhance, enhance_file
+
+_LAZY = {"Enhancer", "enhance", "enhance_file"}
+
+
+def __getattr__(name: str) -> Any:
+    """Import the pipeline on first use of :func:`enhance`, :func:`enhance_file` or Enhancer."""
+    if name in _LAZY:
+        from demhx import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'demhx' has no attribute {name!r}")

@@ -1,0 +1,386 @@
+"""The DeepEMhancer inference pipeline: map in, enhanced map out.
+
+Steps (:meth:`Enhancer.enhance`): validate → average the half-maps (float32) → noise
+statistics (automatic, user-given or inside a mask, as the model's ``normalisation`` asks) →
+normalise so the solvent noise has mean 0 and the model's ``noise_std`` → resample to the
+model's voxel size → tile, run the network in batches and blend the cubes → resample back to
+the exact input grid → undo the normalisation's scale. Everything is float32; at most a few
+copies of the volume are alive at once.
+
+Normalisation happens on the input grid, before resampling, so that ``noise_stats`` given by
+a user mean what they measured on their map. Fourier upsampling keeps the standard deviation
+of white noise; downsampling a map finer than the model's voxel size lowers it (by up to
+``sqrt(voxel_size / model_voxel_size)³``).
+
+:class:`Enhancer` holds one loaded model, so many maps can be processed with a single load;
+:func:`enhance` and :func:`enhance_file` are one-shot conveniences around it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from demhx import mrcio, normalise, resample, tiling
+from demhx._overlap_add import TileCounts, overlap_add
+from demhx.normalise import NoiseStats
+from demhx.session import Runtime, check_positive, load_runtime, parse_device
+from demhx.tiling import TilingScheme
+
+LOG = logging.getLogger("demhx")
+Progress = Callable[[int, int], None]
+NoiseStatsLike = NoiseStats | Sequence[float] | None
+VoxelSize = float | Sequence[float]
+_VOXEL_MATCH = 1e-4  # relative tolerance for two half-maps' voxel sizes
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What one run did: grids, statistics, cubes, device and time."""
+
+    shape: tuple[int, int, int]
+    model_shape: tuple[int, int, int]
+    noise: NoiseStats
+    cubes: TileCounts
+    device: str
+    tiling: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class EnhanceSummary:
+    """The result of :func:`enhance_file`, with a one-line report."""
+
+    source: Path
+    half2: Path | None
+    output: Path
+    shape: tuple[int, int, int]
+    voxel_size: tuple[float, float, float]
+    model: str
+    info: RunInfo
+    seconds: float
+
+    def line(self) -> str:
+        """One line: file, box, voxel size, cubes, device and seconds."""
+        box = "×".join(str(n) for n in reversed(self.shape))
+        voxel = "/".join(f"{v:.4g}" for v in sorted(set(self.voxel_size)))
+        cubes = self.info.cubes
+        return (f"wrote {self.output}: {box} voxels (x×y×z) at {voxel} Å, model {self.model}, "
+                f"{cubes.run} cubes run, {cubes.skipped} skipped as solvent "
+                f"({self.info.tiling} tiling), device {self.info.device}, "
+                f"{self.seconds:.1f} s")
+
+
+def voxel_triplet(voxel_size: VoxelSize, what: str = "voxel size") -> tuple[float, float, float]:
+    """A positive finite voxel size per axis (z, y, x) in Å from a scalar or three values."""
+    values = np.atleast_1d(np.asarray(voxel_size, dtype=np.float64)).ravel()
+    if values.size == 1:
+        values = np.repeat(values, 3)
+    if values.size != 3 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"{what} {voxel_size!r} Å is not one positive value or three; "
+                         "pass --voxel-size")
+    return float(values[0]), float(values[1]), float(values[2])
+
+
+def check_volume(volume: np.ndarray, name: str = "volume") -> np.ndarray:
+    """A 3-D finite float32 C-contiguous view or copy of ``volume``."""
+    array = np.asarray(volume)
+    if array.ndim != 3 or min(array.shape) < 1:
+        raise ValueError(f"{name}: shape {array.shape} is not a 3-D (z, y, x) map")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise ValueError(f"{name}: data type {array.dtype} is not real numbers")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name}: contains NaN or infinite voxels; fix or replace the map")
+    return array
+
+
+def average_half_maps(half1: np.ndarray, half2: np.ndarray, names: tuple[str, str] = (
+        "half-map 1", "half-map 2"), out: np.ndarray | None = None) -> np.ndarray:
+    """``(half1 + half2) / 2`` in float32 (into ``out`` if given); shapes must match."""
+    if half1.shape != half2.shape:
+        raise ValueError(f"{names[1]}: shape {half2.shape} (z, y, x) differs from {names[0]} "
+                         f"{half1.shape}; pass the two half-maps of one reconstruction")
+    result = np.add(half1, half2, out=out, dtype=np.float32)
+    result *= np.float32(0.5)
+    return result
+
+
+def _check_tiling(tiling_name: str | TilingScheme) -> None:
+    if not isinstance(tiling_name, TilingScheme) and tiling_name not in tiling.SCHEMES:
+        raise ValueError(f"--tiling {tiling_name!r} is not a tiling scheme; use one of "
+                         f"{', '.join(tiling.SCHEMES)}")
+
+
+class Enhancer:
+    """One loaded model, reusable for many maps.
+
+    Parameters
+    ----------
+    model : registered model name, path to an ONNX file, or None for the default model.
+    device : ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    batch_size : cubes per inference call (None: a default for the device).
+    threads : CPU threads for ONNX Runtime (None: all physical cores).
+
+    The options are checked at once; the model is loaded on first use (:attr:`runtime`),
+    so that :meth:`enhance_file` can check its output path before any slow work.
+    """
+
+    def __init__(self, model: str | Path | None = None, *, device: str = "auto",
+                 batch_size: int | None = None, threads: int | None = None) -> None:
+        parse_device(device)
+        self.model, self.device = model, device
+        self.batch_size = check_positive("--batch-size", batch_size)
+        self.threads = check_positive("--threads", threads)
+        self._runtime: Runtime | None = None
+
+    @property
+    def runtime(self) -> Runtime:
+        """The loaded model session (loaded on first access, then kept)."""
+        if self._runtime is None:
+            self._runtime = load_runtime(self.model, device=self.device,
+                                         batch_size=self.batch_size, threads=self.threads)
+            LOG.info(self._runtime.description)
+        return self._runtime
+
+    def enhance(self, volume: np.ndarray, voxel_size: VoxelSize, *,
+                half2: np.ndarray | None = None, noise_stats: NoiseStatsLike = None,
+                mask: np.ndarray | None = None, tiling: str | TilingScheme = "default",
+                progress: Progress | None = None) -> np.ndarray:
+        """The enhanced map, ``(z, y, x)`` float32 on the input grid (see :func:`enhance`)."""
+        return self.run(volume, voxel_size, half2=half2, noise_stats=noise_stats, mask=mask,
+                        tiling=tiling, progress=progress)[0]
+
+    def run(self, volume: np.ndarray, voxel_size: VoxelSize, *,
+            half2: np.ndarray | None = None, noise_stats: NoiseStatsLike = None,
+            mask: np.ndarray | None = None, tiling: str | TilingScheme = "default",
+            progress: Progress | None = None) -> tuple[np.ndarray, RunInfo]:
+        """Like :meth:`enhance`, also returning a :class:`RunInfo` about the run."""
+        start = time.perf_counter()
+        # Validate, and average the half-maps.
+        _check_tiling(tiling)
+        voxel = voxel_triplet(voxel_size)
+        volume = check_volume(volume, "volume")
+        if half2 is not None:
+            volume = average_half_maps(volume, check_volume(half2, "half2"))
+        if mask is not None:
+            mask = _check_mask(mask, volume.shape)
+        runtime = self.runtime
+        # Normalise on the input grid.
+        stats = noise_statistics(volume, voxel, runtime, noise_stats, mask)
+        LOG.info(_describe_stats(stats))
+        shape: tuple[int, int, int] = volume.shape  # type: ignore[assignment]
+        # Enhance on the model's grid (the normalised copy is freed once resampled) ...
+        prediction, cubes, model_shape = _enhance_normalised(
+            _normalised(volume, stats, runtime, mask), voxel, runtime, tiling, progress)
+        # ... then come back to the input grid and units.
+        if prediction.shape != shape:
+            prediction = resample.resample_to_shape(prediction, shape)
+        result = normalise.denormalise(prediction, stats, runtime.spec.noise_std)
+        info = RunInfo(shape, model_shape, stats, cubes, runtime.device,  # type: ignore[arg-type]
+                       _scheme_name(tiling), time.perf_counter() - start)
+        return np.ascontiguousarray(result, dtype=np.float32), info
+
+    def enhance_file(self, source: str | Path, output: str | Path, *,
+                     half2: str | Path | None = None, voxel_size: VoxelSize | None = None,
+                     mask: str | Path | None = None, noise_stats: NoiseStatsLike = None,
+                     overwrite: bool = False, tiling: str | TilingScheme = "default",
+                     progress: Progress | None = None) -> EnhanceSummary:
+        """Enhance an MRC file into a new one (see :func:`enhance_file`)."""
+        start = time.perf_counter()
+        # Check the output path and options before any slow work.
+        inputs = [Path(p) for p in (source, half2, mask) if p is not None]
+        output = mrcio.check_output_path(Path(output), inputs, overwrite)
+        _check_tiling(tiling)
+        # Read the map (averaging half-maps in place) and the mask.
+        template = _read_input(Path(source), half2, voxel_size)
+        mask_data = _read_mask(Path(mask), template) if mask is not None else None
+        # Enhance and write atomically: nothing is written if anything above fails.
+        result, info = self.run(template.data, template.voxel_size, noise_stats=noise_stats,
+                                mask=mask_data, tiling=tiling, progress=progress)
+        label = _label(self.runtime, info.tiling)
+        mrcio.write_map(output, result, template, label, overwrite=overwrite)
+        return EnhanceSummary(Path(source), None if half2 is None else Path(half2), output,
+                              info.shape, template.voxel_size, self.runtime.spec.label, info,
+                              time.perf_counter() - start)
+
+
+def _read_input(source: Path, half2: str | Path | None, voxel_size: VoxelSize | None
+                ) -> mrcio.MrcMap:
+    """The map, or the first half-map with the average of both in its (private) data."""
+    first = mrcio.read_map(source, voxel_size)
+    if half2 is None:
+        return first
+    second = mrcio.read_map(Path(half2), voxel_size)
+    _check_same_voxel_size(first, second)
+    average_half_maps(first.data, second.data, (str(source), str(half2)), out=first.data)
+    return first
+
+
+def _check_same_voxel_size(first: mrcio.MrcMap, second: mrcio.MrcMap) -> None:
+    if not np.allclose(first.voxel_size, second.voxel_size, rtol=_VOXEL_MATCH, atol=0):
+        sizes = ["/".join(f"{v:.4g}" for v in m.voxel_size) for m in (first, second)]
+        raise ValueError(f"{second.path}: voxel size {sizes[1]} Å (z/y/x) differs from "
+                         f"{first.path} {sizes[0]} Å; pass the two half-maps of one "
+                         "reconstruction, or --voxel-size if a header is wrong")
+
+
+def _read_mask(path: Path, template: mrcio.MrcMap) -> np.ndarray:
+    mask = mrcio.read_map(path, template.voxel_size)
+    if mask.data.shape != template.data.shape:
+        raise ValueError(f"{path}: mask shape {mask.data.shape} (z, y, x) differs from the map "
+                         f"{template.path} {template.data.shape}; make the mask on the map's grid")
+    return mask.data
+
+
+def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    mask = check_volume(mask, "mask")
+    if mask.shape != shape:
+        raise ValueError(f"mask: shape {mask.shape} (z, y, x) differs from the map {shape}; "
+                         "make the mask on the map's grid")
+    if not np.any(mask > 0):
+        raise ValueError("mask: is empty (no voxel > 0); pass a mask that covers the particle")
+    return mask
+
+
+def noise_statistics(volume: np.ndarray, voxel_size: tuple[float, float, float],
+                     runtime: Runtime, noise_stats: NoiseStatsLike,
+                     mask: np.ndarray | None) -> NoiseStats:
+    """The statistics to normalise with: the user's, the mask's, or estimated from solvent."""
+    if runtime.spec.normalisation == "mask" and mask is None:
+        raise ValueError(f"{runtime.spec.path.name}: model {runtime.spec.label} expects masked "
+                         "input (normalisation 'mask'); pass --mask PATH")
+    if isinstance(noise_stats, NoiseStats):
+        return noise_stats
+    if noise_stats is not None:
+        values = [float(v) for v in noise_stats]
+        if len(values) != 2:
+            raise ValueError(f"--noise-stats {noise_stats!r}: give two values, MEAN,STD")
+        return normalise.user_stats(values[0], values[1])
+    if mask is not None:
+        return normalise.mask_stats(volume, mask)
+    return normalise.estimate_noise(volume, voxel_size)
+
+
+def _normalised(volume: np.ndarray, stats: NoiseStats, runtime: Runtime,
+                mask: np.ndarray | None) -> np.ndarray:
+    normalised = normalise.normalise(volume, stats, runtime.spec.noise_std)
+    if runtime.spec.normalisation == "mask" and mask is not None:
+        normalised = normalised * mask
+    return np.ascontiguousarray(normalised, dtype=np.float32)
+
+
+def _enhance_normalised(normalised: np.ndarray, voxel: tuple[float, float, float],
+                        runtime: Runtime, tiling_name: str | TilingScheme,
+                        progress: Progress | None
+                        ) -> tuple[np.ndarray, TileCounts, tuple[int, int, int]]:
+    """Resample to the model's voxel size, run the tiles; the prediction on the model grid."""
+    spec = runtime.spec
+    # Resample to the model's voxel size (skipped when the grid does not change).
+    model_shape = tuple(resample.target_shape(normalised.shape, voxel, spec.voxel_size))
+    if model_shape != normalised.shape:
+        normalised = resample.resample_to_shape(normalised, model_shape)
+    # Tile, run and blend.
+    scheme = tiling.scheme_for(tiling_name, spec.cube_size, spec.stride)
+    plan = tiling.plan_tiling(model_shape, spec.cube_size, scheme)
+    padded = tiling.pad_volume(normalised, plan)
+    del normalised
+    skip = None if scheme.skip_threshold is None else scheme.skip_threshold * spec.noise_std
+    prediction, cubes = overlap_add(padded, plan, runtime.run, runtime.batch_size,
+                                    background=spec.background, skip_below=skip,
+                                    progress=progress)
+    return prediction, cubes, model_shape  # type: ignore[return-value]
+
+
+def _scheme_name(tiling_name: str | TilingScheme) -> str:
+    return tiling_name.name if isinstance(tiling_name, TilingScheme) else tiling_name
+
+
+def _describe_stats(stats: NoiseStats) -> str:
+    line = f"noise mean {stats.mean:.4g}, std {stats.std:.4g} ({stats.method}"
+    if stats.method not in ("user", "mask") and math.isfinite(stats.solvent_fraction):
+        line += f", from {stats.solvent_fraction:.0%} of the box"
+    return line + ")"
+
+
+def _label(runtime: Runtime, tiling_name: str) -> str:
+    from demhx import __version__
+
+    return f"demhx {__version__}: model {runtime.spec.label}, {tiling_name} tiling"[:80]
+
+
+def enhance(volume: np.ndarray, voxel_size: VoxelSize, *, model: str | Path | None = None,
+            half2: np.ndarray | None = None, noise_stats: NoiseStatsLike = None,
+            mask: np.ndarray | None = None, device: str = "auto",
+            batch_size: int | None = None, threads: int | None = None,
+            tiling: str | TilingScheme = "default",
+            progress: Progress | None = None) -> np.ndarray:
+    """Enhance a cryo-EM map: local sharpening and masking by the model's network.
+
+    Parameters
+    ----------
+    volume : (z, y, x) array
+        The unsharpened, unmasked map (or the first half-map when ``half2`` is given).
+    voxel_size : float or (z, y, x) floats
+        Voxel size in Å, one value or one per axis.
+    model : registered model name, ONNX file path, or None for the default model.
+    half2 : (z, y, x) array, optional
+        Second half-map; the two are averaged in float32.
+    noise_stats : NoiseStats or (mean, std), optional
+        Solvent noise statistics of the map; estimated from the solvent when not given.
+    mask : (z, y, x) array, optional
+        Binary mask of the particle: normalise from the density inside it (required by
+        models with ``normalisation = mask``, whose input is also multiplied by it).
+    device, batch_size, threads : see :class:`Enhancer`.
+    tiling : ``"default"`` (fast, blended, solvent skipped), ``"reference"`` (the paper's
+        stride and plain averaging) or a :class:`~demhx.tiling.TilingScheme`.
+    progress : called as ``progress(cubes_done, cubes_total)``; may raise to stop.
+
+    Returns
+    -------
+    (z, y, x) float32
+        The enhanced map on the input grid.
+    """
+    enhancer = Enhancer(model, device=device, batch_size=batch_size, threads=threads)
+    return enhancer.enhance(volume, voxel_size, half2=half2, noise_stats=noise_stats,
+                            mask=mask, tiling=tiling, progress=progress)
+
+
+def enhance_file(source: str | Path, output: str | Path, *, half2: str | Path | None = None,
+                 voxel_size: VoxelSize | None = None, mask: str | Path | None = None,
+                 noise_stats: NoiseStatsLike = None, overwrite: bool = False,
+                 model: str | Path | None = None, device: str = "auto",
+                 batch_size: int | None = None, threads: int | None = None,
+                 tiling: str | TilingScheme = "default",
+                 progress: Progress | None = None) -> EnhanceSummary:
+    """Enhance the map in an MRC file and write the result to a new MRC file.
+
+    The output path is checked before anything else; the output is written atomically
+    (temporary file, then rename) with the input's header (axis order, origin, nstart,
+    voxel size, cell, labels) and one label naming demhx and the model. Nothing is written
+    when any step fails or is interrupted.
+
+    Parameters
+    ----------
+    source, output : input and output MRC/CCP4 paths.
+    half2 : second half-map; averaged in float32 with ``source``.
+    voxel_size : Å, one value or (z, y, x); overrides the header's.
+    mask : binary mask file on the map's grid (see :func:`enhance`).
+    noise_stats, model, device, batch_size, threads, tiling, progress : see :func:`enhance`.
+    overwrite : replace an existing output file.
+
+    Returns
+    -------
+    EnhanceSummary
+        Box, voxel size, model, cubes run and skipped, device, seconds; ``.line()`` says it.
+    """
+    enhancer = Enhancer(model, device=device, batch_size=batch_size, threads=threads)
+    return enhancer.enhance_file(source, output, half2=half2, voxel_size=voxel_size, mask=mask,
+                                 noise_stats=noise_stats, overwrite=overwrite, tiling=tiling,
+                                 progress=progress)
