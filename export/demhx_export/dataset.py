@@ -1,0 +1,193 @@
+"""Build a training/validation dataset of simulated (input, target) pairs for one split.
+
+``OUTDIR/index.json`` lists the samples; ``OUTDIR/<id>.npz`` holds, per sample:
+
+``input``  (z, y, x) float32, normalised: solvent noise mean 0, std ``NOISE_STD`` (0.1);
+``target`` (z, y, x) float32, scaled by the same factor as the input (its background is 0);
+``signal`` (z, y, x) uint8, 1 in the molecule region (used for balanced cube sampling).
+
+The build can be interrupted and run again: samples already in the index are kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from demhx_export.metrics import cc, fsc, fsc_resolution
+from demhx_export.synth import SynthOptions, SynthPair, options_dict, simulate_pair
+
+# Standard deviation of the solvent noise after normalisation (the model contract's noise_std).
+NOISE_STD = 0.1
+DEFAULT_STRUCTURES = Path(__file__).resolve().parents[3] / "shared" / "data" / "structures"
+SPLITS = ("train", "val", "test")
+
+
+def read_manifest(structures_dir: str | Path = DEFAULT_STRUCTURES) -> list[dict[str, str]]:
+    """Rows of ``manifest.tsv`` in the structures folder."""
+    path = Path(structures_dir) / "manifest.tsv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest; pass --structures_dir")
+    with path.open() as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def plan_samples(split: str, count: int | None, seed: int,
+                 resolution_range: tuple[float, float], max_atoms: int,
+                 structures_dir: str | Path = DEFAULT_STRUCTURES) -> list[dict[str, Any]]:
+    """Deterministic list of samples: structure, id, seed and resolution of each.
+
+    Structures of the split (at most ``max_atoms`` atoms) are shuffled with ``seed`` and used
+    in turn; when ``count`` exceeds their number a second round uses new seeds.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    rows = [r for r in read_manifest(structures_dir)
+            if r["split"] == split and int(r["n_atoms"]) <= max_atoms]
+    rows.sort(key=lambda r: r["file"])
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    order = rng.permutation(len(rows))
+    count = len(rows) if count is None else count
+    plan = []
+    for i in range(count):
+        row = rows[order[i % len(rows)]]
+        sample_seed = seed * 1_000_003 + i
+        stem = row["file"].removesuffix(".cif.gz")
+        plan.append({"id": f"{stem}__s{sample_seed}", "structure": row["file"], "split": split,
+                     "seed": sample_seed, "resolution": round(float(rng.uniform(
+                         *resolution_range)), 3),
+                     "path": str(Path(structures_dir) / row["file"])})
+    return plan
+
+
+def normalise_pair(pair: SynthPair) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Input and target scaled so that the input's solvent noise has mean 0 and std 0.1.
+
+    Uses the runtime's estimator (``demhx.normalise.estimate_noise``) when it is importable,
+    otherwise the known simulated noise; the method used is returned in the stats.
+    """
+    try:
+        from demhx.normalise import estimate_noise  # type: ignore[import-not-found]
+
+        stats = estimate_noise(pair.input)
+        mean, std = float(stats.mean), float(stats.std)
+        method = f"demhx.normalise:{getattr(stats, 'method', '?')}"
+    except ImportError:
+        mean, std = pair.params["noise_mean"], pair.params["noise_std"]
+        method = "simulated"
+    scale = NOISE_STD / std
+    inputs = ((pair.input - mean) * scale).astype(np.float32)
+    target = (pair.target * scale).astype(np.float32)
+    return inputs, target, {"noise_mean": mean, "noise_std": std, "normalisation": method,
+                            "simulated_noise_std": pair.params["noise_std"]}
+
+
+def make_sample(item: dict[str, Any], outdir: str, options: SynthOptions) -> dict[str, Any]:
+    """Simulate, normalise and write one sample; return its index entry.
+
+    A structure the generator cannot handle gives ``{"id", "structure", "error"}`` instead.
+    """
+    try:
+        return _make_sample(item, outdir, options)
+    except (ValueError, RuntimeError) as error:
+        return {"id": item["id"], "structure": item["structure"], "error": repr(error)}
+
+
+def _make_sample(item: dict[str, Any], outdir: str, options: SynthOptions) -> dict[str, Any]:
+    start = time.perf_counter()
+    pair = simulate_pair(item["path"], item["resolution"], item["seed"], options)
+    inputs, target, stats = normalise_pair(pair)
+    signal = (pair.signal_mask > 0.5).astype(np.uint8)
+    tmp = Path(outdir) / f"{item['id']}.tmp.npz"
+    np.savez(tmp, input=inputs, target=target, signal=signal)
+    os.replace(tmp, Path(outdir) / f"{item['id']}.npz")
+    frequencies, values = fsc(pair.half1, pair.half2)
+    entry = {k: item[k] for k in ("id", "structure", "split", "resolution", "seed")}
+    entry.update(stats, shape=list(inputs.shape), cc_input_target=round(cc(inputs, target), 4),
+                 cc_input_target_masked=round(cc(inputs, target, target != 0), 4),
+                 fsc_half_maps=round(fsc_resolution(frequencies, values, 0.143), 3),
+                 signal_fraction=round(float(signal.mean()), 4),
+                 seconds=round(time.perf_counter() - start, 2), params=pair.params)
+    return entry
+
+
+def build_command(split: str, outdir: str, count: int | None = None, workers: int = 1,
+                  seed: int = 0, resolution_range: tuple[float, float] = (2.5, 6.0),
+                  max_atoms: int = 25_000, wide: bool = False,
+                  structures_dir: str = str(DEFAULT_STRUCTURES),
+                  max_minutes: float | None = None) -> None:
+    """Simulate ``count`` samples of ``split`` into ``outdir`` (resumable).
+
+    Parameters
+    ----------
+    split : "train", "val" or "test" (structures are taken from that split only).
+    outdir : output folder; receives index.json and one .npz per sample.
+    count : number of samples (default: one per structure of the split).
+    workers : worker processes.
+    seed : seed of the plan (structure order, per-sample seeds and resolutions).
+    resolution_range : (low, high) FSC-0.143 resolution, Å, drawn uniformly.
+    max_atoms : skip larger structures.
+    wide : targets with the wide mask.
+    structures_dir : folder with manifest.tsv and the model files.
+    max_minutes : stop starting new samples after this many minutes (the index stays valid).
+    """
+    out = Path(outdir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_samples(split, count, seed, tuple(resolution_range), max_atoms, structures_dir)
+    options = SynthOptions(wide_target=wide, max_atoms=max_atoms)
+    index = _read_index(out)
+    done = {e["id"] for e in index}
+    todo = [item for item in plan if item["id"] not in done]
+    deadline = None if max_minutes is None else time.monotonic() + 60 * max_minutes
+    meta = {"split": split, "seed": seed, "resolution_range": list(resolution_range),
+            "noise_std": NOISE_STD, "options": options_dict(options)}
+    (out / "build.json").write_text(json.dumps(meta, indent=1) + "\n")
+    failures = []
+    for entry in _run(todo, str(out), options, workers, deadline):
+        if "error" in entry:
+            failures.append(entry)
+            (out / "failed.json").write_text(json.dumps(failures, indent=1) + "\n")
+            continue
+        index.append(entry)
+        _write_index(out, index)
+
+
+def _run(todo: list[dict[str, Any]], outdir: str, options: SynthOptions, workers: int,
+         deadline: float | None) -> Iterator[dict[str, Any]]:
+    """Index entries of the finished samples, in plan order (serial) or completion order."""
+    if workers <= 1:
+        for item in todo:
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            yield make_sample(item, outdir, options)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers) as pool:
+        futures = [pool.submit(make_sample, item, outdir, options) for item in todo]
+        for future in futures:
+            if deadline is not None and time.monotonic() > deadline:
+                for f in futures:
+                    f.cancel()
+                return
+            yield future.result()
+
+
+def _read_index(out: Path) -> list[dict[str, Any]]:
+    path = out / "index.json"
+    if not path.is_file():
+        return []
+    return [e for e in json.loads(path.read_text()) if (out / f"{e['id']}.npz").is_file()]
+
+
+def _write_index(out: Path, index: list[dict[str, Any]]) -> None:
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=1) + "\n")
+    os.replace(tmp, out / "index.json")

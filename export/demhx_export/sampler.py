@@ -1,0 +1,167 @@
+"""Random training cubes from a dataset built by :mod:`demhx_export.dataset`.
+
+Cubes are balanced between the molecule and the solvent (``signal_fraction`` of the cubes are
+centred on a molecule voxel, the rest on a solvent voxel) and, for training, augmented as in
+the DeepEMhancer paper: one of the 24 rotations of the cube (no mirror images: proteins are
+chiral), Gaussian blurring of the input and corruption of a patch of the input.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+# Centres kept per map and class (molecule / solvent), drawn once.
+CENTRES_PER_CLASS = 4096
+BLUR_PROBABILITY = 0.2
+BLUR_SIGMA = (0.5, 1.5)  # voxels
+PATCH_PROBABILITY = 0.2
+PATCH_EDGE = (1 / 8, 1 / 4)  # fraction of the cube edge
+NOISE_STD = 0.1  # std of normalised solvent noise, used to fill corrupted patches
+
+
+def cube_rotations() -> list[tuple[tuple[int, int, int], tuple[bool, bool, bool]]]:
+    """The 24 proper rotations of a cube as (axis permutation, axes to flip)."""
+    rotations = []
+    for perm in itertools.permutations(range(3)):
+        parity = _permutation_sign(perm)
+        for flips in itertools.product((False, True), repeat=3):
+            if parity * (-1) ** sum(flips) == 1:
+                rotations.append((perm, flips))
+    return rotations
+
+
+def rotate(cube: np.ndarray, rotation: tuple[tuple[int, ...], tuple[bool, ...]]) -> np.ndarray:
+    """Apply one of :func:`cube_rotations` to the last three axes of ``cube``."""
+    perm, flips = rotation
+    lead = cube.ndim - 3
+    out = np.transpose(cube, tuple(range(lead)) + tuple(lead + p for p in perm))
+    axes = tuple(lead + i for i, f in enumerate(flips) if f)
+    return np.ascontiguousarray(np.flip(out, axes) if axes else out)
+
+
+class CubeSampler:
+    """Balanced, augmented (input, target) cubes from a dataset folder.
+
+    Parameters
+    ----------
+    dataset_dir : folder with index.json and the .npz samples.
+    cube_size : cube edge, voxels.
+    batch_size : cubes per batch.
+    seed : seed of the batch stream (the same seed gives the same batches).
+    signal_fraction : fraction of cubes centred on the molecule.
+    augment : apply rotations, blur and patch corruption in :meth:`batch`.
+    preload : keep all maps in memory (otherwise each cube reads its file).
+    """
+
+    def __init__(self, dataset_dir: str | Path, cube_size: int = 64, batch_size: int = 4,
+                 seed: int = 0, signal_fraction: float = 0.7, augment: bool = True,
+                 preload: bool = True) -> None:
+        self.dir = Path(dataset_dir)
+        index_path = self.dir / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path}: no dataset index; build one with "
+                                    "demhx-export build")
+        self.entries = json.loads(index_path.read_text())
+        if not self.entries:
+            raise ValueError(f"{index_path}: the dataset is empty")
+        if not 0.0 <= signal_fraction <= 1.0:
+            raise ValueError(f"signal_fraction {signal_fraction} is not in [0, 1]")
+        self.cube_size, self.batch_size = cube_size, batch_size
+        self.signal_fraction, self.augment, self.preload = signal_fraction, augment, preload
+        self.rng = np.random.default_rng(seed)
+        self.rotations = cube_rotations()
+        self._maps: list[tuple[np.ndarray, np.ndarray] | None] = []
+        self._centres: list[tuple[np.ndarray, np.ndarray]] = []
+        for i, entry in enumerate(self.entries):
+            inputs, target, signal = self._load(entry["id"])
+            self._centres.append(_draw_centres(signal, np.random.default_rng([seed, i])))
+            self._maps.append((inputs, target) if preload else None)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+        """One batch: input and target, each (B, 1, c, c, c) float32."""
+        return self._batch(self.rng, self.augment)
+
+    def fixed_batches(self, n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``n`` deterministic batches without augmentation (for validation)."""
+        rng = np.random.default_rng(seed)
+        return [self._batch(rng, augment=False) for _ in range(n)]
+
+    def _batch(self, rng: np.random.Generator, augment: bool) -> tuple[np.ndarray, np.ndarray]:
+        c = self.cube_size
+        inputs = np.empty((self.batch_size, 1, c, c, c), dtype=np.float32)
+        targets = np.empty_like(inputs)
+        for b in range(self.batch_size):
+            x, y = self._cube(rng)
+            if augment:
+                x, y = self._augment(x, y, rng)
+            inputs[b, 0], targets[b, 0] = x, y
+        return inputs, targets
+
+    def _cube(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A cube from a random map, centred on a molecule or solvent voxel."""
+        i = int(rng.integers(len(self.entries)))
+        signal_centres, solvent_centres = self._centres[i]
+        use_signal = rng.random() < self.signal_fraction
+        pool = signal_centres if (use_signal and len(signal_centres)) or not len(
+            solvent_centres) else solvent_centres
+        centre = pool[rng.integers(len(pool))]
+        inputs, target = self._maps[i] or self._load(self.entries[i]["id"])[:2]
+        c = self.cube_size
+        corner = np.clip(centre - c // 2, 0, np.array(inputs.shape) - c)
+        window = tuple(slice(int(s), int(s) + c) for s in corner)
+        return inputs[window].copy(), target[window].copy()
+
+    def _augment(self, x: np.ndarray, y: np.ndarray,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Random rotation of both cubes; blur and patch corruption of the input."""
+        rotation = self.rotations[int(rng.integers(len(self.rotations)))]
+        x, y = rotate(x, rotation), rotate(y, rotation)
+        if rng.random() < BLUR_PROBABILITY:
+            x = ndimage.gaussian_filter(x, float(rng.uniform(*BLUR_SIGMA)))
+        if rng.random() < PATCH_PROBABILITY:
+            c = self.cube_size
+            edge = max(1, int(round(c * rng.uniform(*PATCH_EDGE))))
+            start = rng.integers(0, c - edge + 1, size=3)
+            patch = tuple(slice(int(s), int(s) + edge) for s in start)
+            x[patch] = rng.normal(0.0, NOISE_STD, size=(edge,) * 3)
+        return x.astype(np.float32, copy=False), y
+
+    def _load(self, sample_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Input, target and signal mask of one sample, padded to at least one cube."""
+        with np.load(self.dir / f"{sample_id}.npz") as data:
+            arrays = [data["input"], data["target"], data["signal"]]
+        short = [max(0, self.cube_size - n) for n in arrays[0].shape]
+        if any(short):
+            pad = [(s // 2, s - s // 2) for s in short]
+            arrays = [np.pad(a, pad) for a in arrays]
+        return arrays[0], arrays[1], arrays[2]
+
+
+def _draw_centres(signal: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Up to CENTRES_PER_CLASS voxel coordinates in the molecule and in the solvent."""
+    out = []
+    for wanted in (1, 0):
+        flat = np.flatnonzero(signal.ravel() == wanted)
+        if len(flat) > CENTRES_PER_CLASS:
+            flat = rng.choice(flat, CENTRES_PER_CLASS, replace=False)
+        out.append(np.stack(np.unravel_index(np.sort(flat), signal.shape), axis=1))
+    return out[0], out[1]
+
+
+def _permutation_sign(perm: tuple[int, ...]) -> int:
+    """+1 for an even permutation, -1 for an odd one."""
+    sign, seen = 1, list(perm)
+    for i in range(len(seen)):
+        while seen[i] != i:
+            j = seen[i]
+            seen[i], seen[j] = seen[j], seen[i]
+            sign = -sign
+    return sign
