@@ -303,6 +303,6 @@ def describe_error(error: BaseException) -> str:
                 "memory")
     else:
         text = str(error).strip() or type(error).__name__
-        if not isinstance(error, _USAGE_ERRORS) and type(error).__name__ not in text:
+        if not isinstance(error, (*_USAGE_ERRORS, RuntimeError)):
             text = f"{type(error).__name__}: {text}"
     return " ".join(text.split())[:500]

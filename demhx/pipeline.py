@@ -146,7 +146,6 @@ class Enhancer:
         if self._runtime is None:
             self._runtime = load_runtime(self.model, device=self.device,
                                          batch_size=self.batch_size, threads=self.threads)
-            LOG.info(self._runtime.description)
         return self._runtime
 
     def enhance(self, volume: np.ndarray, voxel_size: VoxelSize, *,
@@ -166,6 +165,7 @@ class Enhancer:
         # Validate, and average the half-maps.
         _check_tiling(tiling)
         voxel = voxel_triplet(voxel_size)
+        user_stats = _user_stats(noise_stats)
         volume = check_volume(volume, "volume")
         if half2 is not None:
             volume = average_half_maps(volume, check_volume(half2, "half2"))
@@ -173,7 +173,8 @@ class Enhancer:
             mask = _check_mask(mask, volume.shape)
         runtime = self.runtime
         # Normalise on the input grid.
-        stats = noise_statistics(volume, voxel, runtime, noise_stats, mask)
+        stats = noise_statistics(volume, voxel, runtime, user_stats, mask)
+        LOG.info(runtime.description)
         LOG.info(_describe_stats(stats))
         shape: tuple[int, int, int] = volume.shape  # type: ignore[assignment]
         # Enhance on the model's grid (the normalised copy is freed once resampled) ...
@@ -256,16 +257,22 @@ def noise_statistics(volume: np.ndarray, voxel_size: tuple[float, float, float],
     if runtime.spec.normalisation == "mask" and mask is None:
         raise ValueError(f"{runtime.spec.path.name}: model {runtime.spec.label} expects masked "
                          "input (normalisation 'mask'); pass --mask PATH")
-    if isinstance(noise_stats, NoiseStats):
-        return noise_stats
-    if noise_stats is not None:
-        values = [float(v) for v in noise_stats]
-        if len(values) != 2:
-            raise ValueError(f"--noise-stats {noise_stats!r}: give two values, MEAN,STD")
-        return normalise.user_stats(values[0], values[1])
+    user = _user_stats(noise_stats)
+    if user is not None:
+        return user
     if mask is not None:
         return normalise.mask_stats(volume, mask)
     return normalise.estimate_noise(volume, voxel_size)
+
+
+def _user_stats(noise_stats: NoiseStatsLike) -> NoiseStats | None:
+    """User-given statistics as :class:`NoiseStats` (checked), or None."""
+    if noise_stats is None or isinstance(noise_stats, NoiseStats):
+        return noise_stats
+    values = [float(v) for v in noise_stats]
+    if len(values) != 2:
+        raise ValueError(f"--noise-stats {noise_stats!r}: give two values, MEAN,STD")
+    return normalise.user_stats(values[0], values[1])
 
 
 def _normalised(volume: np.ndarray, stats: NoiseStats, runtime: Runtime,

@@ -1,0 +1,152 @@
+"""The demhx command line: parsing with fire, help, version, messages and exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+from onnx_fixtures import identity_path
+
+from demhx import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    data = np.random.default_rng(0).standard_normal((20, 24, 28)).astype(np.float32) * 0.1
+    data[8:12, 10:14, 12:16] += 3.0
+    path = tmp_path / "in.mrc"
+    with mrcfile.new(path) as stream:
+        stream.set_data(data)
+        stream.voxel_size = 1.0
+    return path
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return identity_path(tmp_path / "models")
+
+
+def _python(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "demhx", *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=120)
+
+
+def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: demhx IN OUT") and "--noise-stats" in out and err == ""
+    assert cli.main(["in.mrc", "out.mrc", "-h"]) == 0
+    capsys.readouterr()
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip().startswith("demhx 0.")
+
+
+def test_python_m_demhx() -> None:
+    result = _python("--version")
+    assert result.returncode == 0 and result.stdout.startswith("demhx ")
+    result = _python("--help")
+    assert result.returncode == 0 and "usage: demhx IN OUT" in result.stdout
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["a", "b"], {}),
+    (["--overwrite", "a", "b", "-q"], {"overwrite": True, "quiet": True}),
+    (["a", "b", "--noise-stats", "0", "0.1"], {"noise_stats": (0.0, 0.1)}),
+    (["a", "b", "--noise-stats=-0.5,0.1"], {"noise_stats": (-0.5, 0.1)}),
+    (["a", "b", "--noise-stats", "-0.5", "0.1"], {"noise_stats": (-0.5, 0.1)}),
+    (["a", "b", "--voxel-size", "1.1,1.2,1.3"], {"voxel_size": (1.3, 1.2, 1.1)}),
+    (["a", "b", "--voxel-size", "0.9"], {"voxel_size": (0.9, 0.9, 0.9)}),
+    (["a", "b", "--batch_size", "4", "--threads=2"], {"batch_size": 4, "threads": 2}),
+    (["a", "b", "--device", "cuda:1", "--tiling", "reference", "--half2", "1,2.mrc"],
+     {"device": "cuda:1", "tiling": "reference", "half2": "1,2.mrc"}),
+    (["0001", "b", "--model", "tight"], {"input": "0001", "model": "tight"}),
+])
+def test_parse_arguments(argv: list[str], expected: dict) -> None:
+    values = {"input": "a", "output": "b", **expected}
+    assert cli.parse_arguments(argv) == cli.Arguments(**values)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["a"], "missing OUT"),
+    ([], "missing IN"),
+    (["a", "b", "c"], "unexpected extra argument 'c'"),
+    (["a", "b", "--foo"], "unknown option --foo"),
+    (["a", "b", "--batch-size", "0"], "--batch-size '0': must be a positive integer"),
+    (["a", "b", "--batch-size", "two"], "--batch-size 'two'"),
+    (["a", "b", "--threads", "-1"], "--threads '-1'"),
+    (["a", "b", "--noise-stats", "1"], "--noise-stats '1': expected two values"),
+    (["a", "b", "--voxel-size", "1,2"], "--voxel-size '1,2'"),
+    (["a", "b", "--quiet=maybe"], "--quiet takes no value"),
+])
+def test_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith("demhx: error: ") and message in err
+
+
+def test_run_reports_device_and_summary(source: Path, model: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    output = source.with_name("out.mrc")
+    assert cli.main([str(source), str(output), "--model", str(model), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert output.is_file()
+    assert "demhx: device cpu (CPUExecutionProvider" in err
+    assert f"demhx: wrote {output}: 28×24×20 voxels" in err and "cubes run" in err
+    assert "\r" not in err  # no progress bar when stderr is not a terminal
+
+
+def test_quiet_prints_nothing(source: Path, model: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    output = source.with_name("out.mrc")
+    assert cli.main([str(source), str(output), "--model", str(model), "--quiet"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+def test_untrained_model_warning_is_one_line(source: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    untrained = identity_path(tmp_path / "untrained", trained="false")
+    output = source.with_name("out.mrc")
+    assert cli.main([str(source), str(output), "--model", str(untrained), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("demhx: warning: identity.onnx: model fixture 0.1 is marked untrained")
+
+
+def test_overwrite(source: Path, model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = source.with_name("out.mrc")
+    output.write_bytes(b"keep me")
+    argv = [str(source), str(output), "--model", str(model), "-q"]
+    assert cli.main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err and output.read_bytes() == b"keep me"
+    assert cli.main(argv + ["--overwrite"]) == 0
+    with mrcfile.open(output) as stream:
+        assert stream.data.shape == (20, 24, 28)
+
+
+def test_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
+    result = _python(str(tmp_path / "absent.mrc"), str(tmp_path / "out.mrc"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("demhx: error: ") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    debug = _python(str(tmp_path / "absent.mrc"), str(tmp_path / "out.mrc"), "--debug")
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    assert debug.stderr.rstrip().splitlines()[-1].startswith("demhx: error: ")
+
+
+def test_describe_error() -> None:
+    error = PermissionError(13, "Permission denied", "/x/out.mrc")
+    assert cli.describe_error(error) == ("/x/out.mrc: permission denied; check the permissions "
+                                         "or choose another path")
+    assert cli.describe_error(RuntimeError("a\nb")) == "a b"
+    assert cli.describe_error(KeyError("k")) == "KeyError: 'k'"
+    assert cli.describe_error(ValueError("x.mrc: bad; fix")) == "x.mrc: bad; fix"
+    assert cli.describe_error(MemoryError()).startswith("out of memory")

@@ -1,0 +1,239 @@
+"""The pipeline end to end with small ONNX fixtures: identity, scaling, half-maps, odd boxes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pytest
+from onnx_fixtures import CUBE, identity_path, scale_model, smooth_model, write_model
+
+import demhx
+from demhx import pipeline
+from demhx.tiling import TilingScheme
+
+MAPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maps"
+SCHEMES = ["default", "reference"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    return {
+        "identity": identity_path(folder),
+        "double": write_model(folder, "double.onnx", scale_model(2.0)),
+        "smooth": write_model(folder, "smooth.onnx", smooth_model()),
+        "masked": write_model(folder / "m", "masked.onnx", scale_model(
+            1.0, meta=_meta(normalisation="mask"))),
+    }
+
+
+@pytest.fixture(scope="module")
+def identity(models: dict[str, Path]) -> pipeline.Enhancer:
+    return pipeline.Enhancer(models["identity"], device="cpu", threads=1)
+
+
+def _meta(**overrides: object) -> dict[str, str]:
+    from onnx_fixtures import metadata
+
+    return metadata(**overrides)
+
+
+def _noise(shape: tuple[int, int, int], seed: int = 0, scale: float = 1.0) -> np.ndarray:
+    return (np.random.default_rng(seed).standard_normal(shape) * scale).astype(np.float32)
+
+
+def _blobby(shape: tuple[int, int, int], seed: int = 1) -> np.ndarray:
+    """A smooth particle (Gaussian blobs) in weak noise: solvent around, density inside."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape, dtype=np.float32)
+    volume = np.zeros(shape, np.float32)
+    centre = np.array(shape, np.float32)[:, None] / 2
+    for point in (centre + rng.uniform(-0.2, 0.2, (3, 6)) * np.array(shape)[:, None]).T:
+        distance = sum((g - p) ** 2 for g, p in zip(grid, point, strict=True))
+        volume += np.exp(-distance / (2 * 2.5 ** 2)).astype(np.float32)
+    return volume + _noise(shape, seed, 0.01)
+
+
+def _write_mrc(path: Path, data: np.ndarray, voxel_size: float = 1.0) -> Path:
+    with mrcfile.new(path, overwrite=True) as stream:
+        stream.set_data(np.ascontiguousarray(data, np.float32))
+        stream.voxel_size = voxel_size
+        stream.header.nxstart, stream.header.nystart, stream.header.nzstart = -3, 4, 7
+        stream.header.origin = (1.5, -2.0, 3.25)
+    return path
+
+
+@pytest.mark.parametrize("tiling", SCHEMES)
+@pytest.mark.parametrize("shape", [(5, 7, 3), (23, 41, 37), (16, 16, 16), (33, 17, 20)])
+def test_identity_model_returns_the_input(identity: pipeline.Enhancer, tiling: str,
+                                          shape: tuple[int, int, int]) -> None:
+    volume = _noise(shape)
+    result = identity.enhance(volume, 1.0, noise_stats=(0.0, 0.1), tiling=tiling)
+    assert result.shape == shape and result.dtype == np.float32
+    np.testing.assert_allclose(result, volume, rtol=1e-5, atol=1e-5)
+
+
+def test_identity_with_estimated_noise_removes_the_solvent_mean(
+        identity: pipeline.Enhancer) -> None:
+    volume = _blobby((40, 36, 44)) + np.float32(0.3)
+    no_skip = TilingScheme("no-skip", CUBE // 2, "cosine", None)
+    result, info = identity.run(volume, 1.0, tiling=no_skip)
+    assert info.noise.method not in ("user", "mask")
+    np.testing.assert_allclose(result, volume - np.float32(info.noise.mean), rtol=1e-4,
+                               atol=1e-4 * float(np.abs(volume).max()))
+
+
+def test_identity_round_trip_through_resampling(identity: pipeline.Enhancer) -> None:
+    volume = _blobby((30, 26, 34))
+    result, info = identity.run(volume, (1.3, 1.1, 0.9), noise_stats=(0.0, 0.1),
+                                tiling="reference")
+    assert info.model_shape != volume.shape and result.shape == volume.shape
+    error = np.abs(result - volume).max() / np.abs(volume).max()
+    assert error < 0.02
+
+
+def test_scale_model_scales(models: dict[str, Path]) -> None:
+    volume = _noise((20, 21, 22))
+    result = demhx.enhance(volume, 1.0, model=models["double"], noise_stats=(0.5, 0.2),
+                           device="cpu", tiling="reference")
+    np.testing.assert_allclose(result, 2 * (volume - np.float32(0.5)), rtol=1e-5, atol=1e-5)
+
+
+def test_half_maps_equal_their_average(identity: pipeline.Enhancer) -> None:
+    half1, half2 = _blobby((30, 30, 30), 3), _blobby((30, 30, 30), 4)
+    average = (half1 + half2) / 2
+    from_halves = identity.enhance(half1, 1.0, half2=half2)
+    np.testing.assert_array_equal(from_halves, identity.enhance(average, 1.0))
+    with pytest.raises(ValueError, match="half-map 2: shape .* differs"):
+        identity.enhance(half1, 1.0, half2=half2[:, :, :-1])
+
+
+def test_batched_equals_one_by_one(models: dict[str, Path]) -> None:
+    volume = _blobby((40, 30, 50))
+    results = [demhx.enhance(volume, 1.0, model=models["smooth"], device="cpu", batch_size=b,
+                             noise_stats=(0.0, 0.01), tiling="reference") for b in (1, 7)]
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-6, atol=1e-6)
+
+
+def test_runs_are_bitwise_deterministic(models: dict[str, Path]) -> None:
+    enhancer = pipeline.Enhancer(models["smooth"], device="cpu", batch_size=3)
+    volume = _blobby((36, 40, 28))
+    first, second = (enhancer.enhance(volume, 1.1) for _ in range(2))
+    np.testing.assert_array_equal(first, second)
+
+
+def test_default_tiling_skips_solvent_and_stays_close_to_reference(
+        models: dict[str, Path]) -> None:
+    enhancer = pipeline.Enhancer(models["smooth"], device="cpu")
+    volume = _blobby((64, 64, 64))
+    reference, ref_info = enhancer.run(volume, 1.0, tiling="reference")
+    default, info = enhancer.run(volume, 1.0, tiling="default")
+    assert ref_info.cubes.skipped == 0 and info.cubes.skipped > 0
+    assert info.cubes.run < ref_info.cubes.run / 8
+    correlation = np.corrcoef(reference.ravel(), default.ravel())[0, 1]
+    assert correlation > 0.99
+
+
+def test_mask_model_needs_a_mask(models: dict[str, Path]) -> None:
+    enhancer = pipeline.Enhancer(models["masked"], device="cpu")
+    volume = _blobby((20, 20, 20))
+    with pytest.raises(ValueError, match="masked.onnx: .* expects masked input.*--mask"):
+        enhancer.enhance(volume, 1.0)
+    mask = np.zeros(volume.shape, np.float32)
+    mask[5:15, 5:15, 5:15] = 1
+    no_skip = TilingScheme("no-skip", CUBE // 2, "cosine", None)
+    result = enhancer.enhance(volume, 1.0, mask=mask, noise_stats=(0.0, 0.1), tiling=no_skip)
+    np.testing.assert_allclose(result, volume * mask, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="mask: shape"):
+        enhancer.enhance(volume, 1.0, mask=mask[1:])
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"voxel_size": 0.0}, "voxel size 0.0 Å"),
+    ({"voxel_size": (1.0, float("nan"), 1.0)}, "voxel size"),
+    ({"tiling": "fast"}, "--tiling 'fast'"),
+    ({"noise_stats": (1.0, 2.0, 3.0)}, "two values"),
+])
+def test_bad_arguments(identity: pipeline.Enhancer, kwargs: dict, message: str) -> None:
+    options = {"voxel_size": 1.0, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        identity.enhance(_noise((8, 8, 8)), **options)
+
+
+def test_bad_volumes(identity: pipeline.Enhancer) -> None:
+    volume = _noise((8, 8, 8))
+    volume[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        identity.enhance(volume, 1.0)
+    with pytest.raises(ValueError, match="not a 3-D"):
+        identity.enhance(np.zeros((8, 8), np.float32), 1.0)
+    with pytest.raises(ValueError, match="not real numbers"):
+        identity.enhance(np.zeros((8, 8, 8), np.complex64), 1.0)
+
+
+def test_enhancer_loads_the_model_once(identity: pipeline.Enhancer) -> None:
+    runtime = identity.runtime
+    identity.enhance(_noise((10, 10, 10)), 1.0, noise_stats=(0, 1))
+    assert identity.runtime is runtime
+
+
+def test_enhance_file_half_maps_equal_average_file(tmp_path: Path,
+                                                   models: dict[str, Path]) -> None:
+    half1, half2 = _blobby((26, 30, 34), 5), _blobby((26, 30, 34), 6)
+    first = _write_mrc(tmp_path / "h1.mrc", half1, 1.2)
+    second = _write_mrc(tmp_path / "h2.mrc", half2, 1.2)
+    average = _write_mrc(tmp_path / "avg.mrc", (half1 + half2) / 2, 1.2)
+    options = {"model": models["smooth"], "device": "cpu"}
+    summary = demhx.enhance_file(first, tmp_path / "out1.mrc", half2=second, **options)
+    demhx.enhance_file(average, tmp_path / "out2.mrc", **options)
+    with mrcfile.open(tmp_path / "out1.mrc") as one, mrcfile.open(tmp_path / "out2.mrc") as two:
+        np.testing.assert_array_equal(one.data, two.data)
+        assert (int(one.header.nxstart), int(one.header.nystart), int(one.header.nzstart)) == (
+            -3, 4, 7)
+        assert one.data.shape == half1.shape and one.data.dtype == np.float32
+    assert summary.half2 == second and summary.info.cubes.run > 0
+    assert "wrote" in summary.line() and "34×30×26" in summary.line()
+
+
+def test_enhance_file_interrupted_leaves_nothing(tmp_path: Path,
+                                                 models: dict[str, Path]) -> None:
+    source = _write_mrc(tmp_path / "in.mrc", _blobby((40, 40, 40)))
+    before = source.read_bytes()
+
+    def interrupt(done: int, total: int) -> None:
+        if done > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        demhx.enhance_file(source, tmp_path / "out.mrc", model=models["identity"],
+                           device="cpu", tiling="reference", progress=interrupt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mrc"]
+    assert source.read_bytes() == before
+
+
+def _real_map_roundtrip(tmp_path: Path, name: str, models: dict[str, Path]) -> None:
+    source = MAPS / name
+    if not source.is_file():
+        pytest.skip(f"{source} not available")
+    output = tmp_path / "out.mrc"
+    demhx.enhance_file(source, output, model=models["identity"], device="cpu")
+    with mrcfile.open(source, permissive=True) as before, mrcfile.open(output) as after:
+        for field in ("nx", "ny", "nz", "nxstart", "nystart", "nzstart", "mx", "my", "mz",
+                      "mapc", "mapr", "maps", "origin", "cella", "cellb", "ispg"):
+            np.testing.assert_array_equal(after.header[field], before.header[field], field)
+        assert after.data.shape == before.data.shape and after.data.dtype == np.float32
+        labels = [bytes(label).decode("ascii", "replace") for label in
+                  after.header.label[:int(after.header.nlabl)]]
+        assert any("demhx" in label for label in labels)
+        assert np.isfinite(after.data).all()
+
+
+def test_real_map_with_axis_order_312_and_anisotropic_voxels(tmp_path: Path,
+                                                             models: dict[str, Path]) -> None:
+    _real_map_roundtrip(tmp_path, "EMD-3001.map", models)
+
+
+def test_real_map_with_negative_nstart(tmp_path: Path, models: dict[str, Path]) -> None:
+    _real_map_roundtrip(tmp_path, "emd_5168.map", models)
