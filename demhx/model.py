@@ -274,6 +274,15 @@ def verify_sha256(path: Path, expected: str | None) -> None:
                          "reinstall demhx")
 
 
+def registered_fp16_sha256(path: Path, folder: Path | None = None) -> str | None:
+    """The registry's sha256 of the ``.fp16.onnx`` twin of a registered model file, if any."""
+    folder = folder or models_dir()
+    for entry in load_registry(folder)["models"].values():
+        if folder / str(entry.get("file", "")) == path and entry.get("fp16_sha256"):
+            return str(entry["fp16_sha256"])
+    return None
+
+
 def load_spec(model: str | Path | None = None) -> ModelSpec:
     """Resolve, checksum and read a model's contract (the runtime's single entry point)."""
     path, expected = resolve_model(model)

@@ -269,10 +269,10 @@ def load_runtime(model: str | Path | None = None, *, device: str = "auto",
     model_contract.verify_sha256(path, expected)
     # Open one session on the chosen providers and read the contract from it.
     providers = choose_providers(request, ort.get_available_providers())
-    session, used = _open(ort, path, providers, threads)
+    session, used = _open(ort, path, providers, threads, expected is not None)
     actual, note = _actual_device(session, request)
     if used != path and actual == "cpu":  # fp16 twin but no CUDA after all: run float32
-        session, used = _open(ort, path, [CPU], threads)
+        session, used = _open(ort, path, [CPU], threads, expected is not None)
     spec = _spec(path, used, session)
     io = check_io(session, spec, used)
     # Decide the batch size and warn about untrained models.
@@ -285,11 +285,15 @@ def load_runtime(model: str | Path | None = None, *, device: str = "auto",
                    io_binding=actual != "cpu", note=note)
 
 
-def _open(ort: Any, path: Path, providers: list[Any], threads: int | None) -> tuple[Any, Path]:
-    """A session on ``providers``, on the fp16 twin when CUDA is among them and a twin exists."""
+def _open(ort: Any, path: Path, providers: list[Any], threads: int | None,
+          registered: bool) -> tuple[Any, Path]:
+    """A session on ``providers``, on the fp16 twin when CUDA is among them and a twin exists.
+
+    The twin of a registered model is used only when the registry records its sha256, and
+    is checked against it.
+    """
     wants_cuda = any(isinstance(p, tuple) and p[0] == CUDA for p in providers)
-    twin = model_contract.fp16_twin(path) if wants_cuda else None
-    used = twin or path
+    used = (_checked_twin(path, registered) if wants_cuda else None) or path
     options = ort.SessionOptions()
     options.log_severity_level = _LOG_SILENT if wants_cuda else _LOG_QUIET
     options.inter_op_num_threads = 1
@@ -303,6 +307,17 @@ def _open(ort: Any, path: Path, providers: list[Any], threads: int | None) -> tu
             return model_contract.open_session(used, options, providers), used
     finally:
         ort.set_default_logger_severity(_LOG_QUIET)
+
+
+def _checked_twin(path: Path, registered: bool) -> Path | None:
+    twin = model_contract.fp16_twin(path)
+    if twin is None or not registered:
+        return twin
+    expected = model_contract.registered_fp16_sha256(path)
+    if expected is None:
+        return None
+    model_contract.verify_sha256(twin, expected)
+    return twin
 
 
 def _spec(path: Path, used: Path, session: Any) -> ModelSpec:

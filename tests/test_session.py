@@ -148,3 +148,25 @@ def test_inference_failure_names_the_model(identity: Path) -> None:
     runtime = session.load_runtime(identity, device="cpu")
     with pytest.raises(RuntimeError, match="identity.onnx: inference failed on cpu"):
         runtime.run(np.zeros((1, 1, 8, 8, 8), np.float32))
+
+
+def test_fp16_twin_of_a_registered_model_is_checked(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from demhx import model
+
+    plain = identity_path(tmp_path)
+    twin = write_model(tmp_path, "identity.fp16.onnx", scale_model(fp16=True, meta=metadata()))
+    monkeypatch.setattr(model, "models_dir", lambda: tmp_path)
+    entry = {"file": plain.name, "sha256": model.sha256_of(plain)}
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"default": None, "models": {"plain": entry}}))
+    assert session._checked_twin(plain, registered=False) == twin
+    assert session._checked_twin(plain, registered=True) is None  # no recorded sha256
+    entry["fp16_sha256"] = model.sha256_of(twin)
+    registry.write_text(json.dumps({"default": None, "models": {"plain": entry}}))
+    assert session._checked_twin(plain, registered=True) == twin
+    twin.write_bytes(twin.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="identity.fp16.onnx: sha256 .* does not match"):
+        session._checked_twin(plain, registered=True)
