@@ -237,7 +237,7 @@ def _load(command: str) -> Callable[..., Any]:
     function = getattr(module, function_name, None)
     if function is None:
         raise ImportError(f"{module_name} has no {function_name}")
-    return function  # type: ignore[no-any-return]
+    return function
 
 
 def _available() -> list[str]:

@@ -131,7 +131,8 @@ def model_metadata(net: UNet3D, config: Mapping[str, Any], out_path: str | Path,
 
 def provenance_text(config: Mapping[str, Any]) -> str:
     """``data: ...; steps: ...; seed: ...; commit: ...; exported: ...`` from a checkpoint config."""
-    train = config.get("train") if isinstance(config.get("train"), Mapping) else {}
+    found = config.get("train")
+    train: Mapping[str, Any] = found if isinstance(found, Mapping) else {}
     data = config.get("data", train.get("train_dir", "unknown"))
     parts = {"data": data, "steps": config.get("step", "unknown"),
              "seed": config.get("seed", train.get("seed", "unknown")),
