@@ -21,6 +21,7 @@ import importlib.util
 import inspect
 import io
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -156,11 +157,18 @@ def _print_report(report: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``demhx-export ARGS``; return the exit status."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # output piped into e.g. head, which has exited
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
+
+
+def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
-    command, rest = args[0], _normalise(args[1:])
+    command, rest = args[0], args[1:]
     if command not in COMMANDS:
         return _fail(f"unknown command {command!r}; commands: {', '.join(_available())}",
                      EXIT_USAGE)
@@ -173,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"usage: {PROGRAM} {command} ...\n\n{inspect.getdoc(function) or ''}")
         return 0
     try:
-        return _fire(command, function, rest)
+        return _fire(command, function, _normalise(rest, function))
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)
     except (ValueError, OSError, RuntimeError, ImportError) as error:
@@ -210,22 +218,28 @@ def _fire(command: str, function: Callable[..., Any], args: list[str]) -> int:
     return 0
 
 
-def _normalise(args: list[str]) -> list[str]:
-    """``--no-X`` -> ``--X=False``; quote text options so fire keeps them as strings."""
+def _normalise(args: list[str], function: Callable[..., Any]) -> list[str]:
+    """``--no-X`` -> ``--X=False``; quote text options so fire keeps them as strings.
+
+    Only options that are parameters of ``function`` are touched (``--no-X`` stays as it is
+    when the function has a parameter ``no_X``).
+    """
+    parameters = set(inspect.signature(function).parameters)
     out: list[str] = []
     quote_next = False
     for arg in args:
+        key, has_value, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
         if quote_next:
             out.append(repr(arg))
             quote_next = False
-        elif arg.startswith("--no-"):
-            out.append(f"--{arg[5:]}=False")
-        elif arg.lstrip("-") in STRING_OPTIONS and arg.startswith("--"):
+        elif not arg.startswith("--") or key not in parameters | {"no_" + p for p in parameters}:
             out.append(arg)
-            quote_next = True
-        elif arg.startswith("--") and "=" in arg and arg[2:].split("=")[0] in STRING_OPTIONS:
-            key, value = arg.split("=", 1)
-            out.append(f"{key}={value!r}")
+        elif key.startswith("no_") and key not in parameters and not has_value:
+            out.append(f"--{key[3:]}=False")
+        elif key in STRING_OPTIONS:
+            out.append(f"--{key}={value!r}" if has_value else arg)
+            quote_next = not has_value
         else:
             out.append(arg)
     return out
