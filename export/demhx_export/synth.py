@@ -46,6 +46,8 @@ VOLUME_PER_ATOM = 17.0
 BURIAL_RADIUS = 10.0
 # Voxels closer than this to an atom (modelled or not) count as molecule, Å.
 SIGNAL_DISTANCE = 6.0
+# Smallest per-atom B used in any simulated map, Å² (limits aliasing on the 1 Å grid).
+MIN_B = 10.0
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class SynthOptions:
     smooth_b_length: tuple[float, float] = (12.0, 30.0)
     radial_b_amplitude: tuple[float, float] = (0.0, 80.0)
     model_b_floor: tuple[float, float] = (10.0, 30.0)
+    core_percentile: float = 20.0  # atoms below this percentile of local B get the global B
     noise_corner: tuple[float, float] = (1 / 12, 1 / 4)  # 1/Å, where noise starts to fall
     noise_slope: tuple[float, float] = (0.0, 1.0)  # power-law exponent of the noise power
     # low-frequency excess (CTF-corrected noise is boosted where the CTF is small):
@@ -145,9 +148,10 @@ def simulate_pair(structure_path: str | Path, resolution: float, seed: int,
     atoms = [a for res in _residues(st) for a in res if a.occ > 0]
     occupancy = np.array([a.occ for a in atoms])
     unmodelled, extra_b, params = _unmodelled(positions, rng, options, params)
-    signal = _simulate(st[0], atoms, occupancy, local_b + params["global_b"] + extra_b, n)
+    signal = _simulate(st[0], atoms, occupancy,
+                       np.maximum(local_b + params["global_b"], MIN_B) + extra_b, n)
     model_map = _simulate(st[0], atoms, occupancy * ~unmodelled,
-                          local_b + params["model_b_floor"], n)
+                          np.maximum(local_b + params["model_b_floor"], MIN_B), n)
     distance = _distance_to_atoms(positions, n)
     signal = signal + _nuisance(distance, signal, rng, options, params)
     # 4. half-maps with calibrated coloured noise, optional spherical mask
@@ -306,6 +310,8 @@ def _local_bfactors(st: gemmi.Structure, positions: np.ndarray, rng: np.random.G
                   radial_b_amplitude=radial_amplitude, global_b=global_b,
                   model_b_floor=float(rng.uniform(*options.model_b_floor)))
     local = structural + smooth_amplitude * sampled ** 1.5 + radial
+    # the best-ordered atoms sit at the global B: the map's overall B stays near the global one
+    local = local - np.percentile(local, options.core_percentile)
     params["local_b_quartiles"] = np.percentile(local, [25, 50, 75]).round(1).tolist()
     return local, params
 

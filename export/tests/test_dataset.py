@@ -1,0 +1,66 @@
+"""Dataset builder: split hygiene, normalisation, index contents, resumable builds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from demhx_export.dataset import NOISE_STD, build_command, plan_samples, read_manifest
+
+STRUCTURES = Path(__file__).resolve().parents[3] / "shared" / "data" / "structures"
+pytestmark = pytest.mark.skipif(not (STRUCTURES / "manifest.tsv").is_file(),
+                                reason="structure corpus not present")
+
+
+def test_plans_use_only_their_split() -> None:
+    split_of = {r["file"]: r["split"] for r in read_manifest(STRUCTURES)}
+    for split in ("train", "val", "test"):
+        plan = plan_samples(split, 40, 0, (2.5, 6.0), 25_000, STRUCTURES)
+        assert {split_of[p["structure"]] for p in plan} == {split}
+        assert all(2.5 <= p["resolution"] <= 6.0 for p in plan)
+        assert len({p["id"] for p in plan}) == len(plan)
+
+
+def test_plans_are_deterministic_and_skip_large_structures() -> None:
+    a = plan_samples("train", 30, 7, (2.5, 6.0), 25_000, STRUCTURES)
+    b = plan_samples("train", 30, 7, (2.5, 6.0), 25_000, STRUCTURES)
+    assert a == b
+    large = {r["file"] for r in read_manifest(STRUCTURES) if int(r["n_atoms"]) > 25_000}
+    full = plan_samples("train", None, 0, (2.5, 6.0), 25_000, STRUCTURES)
+    assert large and not large & {p["structure"] for p in full}
+
+
+def test_build_writes_normalised_pairs_and_resumes(tmp_path: Path) -> None:
+    # the two smallest test-split structures (< 900 atoms) keep this fast
+    out = tmp_path / "ds"
+    build_command("test", str(out), count=2, seed=0, max_atoms=900,
+                  structures_dir=str(STRUCTURES))
+    index = json.loads((out / "index.json").read_text())
+    assert len(index) == 2
+    for entry in index:
+        with np.load(out / f"{entry['id']}.npz") as data:
+            inputs, target, signal = data["input"], data["target"], data["signal"]
+        assert inputs.dtype == target.dtype == np.float32 and signal.dtype == np.uint8
+        assert inputs.shape == target.shape == signal.shape == tuple(entry["shape"])
+        # solvent inside the box's inscribed sphere (a soft spherical mask may zero the corners)
+        n = inputs.shape[0]
+        radius = np.sqrt(((np.indices(inputs.shape) - (n - 1) / 2) ** 2).sum(axis=0))
+        solvent = inputs[(signal == 0) & (radius < n / 2 - 12)]
+        assert abs(solvent.mean()) < 0.02
+        assert solvent.std() == pytest.approx(NOISE_STD, rel=0.15)
+        assert (target[signal == 0] == 0).all()
+        assert -1 <= entry["cc_input_target"] <= 1
+        assert abs(entry["fsc_half_maps"] - entry["resolution"]) < 0.4
+    # a second run finds everything done and rewrites nothing
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npz")}
+    build_command("test", str(out), count=2, seed=0, max_atoms=900,
+                  structures_dir=str(STRUCTURES))
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in out.glob("*.npz")}
+
+
+def test_unknown_split_is_refused() -> None:
+    with pytest.raises(ValueError, match="split"):
+        plan_samples("training", 1, 0, (2.5, 6.0), 25_000, STRUCTURES)
