@@ -106,6 +106,70 @@ def cc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float((x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
+def model_mask(model_map: np.ndarray, volume: float, voxel_size: float = 1.0,
+               dilation: float = 2.0, soft_edge: float = 3.0) -> np.ndarray:
+    """Tight soft mask from a model-simulated map: threshold, dilation, cosine edge.
+
+    Parameters
+    ----------
+    model_map : (z, y, x) model-simulated map.
+    volume : molecular volume the thresholded core should enclose, Å³ (the threshold is the
+        level that encloses this volume after a 1 Å Gaussian smoothing).
+    voxel_size : Å per voxel.
+    dilation : distance added around the core, Å.
+    soft_edge : width of the cosine fall-off beyond the dilation, Å.
+
+    Returns
+    -------
+    (z, y, x) float32 mask in [0, 1].
+    """
+    from scipy import ndimage
+
+    smooth = ndimage.gaussian_filter(model_map.astype(np.float32), 1.0 / voxel_size)
+    fraction = min(volume / voxel_size**3 / smooth.size, 0.9)
+    core = smooth > np.quantile(smooth, 1 - fraction)
+    outside = ndimage.distance_transform_edt(~core) * voxel_size
+    t = np.clip((outside - dilation) / max(soft_edge, 1e-6), 0, 1)
+    return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
+
+
+def guinier_b(volume: np.ndarray, voxel_size: float, resolution: float,
+              low_resolution: float = 10.0) -> float:
+    """Global B-factor (Å²) from the slope of ln(radial amplitude) against s² (Guinier plot).
+
+    The fit uses shells between ``low_resolution`` and ``resolution`` (Å), as RELION's
+    automatic B-factor estimation does; amplitudes fall as exp(-B s² / 4).
+    """
+    spectrum = np.abs(scipy.fft.rfftn(volume.astype(np.float32), workers=1))
+    shells = shell_index(volume.shape)
+    n_shells = min(volume.shape) // 2 + 1
+    keep = shells < n_shells
+    amplitude = np.bincount(shells[keep], spectrum[keep], minlength=n_shells)
+    counts = np.bincount(shells[keep], minlength=n_shells)
+    frequencies = np.arange(n_shells) / (min(volume.shape) * voxel_size)
+    use = ((frequencies >= 1 / low_resolution) & (frequencies <= 1 / resolution)
+           & (counts > 0) & (amplitude > 0))
+    if use.sum() < 3:
+        raise ValueError(f"guinier_b: fewer than 3 shells between {low_resolution} and "
+                         f"{resolution} Å in a box of {volume.shape}")
+    slope = np.polyfit(frequencies[use] ** 2, np.log(amplitude[use] / counts[use]), 1)[0]
+    return float(-4.0 * slope)
+
+
+def sharpen(volume: np.ndarray, voxel_size: float, b_factor: float,
+            resolution: float | None = None, edge: float = 0.1) -> np.ndarray:
+    """Apply exp(+B s² / 4) (sharpen by ``b_factor`` Å²), optionally low-pass at ``resolution``."""
+    spectrum = scipy.fft.rfftn(volume.astype(np.float32), workers=1)
+    s = frequency_radius(volume.shape) / voxel_size
+    weight = np.exp(b_factor * s**2 / 4)
+    if resolution is not None:
+        cutoff = 1.0 / resolution
+        t = np.clip((s - cutoff * (1 - edge)) / (cutoff * edge), 0, 1)
+        weight = weight * (0.5 + 0.5 * np.cos(np.pi * t))
+    spectrum *= weight.astype(np.float32)
+    return scipy.fft.irfftn(spectrum, s=volume.shape, workers=1).astype(np.float32)
+
+
 def model_map(structure: str | Path | gemmi.Structure, shape: tuple[int, int, int],
               origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
               voxel_size: float | tuple[float, float, float] = 1.0,

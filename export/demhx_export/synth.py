@@ -36,8 +36,16 @@ from scipy.spatial import cKDTree
 from scipy.spatial.transform import Rotation
 
 from demhx_export import locscale
-from demhx_export.metrics import _fft_friendly, _read_structure, density_on_grid, shell_index
+from demhx_export.metrics import (
+    _fft_friendly,
+    _read_structure,
+    density_on_grid,
+    model_mask,
+    shell_index,
+)
 
+# Bumped whenever a change alters the generated arrays (caches key on it).
+GENERATOR_VERSION = 2
 VOXEL_SIZE = 1.0  # Å
 FSC_THRESHOLD = 0.143
 # Volume of protein per non-hydrogen atom, Å³ (about 14 Da per atom at 1.21 Å³/Da).
@@ -138,7 +146,7 @@ def simulate_pair(structure_path: str | Path, resolution: float, seed: int,
     rng = np.random.default_rng([seed, zlib.crc32(path.name.encode())])
     st = _read_structure(path)
     params: dict[str, Any] = {"structure": path.name, "resolution": float(resolution),
-                              "seed": int(seed)}
+                              "seed": int(seed), "generator_version": GENERATOR_VERSION}
     # 1. orientation and box
     positions, params = _place(st, rng, options, params)
     n = params["box"]
@@ -545,13 +553,8 @@ def _calibrate_noise(signal: np.ndarray, noise1: np.ndarray, noise2: np.ndarray,
 def _model_mask(model_map: np.ndarray, atoms: int, dilation: float, soft_edge: float,
                 options: SynthOptions) -> np.ndarray:
     """Soft mask: model map thresholded to enclose the molecular volume, dilated, soft edge."""
-    smooth = ndimage.gaussian_filter(model_map, 1.0)
-    volume = options.mask_volume_factor * VOLUME_PER_ATOM * atoms / VOXEL_SIZE**3
-    fraction = min(volume / smooth.size, 0.9)
-    threshold = np.quantile(smooth, 1 - fraction)
-    core = smooth > threshold
-    outside = ndimage.distance_transform_edt(~core) * VOXEL_SIZE
-    return (1 - _smoothstep(outside - dilation, soft_edge)).astype(np.float32)
+    volume = options.mask_volume_factor * VOLUME_PER_ATOM * atoms
+    return model_mask(model_map, volume, VOXEL_SIZE, dilation, soft_edge)
 
 
 def _solvent_noise(noise: np.ndarray, wide_mask: np.ndarray,

@@ -76,3 +76,26 @@ def test_model_map_lands_on_the_map_grid() -> None:
     assert volume.shape == (16, 12, 10)
     # the peak is at (x, y, z) = ((110-100)/2, (206-200)/2, (314-300)/2) = (5, 3, 7)
     assert np.unravel_index(np.argmax(volume), volume.shape) == (7, 3, 5)
+
+
+def test_guinier_b_recovers_an_applied_blur() -> None:
+    # a map with a flat radial amplitude profile, blurred by B = 80 Å²
+    from demhx_export.metrics import guinier_b, sharpen
+
+    rng = np.random.default_rng(7)
+    flat = rng.standard_normal((48, 48, 48)).astype(np.float32)
+    blurred = sharpen(flat, 1.0, -80.0)
+    assert guinier_b(blurred, 1.0, 3.0) == pytest.approx(80.0, rel=0.1)
+    assert guinier_b(sharpen(blurred, 1.0, 80.0), 1.0, 3.0) == pytest.approx(0.0, abs=8.0)
+
+
+def test_model_mask_is_soft_and_encloses_the_core() -> None:
+    from demhx_export.metrics import model_mask
+
+    volume = np.zeros((32, 32, 32), dtype=np.float32)
+    volume[12:20, 12:20, 12:20] = 1.0
+    mask = model_mask(volume, volume=512.0, dilation=2.0, soft_edge=3.0)
+    assert mask.min() == 0.0 and mask.max() == pytest.approx(1.0)
+    assert (mask[13:19, 13:19, 13:19] == 1).all()
+    assert mask[0, 0, 0] == 0
+    assert 0 < mask[16, 16, 23] < 1  # in the soft edge
