@@ -210,16 +210,16 @@ def table(cases: list[Case], markdown: bool = False) -> str:
             scored = [c.scores[variant] for c in members if variant in c.scores]
             if not scored:
                 continue
-            values = [_median([s.get(col, np.nan) for s in scored]) for col in COLUMNS]
-            rows.append((group, variant, str(len(scored)), *(_fmt(col, v)
-                                                              for col, v in zip(COLUMNS, values))))
+            cells = [_fmt(col, _median([s.get(col, np.nan) for s in scored]))
+                     for col in COLUMNS]
+            rows.append((group, variant, str(len(scored)), *cells))
     header = ("set", "variant", "n", *COLUMNS)
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         return "\n".join(lines)
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True))
                      for r in (header, *rows))
 
 

@@ -74,7 +74,7 @@ def normalise_pair(pair: SynthPair) -> tuple[np.ndarray, np.ndarray, dict[str, A
     otherwise the known simulated noise; the method used is returned in the stats.
     """
     try:
-        from demhx.normalise import estimate_noise  # type: ignore[import-not-found]
+        from demhx.normalise import estimate_noise
 
         stats = estimate_noise(pair.input)
         mean, std = float(stats.mean), float(stats.std)
@@ -140,7 +140,8 @@ def build_command(split: str, outdir: str, count: int | None = None, workers: in
     """
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    plan = plan_samples(split, count, seed, tuple(resolution_range), max_atoms, structures_dir)
+    low, high = resolution_range
+    plan = plan_samples(split, count, seed, (float(low), float(high)), max_atoms, structures_dir)
     options = SynthOptions(wide_target=wide, max_atoms=max_atoms)
     index = _read_index(out)
     done = {e["id"] for e in index}

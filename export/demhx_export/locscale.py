@@ -65,7 +65,7 @@ def local_amplitude_scaling(volume: np.ndarray, reference: np.ndarray,
         filtered = scipy.fft.irfftn(spectra, s=(window,) * 3, axes=(1, 2, 3), workers=1)
         core = filtered[:, half - step + 1:half + step, half - step + 1:half + step,
                         half - step + 1:half + step] * hat
-        for (z, y, x), block in zip(chunk, core):
+        for (z, y, x), block in zip(chunk, core, strict=True):
             out[z - step + 1:z + step, y - step + 1:y + step, x - step + 1:x + step] += block
     crop = half + step
     return np.ascontiguousarray(out[crop:-crop, crop:-crop, crop:-crop])

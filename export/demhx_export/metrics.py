@@ -207,7 +207,9 @@ def model_map(structure: str | Path | gemmi.Structure, shape: tuple[int, int, in
                 p = atom.pos
                 atom.pos = gemmi.Position(p.x + shift[0], p.y + shift[1], p.z + shift[2])
                 atom.b_iso = b_value
-    grid = density_on_grid(model, tuple(int(n) for n in size), tuple(size * spacing))
+    grid = density_on_grid(model, (int(size[0]), int(size[1]), int(size[2])),
+                           (float(size[0] * spacing[0]), float(size[1] * spacing[1]),
+                            float(size[2] * spacing[2])))
     return np.ascontiguousarray(grid[pad[2]:pad[2] + nz, pad[1]:pad[1] + ny, pad[0]:pad[0] + nx])
 
 
@@ -215,7 +217,7 @@ def density_on_grid(model: gemmi.Model, size_xyz: tuple[int, int, int],
                     cell_xyz: tuple[float, float, float], blur: float = 0.0) -> np.ndarray:
     """Electron-scattering density of ``model`` on a periodic P1 grid, returned as (z, y, x)."""
     calculator = gemmi.DensityCalculatorE()
-    spacing = min(c / n for c, n in zip(cell_xyz, size_xyz))
+    spacing = min(c / n for c, n in zip(cell_xyz, size_xyz, strict=True))
     calculator.d_min = 2.0 * spacing
     calculator.rate = 1.0
     calculator.blur = blur

@@ -24,9 +24,12 @@ PATCH_EDGE = (1 / 8, 1 / 4)  # fraction of the cube edge
 NOISE_STD = 0.1  # std of normalised solvent noise, used to fill corrupted patches
 
 
-def cube_rotations() -> list[tuple[tuple[int, int, int], tuple[bool, bool, bool]]]:
+Rotation = tuple[tuple[int, ...], tuple[bool, ...]]
+
+
+def cube_rotations() -> list[Rotation]:
     """The 24 proper rotations of a cube as (axis permutation, axes to flip)."""
-    rotations = []
+    rotations: list[Rotation] = []
     for perm in itertools.permutations(range(3)):
         parity = _permutation_sign(perm)
         for flips in itertools.product((False, True), repeat=3):
@@ -35,7 +38,7 @@ def cube_rotations() -> list[tuple[tuple[int, int, int], tuple[bool, bool, bool]
     return rotations
 
 
-def rotate(cube: np.ndarray, rotation: tuple[tuple[int, ...], tuple[bool, ...]]) -> np.ndarray:
+def rotate(cube: np.ndarray, rotation: Rotation) -> np.ndarray:
     """Apply one of :func:`cube_rotations` to the last three axes of ``cube``."""
     perm, flips = rotation
     lead = cube.ndim - 3

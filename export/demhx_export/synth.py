@@ -241,7 +241,7 @@ def _place(st: gemmi.Structure, rng: np.random.Generator, options: SynthOptions,
     xyz -= xyz.mean(axis=0)
     margin = float(rng.uniform(*options.margin))
     # draw a few rotations and keep the first whose extent fits, else the most compact one
-    best = None
+    best: tuple[float, np.ndarray, Rotation] | None = None
     for _ in range(8):
         rotation = Rotation.random(random_state=int(rng.integers(2**31)))
         rotated = rotation.apply(xyz)
@@ -250,6 +250,7 @@ def _place(st: gemmi.Structure, rng: np.random.Generator, options: SynthOptions,
             best = (extent, rotated, rotation)
         if extent + 2 * margin <= options.max_box:
             break
+    assert best is not None  # the loop runs at least once
     extent, rotated, rotation = best
     box = int(np.clip(_fft_friendly(2 * int(np.ceil((extent + 2 * margin) / 2))),
                       options.min_box, options.max_box))
@@ -345,7 +346,7 @@ def _draw_global_b(resolution: float, rng: np.random.Generator, options: SynthOp
 def _simulate(model: gemmi.Model, atoms: list[gemmi.Atom], occupancy: np.ndarray,
               bfactors: np.ndarray, box: int) -> np.ndarray:
     """Density of ``model`` with per-atom occupancy and B (Å²) on a box³ grid at 1 Å, (z, y, x)."""
-    for atom, occ, b in zip(atoms, occupancy, bfactors):
+    for atom, occ, b in zip(atoms, occupancy, bfactors, strict=True):
         atom.occ = float(occ)
         atom.b_iso = float(b)
     return density_on_grid(model, (box, box, box), (box * VOXEL_SIZE,) * 3)

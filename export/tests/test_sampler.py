@@ -38,7 +38,7 @@ def test_same_seed_same_batches(dataset: Path) -> None:
     a = CubeSampler(dataset, cube_size=16, batch_size=2, seed=5)
     b = CubeSampler(dataset, cube_size=16, batch_size=2, seed=5)
     for _ in range(5):
-        for x, y in zip(a.batch(), b.batch()):
+        for x, y in zip(a.batch(), b.batch(), strict=True):
             np.testing.assert_array_equal(x, y)
 
 
@@ -47,7 +47,7 @@ def test_fixed_batches_are_reproducible_and_unaugmented(dataset: Path) -> None:
     first = sampler.fixed_batches(3, seed=1)
     sampler.batch()
     second = sampler.fixed_batches(3, seed=1)
-    for (x1, y1), (x2, y2) in zip(first, second):
+    for (x1, y1), (x2, y2) in zip(first, second, strict=True):
         np.testing.assert_array_equal(x1, x2)
         np.testing.assert_array_equal(y1, y2)
     # without augmentation every cube is an unrotated crop: targets are constant per map
