@@ -45,7 +45,7 @@ from demhx_export.metrics import (
 )
 
 # Bumped whenever a change alters the generated arrays (caches key on it).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 VOXEL_SIZE = 1.0  # Å
 FSC_THRESHOLD = 0.143
 # Volume of protein per non-hydrogen atom, Å³ (about 14 Da per atom at 1.21 Å³/Da).
@@ -70,8 +70,10 @@ class SynthOptions:
     max_atoms: int = 25_000
     margin: tuple[float, float] = (14.0, 32.0)
     global_b: tuple[float, float] = (50.0, 200.0)
-    # global B is drawn around b_per_resolution * resolution (worse maps have larger B)
-    b_per_resolution: float = 28.0
+    # global B is drawn around b_coefficient * resolution ** b_exponent (worse maps have
+    # larger B); generator version 2 used (28, 1)
+    b_coefficient: float = 6.0
+    b_exponent: float = 2.0
     global_b_jitter: float = 0.15
     # a peripheral part of the molecule left out of the model (flexible, unmodelled domain):
     # probability, fraction of atoms, extra B in the map
@@ -333,8 +335,8 @@ def _coarse(box: int) -> int:
 
 
 def _draw_global_b(resolution: float, rng: np.random.Generator, options: SynthOptions) -> float:
-    """Global B (Å²): around ``b_per_resolution * resolution``, jittered, clipped to the range."""
-    centre = options.b_per_resolution * resolution
+    """Global B (Å²): around ``b_coefficient * resolution ** b_exponent``, jittered, clipped."""
+    centre = options.b_coefficient * resolution**options.b_exponent
     value = centre * np.exp(options.global_b_jitter * rng.standard_normal())
     return float(np.clip(value, *options.global_b))
 
