@@ -1,0 +1,515 @@
+"""MRC/CCP4 map input and output that honours the header exactly (through ``mrcfile``).
+
+Reading
+    :func:`read_map` validates the file at the boundary (existence, size, header, data mode,
+    dimensions against the file size *before* any data is read, finite voxels, voxel size),
+    then returns a :class:`MrcMap` whose ``data`` is a private float32 copy in the
+    **canonical** ``(z, y, x)`` axis order (x fastest), whatever the file's axis order.
+
+    The header fields ``mapc``/``mapr``/``maps`` say which spatial axis (1 = x, 2 = y, 3 = z)
+    runs along the columns, rows and sections of the stored array. The stored array (sections,
+    rows, columns) is transposed so that axis 0 is z, 1 is y and 2 is x, so a map is never
+    mirrored or rotated. The voxel size is per spatial axis, ``cella.x / mx`` and so on, and
+    is reported in the same ``(z, y, x)`` order as ``data``.
+
+Writing
+    :func:`write_map` transposes the canonical array back to the template's stored layout and
+    writes float32 (mode 2) with the template's header: ``nx/ny/nz``, ``mx/my/mz``, ``cella``,
+    ``cellb``, ``mapc/mapr/maps``, ``nxstart/nystart/nzstart``, ``origin``, ``ispg``,
+    ``exttyp``, ``nversion``, the extra fields, the extended header and the labels are copied
+    unchanged. Only these change: ``mode`` (2), ``machst`` (this machine's byte order), the
+    ``MAP`` identifier, ``nsymbt`` (follows the copied extended header), ``dmin/dmax/dmean/rms``
+    (from the new data) and one appended label (``nlabl`` + 1; when the ten labels are full
+    the last one is replaced).
+
+    **Voxel-size override**: when the template was read with ``voxel_size=...`` that differs
+    from its header, the output carries the corrected voxel size, i.e. ``cella`` is set to
+    ``voxel_size * m`` per axis (and an ``mx/my/mz`` of zero is set to the number of voxels
+    along that axis first). Every other field is kept.
+
+    The file is written to a temporary file in the destination folder and moved into place
+    with :func:`os.replace`; on any failure, ``KeyboardInterrupt`` included, the temporary file
+    is removed and the destination is untouched. ``.gz`` destinations are gzip-compressed.
+
+Errors are built-in exceptions (``FileNotFoundError``, ``IsADirectoryError``,
+``PermissionError``, ``FileExistsError``, ``ValueError``) whose one-line message names the
+file, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import math
+import os
+import secrets
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mrcfile
+import numpy as np
+from mrcfile.utils import data_dtype_from_header
+
+HEADER_BYTES = 1024  # fixed size of the MRC header
+LABEL_BYTES = 80  # size of one header label
+LABEL_COUNT = 10  # labels in a header
+REAL_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+COMPLEX_MODES = (3, 4)
+IMAGE_STACK_SPACE_GROUP = 0
+VOLUME_STACK_SPACE_GROUPS = range(401, 631)
+OUTPUT_SUFFIXES = (".mrc", ".map", ".ccp4")
+_WRITER_FIELDS = ("map", "machst", "mode", "nsymbt", "dmin", "dmax", "dmean", "rms")
+_CHUNK_BYTES = 1 << 24  # 16 MiB read chunks for compressed files
+_GZIP_MAGIC = b"\x1f\x8b"
+_BZIP2_MAGIC = b"BZh"
+_MAP_ID_OFFSET = 208
+
+VoxelSizeLike = float | tuple[float, float, float] | Sequence[float]
+
+
+@dataclass(frozen=True, eq=False)
+class MrcMap:
+    """A map read from an MRC/CCP4 file.
+
+    Attributes
+    ----------
+    data : (z, y, x) float32, C-contiguous, canonical axis order (x fastest); a private,
+        writeable copy.
+    voxel_size : Å per voxel along (z, y, x) of ``data`` (the override, if one was given).
+    header : a copy of the file's header (``mrcfile`` record array), untouched.
+    extended_header : a copy of the extended header bytes (may be empty).
+    path : the file it was read from.
+    """
+
+    data: np.ndarray
+    voxel_size: tuple[float, float, float]
+    header: np.recarray
+    extended_header: np.ndarray
+    path: Path
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def read_map(path: str | Path, voxel_size: VoxelSizeLike | None = None) -> MrcMap:
+    """Read an MRC/CCP4 map (``.mrc``, ``.map``, ``.ccp4``, optionally gzip/bzip2-compressed).
+
+    Parameters
+    ----------
+    path : the map file; it is never modified.
+    voxel_size : Å, one value (isotropic) or three in (z, y, x) order; overrides the header's
+        voxel size (needed when the header's is missing, zero or wrong).
+
+    Returns
+    -------
+    MrcMap
+        ``data`` (z, y, x) float32 in canonical axis order and the header's metadata.
+
+    Raises
+    ------
+    FileNotFoundError, IsADirectoryError, PermissionError
+        The path is missing, a folder, or unreadable.
+    ValueError
+        Not an MRC map, truncated, 2-D or a stack, unsupported mode, non-finite voxels, a
+        header voxel size that is not positive (without override), or a bad override.
+    """
+    path = Path(path)
+    # Validate the file, the override and the header before reading any data.
+    compression = _check_input_file(path)
+    override = None if voxel_size is None else _voxel_override(path, voxel_size)
+    header, extended_header = _read_header(path)
+    _check_header(path, header)
+    _check_data_size(path, header, compression)
+    voxel = override if override is not None else _checked_header_voxel_size(path, header)
+    # Read the stored array and bring it to canonical (z, y, x) order in one float32 copy.
+    data = _read_canonical(path, header, compression)
+    _check_finite(path, data)
+    return MrcMap(data, voxel, header, extended_header, path)
+
+
+def _check_input_file(path: Path) -> str | None:
+    """Check the file exists, is a readable non-empty file; its compression (or None)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder, not a map file; pass an .mrc/.map file")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{path}: cannot be read (permission denied); check the "
+                              "file's permissions")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path}: is empty (0 bytes), not an MRC map; check the file")
+    with open(path, "rb") as stream:
+        start = stream.read(_MAP_ID_OFFSET + 4)
+    if start[_MAP_ID_OFFSET:_MAP_ID_OFFSET + 3] != b"MAP":
+        if start.startswith(_GZIP_MAGIC):
+            return "gzip"
+        if start.startswith(_BZIP2_MAGIC):
+            return "bzip2"
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: is {size} bytes, shorter than an MRC header "
+                         f"({HEADER_BYTES} bytes); not an MRC map, check the file")
+    return None
+
+
+def _voxel_override(path: Path, voxel_size: VoxelSizeLike) -> tuple[float, float, float]:
+    """The user's voxel size as (z, y, x) Å, checked positive and finite."""
+    try:
+        values = [float(v) for v in np.atleast_1d(np.asarray(voxel_size, dtype=float)).ravel()]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{path}: voxel size {voxel_size!r} Å is not one positive value or "
+                         "three (z, y, x); pass a positive --voxel-size in Å")
+    return values[0], values[1], values[2]
+
+
+def _read_header(path: Path) -> tuple[np.recarray, np.ndarray]:
+    """Copies of the header and extended header, read strictly by ``mrcfile``."""
+    with _mrcfile_errors(path):
+        with mrcfile.open(path, mode="r", permissive=False, header_only=True) as mrc:
+            header = np.array(mrc.header).view(np.recarray)
+            extended = np.array(mrc.extended_header, dtype="V1").reshape(-1)
+    return header, extended
+
+
+@contextmanager
+def _mrcfile_errors(path: Path) -> Iterator[None]:
+    """Turn ``mrcfile`` (and decompressor) errors and runtime warnings into ValueErrors."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except (PermissionError, FileNotFoundError):
+            raise
+        except (ValueError, OSError, EOFError) as error:
+            raise ValueError(f"{path}: {_explain(str(error))}") from None
+    problems = [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    if problems:
+        raise ValueError(f"{path}: {_explain(str(problems[0].message))}")
+
+
+def _explain(reason: str) -> str:
+    """A reason from ``mrcfile`` (or a decompressor) with what to do about it."""
+    reason = " ".join(reason.split()) or "unreadable"
+    if "Map ID string not found" in reason:
+        return "not an MRC/CCP4 map (no 'MAP' identifier in the header); check the file"
+    if "machine stamp" in reason.lower():
+        return (f"{reason}; the header's byte-order stamp is invalid, rewrite the file with "
+                "a tool that sets it (e.g. mrcfile)")
+    if "Couldn't read enough bytes for MRC header" in reason:
+        return "shorter than an MRC header (1024 bytes); not an MRC map, check the file"
+    if "extended header" in reason:
+        return f"{reason}; the file is truncated, re-download or re-export it"
+    return f"not a readable MRC/CCP4 map ({reason}); check the file or re-export it"
+
+
+def _check_header(path: Path, header: np.recarray) -> None:
+    """Reject headers that do not describe one real-valued 3-D volume."""
+    nx, ny, nz = int(header.nx), int(header.ny), int(header.nz)
+    if min(nx, ny, nz) < 1:
+        raise ValueError(f"{path}: header dimensions {nx}×{ny}×{nz} are not positive; the "
+                         "header is corrupt, re-export the map")
+    if min(nx, ny, nz) == 1:
+        raise ValueError(f"{path}: is a 2-D image ({nx}×{ny}×{nz}), not a 3-D map; pass a "
+                         "3-D density map")
+    ispg, mz = int(header.ispg), int(header.mz)
+    if ispg == IMAGE_STACK_SPACE_GROUP and mz == 1:
+        raise ValueError(f"{path}: is a stack of {nz} 2-D images (space group 0, mz = 1), "
+                         "not a 3-D map; pass a 3-D density map (a volume has mz = nz)")
+    if ispg in VOLUME_STACK_SPACE_GROUPS:
+        raise ValueError(f"{path}: is a stack of volumes (space group {ispg}); pass a single "
+                         "3-D map")
+    _check_mode(path, int(header.mode))
+    _axis_order(path, header)
+
+
+def _check_mode(path: Path, mode: int) -> None:
+    if mode in COMPLEX_MODES:
+        raise ValueError(f"{path}: holds complex (Fourier-space) data, mode {mode}; pass a "
+                         "real-space density map")
+    if mode not in REAL_MODES:
+        modes = ", ".join(f"{m} ({name})" for m, name in REAL_MODES.items())
+        raise ValueError(f"{path}: data mode {mode} is not supported (supported: {modes}); "
+                         "convert the map to float32 (mode 2)")
+
+
+def _axis_order(path: Path, header: np.recarray) -> tuple[int, int, int]:
+    """The spatial axes (1 = x, 2 = y, 3 = z) of the stored (sections, rows, columns)."""
+    order = (int(header.maps), int(header.mapr), int(header.mapc))
+    if sorted(order) != [1, 2, 3]:
+        raise ValueError(f"{path}: header axis order mapc/mapr/maps = {order[2]},{order[1]},"
+                         f"{order[0]} is not a permutation of 1,2,3; fix the header (the "
+                         "usual order is 1,2,3)")
+    return order
+
+
+def _canonical_permutation(order: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Axes of the stored array giving canonical (z, y, x): ``stored.transpose(result)``."""
+    return order.index(3), order.index(2), order.index(1)
+
+
+def _data_bytes(header: np.recarray) -> int:
+    itemsize = data_dtype_from_header(header).itemsize
+    return int(header.nx) * int(header.ny) * int(header.nz) * itemsize
+
+
+def _check_data_size(path: Path, header: np.recarray, compression: str | None) -> None:
+    """Compare the file's size with what the header promises, without reading the data."""
+    nsymbt = int(header.nsymbt)
+    if nsymbt < 0:
+        raise ValueError(f"{path}: header extended-header size {nsymbt} is negative; the "
+                         "header is corrupt, re-export the map")
+    expected = HEADER_BYTES + nsymbt + _data_bytes(header)
+    if compression is None:
+        actual = path.stat().st_size
+    else:
+        actual = _decompressed_size(path, compression, limit=expected + 1)
+    if actual != expected:
+        shape = f"{int(header.nx)}×{int(header.ny)}×{int(header.nz)}"
+        mode = int(header.mode)
+        problem = ("truncated or its header dimensions are wrong" if actual < expected
+                   else "longer than its header describes (wrong header dimensions?)")
+        raise ValueError(f"{path}: header promises {shape} voxels of mode {mode} "
+                         f"({expected} bytes with the headers) but the file holds {actual} "
+                         f"bytes: {problem}; re-download or re-export the map")
+
+
+def _open_compressed(path: Path, compression: str) -> Any:
+    return gzip.open(path, "rb") if compression == "gzip" else bz2.open(path, "rb")
+
+
+def _decompressed_size(path: Path, compression: str, limit: int) -> int:
+    """Bytes in a compressed file, counting (without keeping) at most ``limit`` of them."""
+    total = 0
+    with _mrcfile_errors(path), _open_compressed(path, compression) as stream:
+        while total < limit:
+            chunk = stream.read(min(_CHUNK_BYTES, limit - total))
+            if not chunk:
+                break
+            total += len(chunk)
+    return total
+
+
+def _header_voxel_size(header: np.recarray) -> tuple[float, float, float]:
+    """Header voxel size along (z, y, x) in Å (may be 0, negative, NaN or inf)."""
+    cell = header.cella
+    sizes = []
+    for length, count in ((cell.z, header.mz), (cell.y, header.my), (cell.x, header.mx)):
+        if int(count) == 0:
+            sizes.append(math.nan)
+            continue
+        # The header holds float32: report the shortest decimal of the float32 quotient.
+        with np.errstate(all="ignore"):
+            size = np.float32(length) / np.float32(int(count))
+        sizes.append(float(str(size)) if np.isfinite(size) else float(size))
+    return sizes[0], sizes[1], sizes[2]
+
+
+def _checked_header_voxel_size(path: Path, header: np.recarray) -> tuple[float, float, float]:
+    voxel = _header_voxel_size(header)
+    if not all(math.isfinite(v) and v > 0 for v in voxel):
+        text = "/".join(f"{v:.4g}" for v in voxel)
+        raise ValueError(f"{path}: header voxel size is {text} Å (z/y/x; from cella and "
+                         "mx/my/mz), not positive; pass --voxel-size")
+    return voxel
+
+
+def _read_canonical(path: Path, header: np.recarray, compression: str | None) -> np.ndarray:
+    """The data as a private (z, y, x) float32 C-contiguous array."""
+    permutation = _canonical_permutation(_axis_order(path, header))
+    if compression is None:
+        with _mrcfile_errors(path):
+            with mrcfile.mmap(path, mode="r", permissive=False) as mrc:
+                stored = mrc.data
+                return np.array(stored.transpose(permutation), dtype=np.float32, order="C")
+    dtype = data_dtype_from_header(header)
+    shape = (int(header.nz), int(header.ny), int(header.nx))
+    with _mrcfile_errors(path), _open_compressed(path, compression) as stream:
+        stream.read(HEADER_BYTES + int(header.nsymbt))
+        raw = stream.read(_data_bytes(header))
+    stored = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    return np.array(stored.transpose(permutation), dtype=np.float32, order="C")
+
+
+def _check_finite(path: Path, data: np.ndarray) -> None:
+    finite = np.isfinite(data)
+    if not finite.all():
+        count = int(data.size - np.count_nonzero(finite))
+        raise ValueError(f"{path}: contains {count} NaN or infinite voxels; fix or replace "
+                         "the map")
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def check_output_path(path: str | Path, inputs: Sequence[Path], overwrite: bool) -> Path:
+    """Validate an output path before any work is done; returns it as a :class:`Path`.
+
+    Parameters
+    ----------
+    path : the output file (``.mrc``, ``.map`` or ``.ccp4``, optionally ``.gz``).
+    inputs : the input files; the output must be none of them.
+    overwrite : allow replacing an existing output file.
+
+    Raises
+    ------
+    ValueError
+        Wrong extension, or the output is one of the inputs.
+    FileNotFoundError, PermissionError
+        The output folder is missing or not writable.
+    IsADirectoryError, FileExistsError
+        The output is a folder, or exists and ``overwrite`` is False.
+    """
+    path = Path(path).expanduser()
+    # The name, then the folder, then the file itself.
+    _check_output_suffix(path)
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: output folder does not exist; create it or "
+                                "choose another output path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{folder}: output folder is not writable; check its "
+                              "permissions or choose another output path")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: output is a folder; give a file name ending .mrc")
+    for source in inputs:
+        if _same_file(path, Path(source)):
+            raise ValueError(f"{path}: output is the input {source}; inputs are never "
+                             "overwritten, choose another output path")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path}: output exists; pass --overwrite to replace it or "
+                              "choose another output path")
+    return path
+
+
+def _check_output_suffix(path: Path) -> None:
+    name = path.name.lower()
+    stem = name[:-3] if name.endswith(".gz") else name
+    if not stem.endswith(OUTPUT_SUFFIXES):
+        raise ValueError(f"{path}: output name must end in .mrc, .map or .ccp4 (optionally "
+                         ".gz); choose an MRC file name")
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one file (resolved paths, or the same inode)."""
+    if first.resolve() == second.resolve():
+        return True
+    try:
+        return first.exists() and second.exists() and os.path.samefile(first, second)
+    except OSError:
+        return False
+
+
+def write_map(path: str | Path, data: np.ndarray, template: MrcMap, label: str,
+              overwrite: bool = False) -> None:
+    """Write ``data`` as a float32 MRC file with ``template``'s header, atomically.
+
+    Parameters
+    ----------
+    path : the output file; ``.gz`` names are gzip-compressed.
+    data : (z, y, x) array on the template's grid (canonical order, ``template.data.shape``).
+    template : the map whose header (and stored axis order) the output keeps.
+    label : text for one appended header label (printable ASCII, at most 80 characters are
+        kept; when the ten labels are full it replaces the last).
+    overwrite : allow replacing an existing file.
+
+    Notes
+    -----
+    A voxel-size override given to :func:`read_map` is written to the output (``cella``
+    updated, see the module docstring); every other header field is kept.
+    """
+    path = check_output_path(path, [template.path], overwrite)
+    # Check the data, and bring it back to the template's stored layout.
+    stored = _stored_layout(path, data, template)
+    compression = "gzip" if path.name.lower().endswith(".gz") else None
+    # Write a temporary file next to the destination, then move it into place.
+    _write_atomically(path, overwrite, lambda temporary: _write_mrc(
+        temporary, stored, template, label, compression))
+
+
+def _stored_layout(path: Path, data: np.ndarray, template: MrcMap) -> np.ndarray:
+    """``data`` (canonical) transposed to the template's stored layout, float32 C order."""
+    array = np.asarray(data)
+    if array.shape != template.data.shape:
+        raise ValueError(f"{path}: data shape {array.shape} (z, y, x) differs from the "
+                         f"template {template.path} {template.data.shape}; write data on "
+                         "the template's grid")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise ValueError(f"{path}: data type {array.dtype} is not real numbers")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{path}: data contain NaN or infinite voxels; nothing written")
+    permutation = _canonical_permutation(_axis_order(template.path, template.header))
+    inverse = tuple(int(axis) for axis in np.argsort(permutation))
+    return np.ascontiguousarray(array.transpose(inverse), dtype=np.float32)
+
+
+def _write_atomically(path: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """Call ``write(temporary)`` then move the temporary file to ``path``; clean up on error."""
+    temporary = _new_temporary(path)
+    try:
+        write(temporary)
+        if not overwrite and path.exists():
+            raise FileExistsError(f"{path}: output appeared while writing; pass --overwrite "
+                                  "to replace it or choose another output path")
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _new_temporary(path: Path) -> Path:
+    """Create an empty, uniquely named file in ``path``'s folder (umask-respecting mode)."""
+    for _ in range(100):
+        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return temporary
+    raise FileExistsError(f"{path.parent}: cannot create a temporary file; clean the folder")
+
+
+def _write_mrc(temporary: Path, stored: np.ndarray, template: MrcMap, label: str,
+               compression: str | None) -> None:
+    """Write the stored-layout array with the template's header, stats and a new label."""
+    with mrcfile.new(temporary, overwrite=True, compression=compression) as mrc:
+        mrc.set_data(stored)  # sets mode 2, byte order and dmin/dmax/dmean/rms
+        header = mrc.header
+        for name in template.header.dtype.names:
+            if name not in _WRITER_FIELDS:
+                header[name] = template.header[name]
+        mrc.set_extended_header(np.array(template.extended_header, dtype="V1").reshape(-1))
+        _write_voxel_size(header, template)
+        _append_label(header, label)
+
+
+def _write_voxel_size(header: np.recarray, template: MrcMap) -> None:
+    """Set ``cella`` from the template's voxel size when it overrides the header's."""
+    if np.allclose(template.voxel_size, _header_voxel_size(template.header), rtol=1e-6,
+                   atol=0.0):
+        return
+    counts = template.data.shape  # voxels along (z, y, x)
+    for axis, (letter, size) in enumerate(zip("zyx", template.voxel_size, strict=True)):
+        sampling = f"m{letter}"
+        if int(header[sampling]) <= 0:
+            header[sampling] = counts[axis]
+        header.cella[letter] = np.float32(size * int(header[sampling]))
+
+
+def _append_label(header: np.recarray, label: str) -> None:
+    """Append a label (printable ASCII, ≤ 80 bytes); replace the last if all ten are used."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in label)[:LABEL_BYTES]
+    count = min(max(int(header.nlabl), 0), LABEL_COUNT)
+    if count < LABEL_COUNT:
+        header.label[count] = text.encode("ascii")
+        header.nlabl = count + 1
+    else:
+        header.label[LABEL_COUNT - 1] = text.encode("ascii")
+        header.nlabl = LABEL_COUNT
