@@ -17,6 +17,10 @@ import scipy.fft
 DEFAULT_WINDOW = 24
 # Distance between window centres, voxels.
 DEFAULT_STEP = 8
+# Map amplitudes below this fraction of the window's strongest shell count as this fraction.
+AMPLITUDE_FLOOR = 1e-3
+# Largest per-shell amplitude scale.
+MAX_SCALE = 1e4
 # Windows processed per batched FFT (bounds memory to ~100 MB).
 _CHUNK = 256
 
@@ -109,8 +113,10 @@ def _profile_ratio(blocks_in: np.ndarray, blocks_ref: np.ndarray, shells: np.nda
     power_ref = np.abs(scipy.fft.rfftn(blocks_ref, axes=(1, 2, 3), workers=1)) ** 2
     profile_in = np.sqrt(power_in.reshape(len(blocks_in), -1) @ membership)
     profile_ref = np.sqrt(power_ref.reshape(len(blocks_ref), -1) @ membership)
-    floor = 1e-6 * profile_in.max(axis=1, keepdims=True) + 1e-30
-    return (profile_ref / np.maximum(profile_in, floor)).astype(np.float32)
+    # windows where the map is (nearly) empty must not be amplified without bound
+    floor = AMPLITUDE_FLOOR * profile_in.max(axis=1, keepdims=True) + 1e-30
+    ratio = profile_ref / np.maximum(profile_in, floor)
+    return np.minimum(ratio, MAX_SCALE).astype(np.float32)
 
 
 def _window_shells(window: int) -> tuple[np.ndarray, int]:

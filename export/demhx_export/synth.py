@@ -45,7 +45,7 @@ from demhx_export.metrics import (
 )
 
 # Bumped whenever a change alters the generated arrays (caches key on it).
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 VOXEL_SIZE = 1.0  # Å
 FSC_THRESHOLD = 0.143
 # Volume of protein per non-hydrogen atom, Å³ (about 14 Da per atom at 1.21 Å³/Da).
@@ -54,6 +54,10 @@ VOLUME_PER_ATOM = 17.0
 BURIAL_RADIUS = 10.0
 # Voxels closer than this to an atom (modelled or not) count as molecule, Å.
 SIGNAL_DISTANCE = 6.0
+# Least distance between the molecule's outermost atom and the spherical mask's edge, Å.
+SPHERE_CLEARANCE = 6.0
+# Largest |target| allowed, relative to the input's largest |value| (catches blow-ups).
+MAX_TARGET_RATIO = 50.0
 # Smallest per-atom B used in any simulated map, Å² (limits aliasing on the 1 Å grid).
 MIN_B = 10.0
 
@@ -186,6 +190,7 @@ def simulate_pair(structure_path: str | Path, resolution: float, seed: int,
     sphere = params.pop("_sphere")
     params["noise_mean"], params["noise_std"] = _solvent_noise(average - signal * sphere,
                                                                molecule, sphere)
+    _check_finite(params["structure"], average, target)
     return SynthPair(half1=half1, half2=half2, input=average.astype(np.float32), target=target,
                      model_map=model_map, signal_mask=molecule,
                      params=_json_ready(params))
@@ -261,8 +266,10 @@ def _place(st: gemmi.Structure, rng: np.random.Generator, options: SynthOptions,
     # atoms that do not fit the capped box are removed (the map is then a crop of a larger one)
     occupied = np.array([a.occ > 0 for res in _residues(st) for a in res])
     inside = np.all((rotated >= 3) & (rotated <= box - 4), axis=1) & occupied
+    radius = float(np.linalg.norm(rotated[inside] - centre, axis=1).max())
     params.update(box=box, margin=margin, rotation_quaternion=rotation.as_quat().tolist(),
-                  atoms=int(len(xyz)), atoms_cropped=int((~inside).sum()))
+                  atoms=int(len(xyz)), atoms_cropped=int((~inside).sum()),
+                  molecule_radius=radius)
     _set_positions(st, rotated, inside)
     kept = rotated[inside]
     return kept[:, ::-1].copy(), params
@@ -503,9 +510,13 @@ def _frequency(shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _soft_sphere(box: int, rng: np.random.Generator, params: dict[str, Any]) -> np.ndarray:
-    """Soft spherical mask: radius just inside the box, cosine edge of 4-10 voxels."""
+    """Soft spherical mask: radius just inside the box, cosine edge of 4-10 voxels.
+
+    The radius never cuts the molecule (refinement masks enclose the particle): it is at least
+    the largest atom distance from the box centre plus ``SPHERE_CLEARANCE``.
+    """
     edge = float(rng.uniform(4, 10))
-    radius = box / 2 - 2 - edge
+    radius = max(box / 2 - 2 - edge, params["molecule_radius"] + SPHERE_CLEARANCE)
     c = (box - 1) / 2
     zz, yy, xx = np.ogrid[:box, :box, :box]
     r = np.sqrt((zz - c) ** 2 + (yy - c) ** 2 + (xx - c) ** 2)
@@ -566,6 +577,14 @@ def _solvent_noise(noise: np.ndarray, wide_mask: np.ndarray,
     solvent = (wide_mask < 0.01) & (sphere > 0.99)
     values = noise[solvent] if solvent.sum() > 1000 else noise.ravel()
     return float(values.mean()), float(values.std())
+
+
+def _check_finite(name: str, average: np.ndarray, target: np.ndarray) -> None:
+    """Refuse a sample whose target is not finite or out of all proportion to the input."""
+    bound = MAX_TARGET_RATIO * float(np.abs(average).max())
+    if not np.isfinite(target).all() or float(np.abs(target).max()) > bound:
+        raise RuntimeError(f"{name}: the target is not finite or exceeds {MAX_TARGET_RATIO} "
+                           "times the input's maximum; sample rejected")
 
 
 def _json_ready(params: dict[str, Any]) -> dict[str, Any]:
