@@ -159,21 +159,25 @@ class Enhancer:
     def run(self, volume: np.ndarray, voxel_size: VoxelSize, *,
             half2: np.ndarray | None = None, noise_stats: NoiseStatsLike = None,
             mask: np.ndarray | None = None, tiling: str | TilingScheme = "default",
-            progress: Progress | None = None) -> tuple[np.ndarray, RunInfo]:
-        """Like :meth:`enhance`, also returning a :class:`RunInfo` about the run."""
+            progress: Progress | None = None, name: str = "volume"
+            ) -> tuple[np.ndarray, RunInfo]:
+        """Like :meth:`enhance`, also returning a :class:`RunInfo` about the run.
+
+        ``name`` (e.g. the file the volume came from) starts the messages of input errors.
+        """
         start = time.perf_counter()
         # Validate, and average the half-maps.
         _check_tiling(tiling)
         voxel = voxel_triplet(voxel_size)
         user_stats = _user_stats(noise_stats)
-        volume = check_volume(volume, "volume")
+        volume = check_volume(volume, name)
         if half2 is not None:
             volume = average_half_maps(volume, check_volume(half2, "half2"))
         if mask is not None:
             mask = _check_mask(mask, volume.shape)
         runtime = self.runtime
         # Normalise on the input grid.
-        stats = noise_statistics(volume, voxel, runtime, user_stats, mask)
+        stats = noise_statistics(volume, voxel, runtime, user_stats, mask, name)
         LOG.info(runtime.description)
         LOG.info(_describe_stats(stats))
         shape: tuple[int, int, int] = volume.shape  # type: ignore[assignment]
@@ -204,7 +208,8 @@ class Enhancer:
         mask_data = _read_mask(Path(mask), template) if mask is not None else None
         # Enhance and write atomically: nothing is written if anything above fails.
         result, info = self.run(template.data, template.voxel_size, noise_stats=noise_stats,
-                                mask=mask_data, tiling=tiling, progress=progress)
+                                mask=mask_data, tiling=tiling, progress=progress,
+                                name=str(source))
         label = _label(self.runtime, info.tiling)
         mrcio.write_map(output, result, template, label, overwrite=overwrite)
         return EnhanceSummary(Path(source), None if half2 is None else Path(half2), output,
@@ -252,8 +257,11 @@ def _check_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def noise_statistics(volume: np.ndarray, voxel_size: tuple[float, float, float],
                      runtime: Runtime, noise_stats: NoiseStatsLike,
-                     mask: np.ndarray | None) -> NoiseStats:
-    """The statistics to normalise with: the user's, the mask's, or estimated from solvent."""
+                     mask: np.ndarray | None, name: str = "volume") -> NoiseStats:
+    """The statistics to normalise with: the user's, the mask's, or estimated from solvent.
+
+    ``name`` starts the message when the map is constant or already masked.
+    """
     if runtime.spec.normalisation == "mask" and mask is None:
         raise ValueError(f"{runtime.spec.path.name}: model {runtime.spec.label} expects masked "
                          "input (normalisation 'mask'); pass --mask PATH")
@@ -262,6 +270,7 @@ def noise_statistics(volume: np.ndarray, voxel_size: tuple[float, float, float],
         return user
     if mask is not None:
         return normalise.mask_stats(volume, mask)
+    normalise.check_not_masked(volume, name)
     return normalise.estimate_noise(volume, voxel_size)
 
 

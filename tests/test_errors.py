@@ -189,3 +189,19 @@ def test_runtime_failure_exits_1(case: dict, capsys: pytest.CaptureFixture[str],
     assert line.endswith("(run with --debug for the traceback)")
     assert cli.main(_argv(case, "--tiling", "reference", "--debug")) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+def test_already_masked_or_constant_map(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    data = np.zeros((30, 30, 30), np.float32)
+    data[10:20, 10:20, 10:20] = np.random.default_rng(2).uniform(1, 2, (10, 10, 10))
+    masked = case["inputs"] / "masked.mrc"
+    with mrcfile.new(masked) as stream:
+        stream.set_data(data)
+        stream.voxel_size = 1.0
+    line = _fails(case, [str(masked), str(case["output"])], 2, "masked.mrc: ", capsys)
+    assert "--mask" in line
+    constant = case["inputs"] / "constant.mrc"
+    with mrcfile.new(constant) as stream:
+        stream.set_data(np.ones((12, 12, 12), np.float32))
+        stream.voxel_size = 1.0
+    _fails(case, [str(constant), str(case["output"])], 2, "constant.mrc: is constant", capsys)
