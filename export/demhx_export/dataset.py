@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from demhx_export.metrics import cc, fsc, fsc_resolution
-from demhx_export.synth import SynthOptions, SynthPair, options_dict, simulate_pair
+from demhx_export.synth import VOXEL_SIZE, SynthOptions, SynthPair, options_dict, simulate_pair
 
 # Standard deviation of the solvent noise after normalisation (the model contract's noise_std).
 NOISE_STD = 0.1
@@ -70,18 +70,23 @@ def plan_samples(split: str, count: int | None, seed: int,
 def normalise_pair(pair: SynthPair) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Input and target scaled so that the input's solvent noise has mean 0 and std 0.1.
 
-    Uses the runtime's estimator (``demhx.normalise.estimate_noise``) when it is importable,
-    otherwise the known simulated noise; the method used is returned in the stats.
+    The noise statistics come from the runtime's estimator (``demhx.normalise``), as at
+    inference, when it is importable and accepts the map; maps it refuses (those with a
+    spherical mask look "already masked") and runs without the runtime use the known
+    simulated noise, as a user passing ``--noise-stats`` would. The method is recorded.
     """
+    mean, std = pair.params["noise_mean"], pair.params["noise_std"]
+    method = "simulated"
     try:
-        from demhx.normalise import estimate_noise
-
-        stats = estimate_noise(pair.input)
-        mean, std = float(stats.mean), float(stats.std)
-        method = f"demhx.normalise:{getattr(stats, 'method', '?')}"
+        from demhx import normalise as runtime_normalise
     except ImportError:
-        mean, std = pair.params["noise_mean"], pair.params["noise_std"]
-        method = "simulated"
+        runtime_normalise = None  # type: ignore[assignment]
+    if runtime_normalise is not None:
+        try:
+            stats = runtime_normalise.estimate_noise(pair.input, (VOXEL_SIZE,) * 3)
+            mean, std, method = float(stats.mean), float(stats.std), f"runtime:{stats.method}"
+        except ValueError as refusal:
+            method = f"simulated (runtime refused: {str(refusal).split(';')[0]})"
     scale = NOISE_STD / std
     inputs = ((pair.input - mean) * scale).astype(np.float32)
     target = (pair.target * scale).astype(np.float32)
