@@ -115,7 +115,7 @@ def _profile_ratio(blocks_in: np.ndarray, blocks_ref: np.ndarray, shells: np.nda
     profile_ref = np.sqrt(power_ref.reshape(len(blocks_ref), -1) @ membership)
     # windows where the map is (nearly) empty must not be amplified without bound
     floor = AMPLITUDE_FLOOR * profile_in.max(axis=1, keepdims=True) + 1e-30
-    ratio = profile_ref / np.maximum(profile_in, floor)
+    ratio = np.maximum(profile_ref, floor) / np.maximum(profile_in, floor)
     return np.minimum(ratio, MAX_SCALE).astype(np.float32)
 
 

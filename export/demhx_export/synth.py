@@ -45,7 +45,7 @@ from demhx_export.metrics import (
 )
 
 # Bumped whenever a change alters the generated arrays (caches key on it).
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 VOXEL_SIZE = 1.0  # Å
 FSC_THRESHOLD = 0.143
 # Volume of protein per non-hydrogen atom, Å³ (about 14 Da per atom at 1.21 Å³/Da).
