@@ -482,7 +482,7 @@ def _write_mrc(temporary: Path, stored: np.ndarray, template: MrcMap, label: str
     with mrcfile.new(temporary, overwrite=True, compression=compression) as mrc:
         mrc.set_data(stored)  # sets mode 2, byte order and dmin/dmax/dmean/rms
         header = mrc.header
-        for name in template.header.dtype.names:
+        for name in template.header.dtype.names or ():
             if name not in _WRITER_FIELDS:
                 header[name] = template.header[name]
         mrc.set_extended_header(np.array(template.extended_header, dtype="V1").reshape(-1))

@@ -147,6 +147,9 @@ def resample(volume: np.ndarray, voxel_size: tuple[float, float, float],
     voxel_size : the achieved voxel sizes, ``old_n * old_voxel / new_n`` Å per axis.
     """
     sizes = _positive_triplet(voxel_size, "voxel size")
-    shape = target_shape(np.shape(volume), sizes, target_voxel_size)  # type: ignore[arg-type]
-    achieved = tuple(n * v / m for n, v, m in zip(np.shape(volume), sizes, shape, strict=True))
+    old_shape = np.shape(volume)
+    if len(old_shape) != 3:
+        raise ValueError(f"cannot resample a volume of shape {old_shape}; it must be 3-D")
+    shape = target_shape((old_shape[0], old_shape[1], old_shape[2]), sizes, target_voxel_size)
+    achieved = tuple(n * v / m for n, v, m in zip(old_shape, sizes, shape, strict=True))
     return resample_to_shape(volume, shape), (achieved[0], achieved[1], achieved[2])
