@@ -36,9 +36,12 @@ def summary(index: list[dict]) -> str:
     seconds = np.array([e["seconds"] for e in index])
     boxes = np.array([e["shape"][0] for e in index])
     q = np.percentile(cc, [0, 25, 50, 75, 100])
+    methods: dict[str, int] = {}
+    for e in index:
+        method = e["normalisation"].split(" (")[0]
+        methods[method] = methods.get(method, 0) + 1
     lines = [f"samples: {len(index)}  boxes {boxes.min()}-{boxes.max()} (median "
-             f"{int(np.median(boxes))})  normalisation: "
-             f"{sorted({e['normalisation'] for e in index})}",
+             f"{int(np.median(boxes))})  normalisation: {methods}",
              f"CC(input, target): median {q[2]:.3f}  quartiles {q[1]:.3f} / {q[3]:.3f}  "
              f"range {q[0]:.3f} - {q[4]:.3f}",
              f"CC(input, target) within the target mask: median {np.median(masked):.3f}"]
