@@ -53,6 +53,7 @@ DEGRADE_NOISE = 0.3  # noise std relative to the blurred map's std within the ma
 MASK_DILATION = 2.0  # Å
 MASK_SOFT_EDGE = 3.0  # Å
 VOLUME_PER_ATOM = 17.0  # Å³
+MIN_SOLVENT_VOXELS = 100  # for noise statistics of zoned maps
 COLUMNS = ("FSC0.5", "FSC0.143", "FSC0.5 m", "FSC0.143 m", "CC tgt", "CC tgt m",
            "CC model m")
 
@@ -166,19 +167,38 @@ def degrade(volume: np.ndarray, voxel_size: float, mask: np.ndarray) -> np.ndarr
     return (blurred + noise).astype(np.float32)
 
 
-def run_model(model: str, case: Case) -> np.ndarray | str:
-    """The model's output for one case, or the error text if the runtime fails."""
+def run_model(model: str, case: Case) -> tuple[np.ndarray | str, str]:
+    """The model's output for one case (or the error text) and a note on how it was run.
+
+    Zoned maps (deposited crops, mostly exact zeros) have no solvent for the runtime's noise
+    estimate; they are run with ``noise_stats`` measured on the non-zero voxels outside the
+    model mask, as a user would pass ``--noise-stats``.
+    """
     try:
         import demhx
 
-        return demhx.enhance(case.volume, case.voxel_size, model=model, device="cpu",
-                             threads=2)
+        try:
+            return demhx.enhance(case.volume, case.voxel_size, model=model, device="cpu",
+                                 threads=2), ""
+        except ValueError as error:
+            if "looks masked" not in str(error):
+                raise
+            solvent = case.volume[(case.volume != 0) & (case.mask < 0.01)]
+            if solvent.size < MIN_SOLVENT_VOXELS:
+                return (f"zoned map with {solvent.size} non-zero voxels outside the model "
+                        "mask: no noise statistics, not run"), ""
+            stats = (float(solvent.mean()), float(solvent.std()))
+            note = (f"{case.name} ({case.group}): zoned map, run with noise_stats "
+                    f"{stats[0]:.4g},{stats[1]:.4g} from {solvent.size} non-zero voxels "
+                    "outside the model mask")
+            return demhx.enhance(case.volume, case.voxel_size, model=model, device="cpu",
+                                 threads=2, noise_stats=stats), note
     except Exception as error:  # the harness reports any runtime failure and goes on
-        return f"{type(error).__name__}: {error}"
+        return f"{type(error).__name__}: {error}", ""
 
 
 def evaluate(cases: list[Case], model: str | None) -> list[str]:
-    """Score every case's variants in place; return the model errors met."""
+    """Score every case's variants in place; return the notes and errors met."""
     errors = []
     for case in cases:
         case.scores["input"] = score(case.volume, case)
@@ -187,7 +207,9 @@ def evaluate(cases: list[Case], model: str | None) -> list[str]:
         except ValueError as error:
             errors.append(f"{case.name}: baseline: {error}")
         if model is not None:
-            output = run_model(model, case)
+            output, note = run_model(model, case)
+            if note:
+                errors.append(note)
             if isinstance(output, str):
                 errors.append(f"{case.name} ({case.group}): model: {output}")
             else:
