@@ -143,7 +143,9 @@ def _fire_argv(argv: Sequence[str]) -> list[str]:
         name = arg[2:].replace("-", "_") if arg.startswith("--") and "=" not in arg else ""
         if arg == "-q" or name in _FLAGS:
             result.append(f"--{name or 'quiet'}=True")
-        elif name in _VALUED and queue:
+        elif name in _VALUED:
+            if not queue or queue[0].startswith("--"):
+                raise UsageError(f"{arg} needs a value; see {PROGRAM} --help")
             value = queue.pop(0)
             if name == "noise_stats" and "," not in value and queue and _NUMBER.match(queue[0]):
                 value += "," + queue.pop(0)

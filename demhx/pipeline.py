@@ -180,7 +180,7 @@ class Enhancer:
         stats = noise_statistics(volume, voxel, runtime, user_stats, mask, name)
         LOG.info(runtime.description)
         LOG.info(_describe_stats(stats))
-        shape: tuple[int, int, int] = volume.shape  # type: ignore[assignment]
+        shape: tuple[int, int, int] = volume.shape
         # Enhance on the model's grid (the normalised copy is freed once resampled) ...
         prediction, cubes, model_shape = _enhance_normalised(
             _normalised(volume, stats, runtime, mask), voxel, runtime, tiling, progress)
@@ -188,7 +188,7 @@ class Enhancer:
         if prediction.shape != shape:
             prediction = resample.resample_to_shape(prediction, shape)
         result = normalise.denormalise(prediction, stats, runtime.spec.noise_std)
-        info = RunInfo(shape, model_shape, stats, cubes, runtime.device,  # type: ignore[arg-type]
+        info = RunInfo(shape, model_shape, stats, cubes, runtime.device,
                        _scheme_name(tiling), time.perf_counter() - start)
         return np.ascontiguousarray(result, dtype=np.float32), info
 
@@ -299,7 +299,7 @@ def _enhance_normalised(normalised: np.ndarray, voxel: tuple[float, float, float
     """Resample to the model's voxel size, run the tiles; the prediction on the model grid."""
     spec = runtime.spec
     # Resample to the model's voxel size (skipped when the grid does not change).
-    model_shape = tuple(resample.target_shape(normalised.shape, voxel, spec.voxel_size))
+    model_shape = resample.target_shape(normalised.shape, voxel, spec.voxel_size)
     if model_shape != normalised.shape:
         normalised = resample.resample_to_shape(normalised, model_shape)
     # Tile, run and blend.
@@ -311,7 +311,7 @@ def _enhance_normalised(normalised: np.ndarray, voxel: tuple[float, float, float
     prediction, cubes = overlap_add(padded, plan, runtime.run, runtime.batch_size,
                                     background=spec.background, skip_below=skip,
                                     progress=progress)
-    return prediction, cubes, model_shape  # type: ignore[return-value]
+    return prediction, cubes, model_shape
 
 
 def _scheme_name(tiling_name: str | TilingScheme) -> str:

@@ -211,7 +211,7 @@ class Runtime:
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """Predictions ``(b, 1, c, c, c)`` float32 for a batch of the same shape."""
-        feed = np.ascontiguousarray(batch, dtype=self.io.input_dtype)
+        feed: np.ndarray = np.ascontiguousarray(batch, dtype=self.io.input_dtype)
         try:
             if self.io_binding:
                 result = self._run_bound(feed)

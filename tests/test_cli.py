@@ -85,6 +85,8 @@ def test_parse_arguments(argv: list[str], expected: dict) -> None:
     (["a", "b", "--noise-stats", "1"], "--noise-stats '1': expected two values"),
     (["a", "b", "--voxel-size", "1,2"], "--voxel-size '1,2'"),
     (["a", "b", "--quiet=maybe"], "--quiet takes no value"),
+    (["a", "b", "--model"], "--model needs a value"),
+    (["a", "b", "--half2", "--quiet"], "--half2 needs a value"),
 ])
 def test_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(argv) == 2
@@ -96,9 +98,10 @@ def test_usage_errors(argv: list[str], message: str, capsys: pytest.CaptureFixtu
 def test_run_reports_device_and_summary(source: Path, model: Path,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     output = source.with_name("out.mrc")
+    before = source.read_bytes()
     assert cli.main([str(source), str(output), "--model", str(model), "--device", "cpu"]) == 0
     err = capsys.readouterr().err
-    assert output.is_file()
+    assert output.is_file() and source.read_bytes() == before
     assert "demhx: device cpu (CPUExecutionProvider" in err
     assert f"demhx: wrote {output}: 28×24×20 voxels" in err and "cubes run" in err
     assert "\r" not in err  # no progress bar when stderr is not a terminal
