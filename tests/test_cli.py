@@ -153,3 +153,13 @@ def test_describe_error() -> None:
     assert cli.describe_error(KeyError("k")) == "KeyError: 'k'"
     assert cli.describe_error(ValueError("x.mrc: bad; fix")) == "x.mrc: bad; fix"
     assert cli.describe_error(MemoryError()).startswith("out of memory")
+
+
+def test_demhx_never_imports_torch() -> None:
+    code = ("import sys, demhx, demhx.cli, demhx.pipeline, demhx.session; "
+            "demhx.session.import_onnxruntime(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
