@@ -1,0 +1,300 @@
+"""Training of the demhx U-net on synthetic pairs: L1 loss, Adam, learning rate halved on plateau.
+
+A run lives in one folder (``RUN``) that can be committed and resumed anywhere:
+
+``RUN/latest.safetensors`` + ``RUN/latest.json``
+    the newest checkpoint (format of :mod:`demhx_export.checkpoint`), written every
+    ``checkpoint_every`` steps and at the end;
+``RUN/best.safetensors`` + ``RUN/best.json``
+    the checkpoint with the lowest validation loss so far (the one to export);
+``RUN/latest.opt.pt``
+    optimiser, scheduler and random-generator state for an exact resume;
+``RUN/log.tsv``
+    one row per validation: step, wall seconds, learning rate, mean training loss since
+    the previous row, validation L1 loss, validation CC;
+``RUN/loss.png``
+    the loss curve (needs matplotlib).
+
+Running the same command again resumes from ``RUN/latest.*``: the step counter, the
+optimiser, the plateau scheduler and the sampler seed continue where they stopped, so a run
+can be split over any number of sittings (``--max-minutes`` stops it cleanly).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from demhx_export.checkpoint import (
+    git_commit,
+    load_checkpoint,
+    optimiser_state_path,
+    save_checkpoint,
+)
+from demhx_export.network import UNet3D, count_parameters, parse_widths
+from demhx_export.sampler import CubeSampler
+
+INFERENCE_CUBE_SIZE = 64  # voxels: cube edge the exported model runs on
+REFERENCE_STRIDE = 16  # voxels: the paper's tiling stride at 64³
+LOG_COLUMNS = ("step", "seconds", "lr", "train_l1", "val_l1", "val_cc")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one training run (stored in every checkpoint's JSON)."""
+
+    train_dir: str
+    val_dir: str
+    widths: tuple[int, ...] = (16, 32, 64)
+    cube_size: int = 32
+    batch_size: int = 4
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    plateau_patience: int = 5
+    seed: int = 0
+    val_every: int = 200
+    val_batches: int = 16
+    checkpoint_every: int = 200
+    scale_jitter: float = 0.2
+    init: str | None = None
+
+
+def _validate(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]]
+              ) -> tuple[float, float]:
+    """Mean L1 loss and mean per-cube CC over fixed validation batches."""
+    net.eval()
+    losses, ccs = [], []
+    with torch.no_grad():
+        for inputs, targets in batches:
+            pred = net(torch.from_numpy(inputs)).numpy()
+            losses.append(float(np.abs(pred - targets).mean()))
+            for p, t in zip(pred, targets, strict=True):
+                p, t = p.ravel() - p.mean(), t.ravel() - t.mean()
+                denom = math.sqrt(float(p @ p) * float(t @ t))
+                if denom > 0:
+                    ccs.append(float(p @ t) / denom)
+    net.train()
+    return float(np.mean(losses)), float(np.mean(ccs)) if ccs else float("nan")
+
+
+def _jitter_scale(inputs: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
+                  jitter: float) -> tuple[np.ndarray, np.ndarray]:
+    """Scale each (input, target) pair by one random factor in [1/(1+j), 1+j].
+
+    The runtime's noise estimate is never exact, and the output is scaled back with the same
+    estimate, so the network should be equivariant to a common scale of input and target.
+    """
+    if jitter <= 0:
+        return inputs, targets
+    factors = np.exp(rng.uniform(-1.0, 1.0, size=(len(inputs), 1, 1, 1, 1))
+                     * np.log1p(jitter)).astype(np.float32)
+    return inputs * factors, targets * factors
+
+
+def _append_log(run: Path, row: dict[str, float]) -> None:
+    path = run / "log.tsv"
+    new = not path.exists()
+    with open(path, "a", encoding="utf-8") as stream:
+        if new:
+            stream.write("\t".join(LOG_COLUMNS) + "\n")
+        stream.write("\t".join(f"{row[c]:.6g}" for c in LOG_COLUMNS) + "\n")
+
+
+def plot_log(run: Path) -> Path | None:
+    """Draw ``RUN/loss.png`` from ``RUN/log.tsv``; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    table = np.atleast_2d(np.loadtxt(run / "log.tsv", skiprows=1, delimiter="\t"))
+    fig, (ax_loss, ax_cc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(table[:, 0], table[:, 3], label="train L1")
+    ax_loss.plot(table[:, 0], table[:, 4], label="validation L1")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("L1 loss (normalised units)")
+    ax_loss.set_yscale("log")
+    ax_loss.legend()
+    ax_cc.plot(table[:, 0], table[:, 5], color="C2")
+    ax_cc.set_xlabel("step")
+    ax_cc.set_ylabel("validation CC (per cube)")
+    fig.tight_layout()
+    out = run / "loss.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+class _State:
+    """Mutable training state that is checkpointed: step, elapsed time, best validation."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.seconds = 0.0
+        self.best_val = float("inf")
+
+
+def _save(run: Path, tag: str, net: torch.nn.Module, config: TrainConfig, state: _State,
+          optimiser: torch.optim.Optimizer | None = None, scheduler: object | None = None) -> None:
+    info = {"train": asdict(config), "step": state.step, "seconds": round(state.seconds, 1),
+            "best_val_l1": state.best_val, "seed": config.seed, "commit": git_commit(),
+            "cube_size": INFERENCE_CUBE_SIZE, "stride": REFERENCE_STRIDE,
+            "data": f"synthetic pairs {config.train_dir}"}
+    save_checkpoint(run / tag, net, info)
+    if optimiser is not None:
+        final = optimiser_state_path(run / tag)
+        tmp = final.with_name(final.name + ".tmp")
+        torch.save({"optimiser": optimiser.state_dict(),
+                    "scheduler": scheduler.state_dict(),  # type: ignore[union-attr]
+                    "torch_rng": torch.get_rng_state(),
+                    "step": state.step, "seconds": state.seconds,
+                    "best_val": state.best_val}, tmp)
+        os.replace(tmp, final)
+
+
+def _build(config: TrainConfig, run: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer,
+                                                     torch.optim.lr_scheduler.ReduceLROnPlateau,
+                                                     _State]:
+    """Network, optimiser, scheduler and state, fresh or resumed from ``RUN/latest``."""
+    torch.manual_seed(config.seed)
+    state = _State()
+    if (run / "latest.json").exists():
+        net, _ = load_checkpoint(run / "latest")
+    elif config.init:
+        net, _ = load_checkpoint(config.init)
+        if tuple(net.widths) != tuple(config.widths):
+            raise ValueError(f"{config.init}: widths {net.widths} differ from --widths "
+                             f"{config.widths}; pass matching widths")
+    else:
+        net = UNet3D(widths=config.widths)
+    optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimiser, mode="min", factor=0.5, patience=config.plateau_patience,
+        min_lr=config.min_lr)
+    resume = optimiser_state_path(run / "latest")
+    if resume.exists():
+        saved = torch.load(resume, weights_only=False)
+        optimiser.load_state_dict(saved["optimiser"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["torch_rng"])
+        state.step, state.seconds, state.best_val = (saved["step"], saved["seconds"],
+                                                     saved["best_val"])
+    return net, optimiser, scheduler, state
+
+
+def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = math.inf,
+          threads: int | None = None, report=print) -> Path:
+    """Train until ``max_steps`` or ``max_minutes``, checkpointing into ``run``; return ``run``."""
+    run.mkdir(parents=True, exist_ok=True)
+    if threads:
+        torch.set_num_threads(threads)
+    net, optimiser, scheduler, state = _build(config, run)
+    # the sampler's stream continues after a resume: its seed moves with the step counter
+    sampler = CubeSampler(config.train_dir, cube_size=config.cube_size,
+                          batch_size=config.batch_size, seed=config.seed + 7919 * state.step)
+    val = CubeSampler(config.val_dir, cube_size=config.cube_size, batch_size=config.batch_size,
+                      seed=config.seed, augment=False).fixed_batches(config.val_batches,
+                                                                      seed=config.seed)
+    report(f"network widths {config.widths}: {count_parameters(net):,} parameters; "
+           f"resuming at step {state.step}" if state.step else
+           f"network widths {config.widths}: {count_parameters(net):,} parameters; new run")
+    rng = np.random.default_rng([config.seed, state.step])
+    started, running = time.monotonic(), []
+    base_seconds = state.seconds
+    net.train()
+    while state.step < max_steps:
+        if (time.monotonic() - started) / 60 > max_minutes:
+            report(f"time limit reached at step {state.step}")
+            break
+        inputs, targets = _jitter_scale(*sampler.batch(), rng, config.scale_jitter)
+        loss = torch.nn.functional.l1_loss(net(torch.from_numpy(inputs)),
+                                           torch.from_numpy(targets))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        running.append(float(loss.detach()))
+        state.step += 1
+        state.seconds = base_seconds + time.monotonic() - started
+        if state.step % config.val_every == 0:
+            _validation_round(config, run, net, optimiser, scheduler, state, val, running, report)
+            running = []
+        elif state.step % config.checkpoint_every == 0:
+            _save(run, "latest", net, config, state, optimiser, scheduler)
+    _save(run, "latest", net, config, state, optimiser, scheduler)
+    plot_log(run) if (run / "log.tsv").exists() else None
+    return run
+
+
+def _validation_round(config: TrainConfig, run: Path, net: torch.nn.Module,
+                      optimiser: torch.optim.Optimizer, scheduler, state: _State,
+                      val: list, running: list[float], report) -> None:
+    val_l1, val_cc = _validate(net, val)
+    scheduler.step(val_l1)
+    lr = optimiser.param_groups[0]["lr"]
+    row = {"step": state.step, "seconds": state.seconds, "lr": lr,
+           "train_l1": float(np.mean(running)) if running else float("nan"),
+           "val_l1": val_l1, "val_cc": val_cc}
+    _append_log(run, row)
+    if val_l1 < state.best_val:
+        state.best_val = val_l1
+        _save(run, "best", net, config, state)
+    _save(run, "latest", net, config, state, optimiser, scheduler)
+    report(f"step {state.step:6d}  {state.seconds / 60:6.1f} min  lr {lr:.2e}  "
+           f"train L1 {row['train_l1']:.5f}  val L1 {val_l1:.5f}  val CC {val_cc:.4f}")
+
+
+def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 32, 64),
+                  cube_size: int = 32, batch_size: int = 4, steps: int = 10000,
+                  max_minutes: float = math.inf, lr: float = 1e-3, seed: int = 0,
+                  val_every: int = 200, val_batches: int = 16, threads: int | None = None,
+                  init: str | None = None, scale_jitter: float = 0.2) -> None:
+    """Train (or resume) a run in folder RUN on the datasets in TRAIN_DIR and VAL_DIR.
+
+    Parameters
+    ----------
+    train_dir, val_dir : dataset folders written by ``demhx-export build-dataset``.
+    run : run folder; an existing run is resumed from ``RUN/latest``.
+    widths : network widths, e.g. ``16,32,64`` (the paper: ``32,64,128``).
+    cube_size : training cube edge in voxels (divisible by 8).
+    batch_size : cubes per step.
+    steps : stop at this total step count (across resumes).
+    max_minutes : stop cleanly after this many minutes of this sitting.
+    lr : initial learning rate (halved after 5 validations without improvement).
+    seed : seed of the network initialisation and of the cube sampler.
+    val_every : steps between validations (and checkpoints).
+    val_batches : fixed validation batches.
+    threads : torch CPU threads.
+    init : start a new run from this checkpoint's weights (e.g. fine-tuning on larger cubes).
+    scale_jitter : common random scale of input and target, up to a factor 1 + scale_jitter.
+    """
+    config = TrainConfig(train_dir=str(train_dir), val_dir=str(val_dir),
+                         widths=parse_widths(widths), cube_size=int(cube_size),
+                         batch_size=int(batch_size), lr=float(lr), seed=int(seed),
+                         val_every=int(val_every), val_batches=int(val_batches),
+                         checkpoint_every=int(val_every), scale_jitter=float(scale_jitter),
+                         init=str(init) if init else None)
+    run_dir = Path(run)
+    saved = run_dir / "latest.json"
+    if saved.exists():
+        previous = json.loads(saved.read_text()).get("train", {})
+        changed = {k: v for k, v in asdict(config).items()
+                   if k in previous and _norm(previous[k]) != _norm(v)
+                   and k not in ("train_dir", "val_dir", "init")}
+        if changed:
+            raise ValueError(f"{run_dir}: run was started with other settings "
+                             f"({', '.join(sorted(changed))}); use a new run folder")
+    train(config, run_dir, max_steps=int(steps), max_minutes=float(max_minutes),
+          threads=threads)
+
+
+def _norm(value: object) -> object:
+    return list(value) if isinstance(value, (list, tuple)) else value
