@@ -205,3 +205,60 @@ def test_already_masked_or_constant_map(case: dict, capsys: pytest.CaptureFixtur
         stream.set_data(np.ones((12, 12, 12), np.float32))
         stream.voxel_size = 1.0
     _fails(case, [str(constant), str(case["output"])], 2, "constant.mrc: is constant", capsys)
+
+
+def _bad_bytes(good: bytes, kind: str) -> bytes:
+    """Malformed variants of a valid MRC file's bytes."""
+    header = bytearray(good[:1024])
+    if kind == "empty":
+        return b""
+    if kind == "header only":
+        return bytes(header)
+    if kind == "truncated":
+        return good[: len(good) - 700]
+    if kind == "random bytes":
+        return np.random.default_rng(3).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+    if kind == "text":
+        return b"this is not a map\n" * 100
+    if kind == "absurd dimensions":
+        header[0:12] = np.array([100000, 100000, 100000], dtype="<i4").tobytes()
+        return bytes(header) + good[1024:]
+    if kind == "complex mode":
+        header[12:16] = np.array([4], dtype="<i4").tobytes()
+        return bytes(header) + good[1024:]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["empty", "header only", "truncated", "random bytes", "text",
+                                  "absurd dimensions", "complex mode"])
+def test_malformed_files(case: dict, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    bad = case["inputs"] / "bad.mrc"
+    bad.write_bytes(_bad_bytes(case["map"].read_bytes(), kind))
+    _fails(case, [str(bad), str(case["output"])], 2, "bad.mrc", capsys)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # raised while writing the bad file
+@pytest.mark.parametrize("kind", ["nan", "inf", "image", "stack"])
+def test_unusable_data(case: dict, capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    bad = case["inputs"] / "bad.mrc"
+    data = np.random.default_rng(2).standard_normal((12, 14, 16)).astype(np.float32)
+    if kind in ("nan", "inf"):
+        data[3, 4, 5] = np.nan if kind == "nan" else np.inf
+    with mrcfile.new(bad) as stream:
+        if kind == "image":
+            stream.set_data(data[0])
+        else:
+            stream.set_data(data)
+            if kind == "stack":
+                stream.set_image_stack()
+    _fails(case, [str(bad), str(case["output"])], 2, "bad.mrc", capsys)
+
+
+@pytest.mark.parametrize("voxel_size", [0.0, -1.0, float("nan")])
+def test_bad_voxel_size_in_header(case: dict, capsys: pytest.CaptureFixture[str],
+                                  voxel_size: float) -> None:
+    bad = case["inputs"] / "bad.mrc"
+    _write_map(bad)
+    with mrcfile.open(bad, mode="r+") as stream:
+        stream.header.cella = (voxel_size * 24, voxel_size * 22, voxel_size * 20)
+    _fails(case, [str(bad), str(case["output"])], 2, "--voxel-size", capsys)
