@@ -62,7 +62,6 @@ a folder, meaning its ``best`` checkpoint, else its ``latest``, else its only ch
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -71,6 +70,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from demhx.model import sha256_of
 from safetensors.torch import load_file, save_file
 
 from demhx_export.network import UNet3D, count_parameters
@@ -126,7 +126,7 @@ def save_checkpoint(path: str | Path, net: UNet3D, info: Mapping[str, Any] | Non
         "format_version": FORMAT_VERSION,
         "architecture": {"network": type(net).__name__, "widths": list(net.widths),
                          "parameters": count_parameters(net)},
-        "weights": {"file": weights.name, "sha256": _sha256(tmp_weights)},
+        "weights": {"file": weights.name, "sha256": sha256_of(tmp_weights)},
         "saved_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **fields,
     }
@@ -157,7 +157,7 @@ def load_checkpoint(path: str | Path) -> tuple[UNet3D, dict[str, Any]]:
                                     "save_checkpoint")
     config = _read_config(config_path)
     expected = config["weights"].get("sha256")
-    if expected and _sha256(weights) != expected:
+    if expected and sha256_of(weights) != expected:
         raise ValueError(f"{weights}: sha256 does not match {config_path.name} (the pair comes "
                          "from different saves or was modified); use a complete checkpoint")
     net = UNet3D(config["architecture"]["widths"])
@@ -222,14 +222,6 @@ def _read_config(config_path: Path) -> dict[str, Any]:
         raise ValueError(f"{config_path}: checkpoint lacks architecture.widths or weights; "
                          "use a checkpoint written by save_checkpoint")
     return config
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _finite(value: Any) -> Any:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from demhx.model import sha256_of
 
 from demhx_export import __version__
 from demhx_export.network import (
@@ -206,11 +207,11 @@ def export_onnx(net: UNet3D, config: Mapping[str, Any], out_path: str | Path,
     finally:
         for path in temporary:
             path.unlink(missing_ok=True)
-    return ExportReport(path=out_path, sha256=_sha256(out_path), relative_error=error,
+    return ExportReport(path=out_path, sha256=sha256_of(out_path), relative_error=error,
                         parameters=int(values[PREFIX + "parameters"]),
                         gflop_per_cube=float(values[PREFIX + "gflop_per_cube"]),
                         metadata=values, fp16_path=twin if fp16 else None,
-                        fp16_sha256=_sha256(twin) if fp16 else None,
+                        fp16_sha256=sha256_of(twin) if fp16 else None,
                         fp16_relative_error=error16)
 
 
@@ -328,12 +329,6 @@ def _model_stem(path: Path) -> str:
 
 def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def _sha256(path: Path) -> str:
-    from demhx.model import sha256_of
-
-    return sha256_of(path)
 
 
 __all__ = ["ExportMismatchError", "ExportReport", "export_onnx", "fp16_twin_path",

@@ -230,7 +230,8 @@ def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = m
         elif state.step % config.checkpoint_every == 0:
             _save(run, "latest", net, config, state, optimiser, scheduler)
     _save(run, "latest", net, config, state, optimiser, scheduler)
-    plot_log(run) if (run / "log.tsv").exists() else None
+    if (run / "log.tsv").exists():
+        plot_log(run)
     return run
 
 
