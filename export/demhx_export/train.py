@@ -16,8 +16,18 @@ A run lives in one folder (``RUN``) that can be committed and resumed anywhere:
     the loss curve (needs matplotlib).
 
 Running the same command again resumes from ``RUN/latest.*``: the step counter, the
-optimiser, the plateau scheduler and the sampler seed continue where they stopped, so a run
-can be split over any number of sittings (``--max-minutes`` stops it cleanly).
+optimiser, the learning-rate schedule and the sampler seed continue where they stopped, so a
+run can be split over any number of sittings (``--max-minutes`` stops it cleanly).
+
+Two learning-rate schedules: ``plateau`` (the paper: halved after ``plateau_patience``
+validations without improvement) and ``cosine`` (from ``lr`` down to ``min_lr`` over the
+``--steps`` given when the run starts; better when the compute budget is known in advance).
+
+On a CUDA machine (``--device cuda``) the network trains in bfloat16 autocast
+(``--precision bf16``, the default there) and ``--workers`` processes cut and augment the
+cubes while the GPU computes. Runs can move between CPU and GPU machines: checkpoints are
+stored on the CPU and the settings that do not change the maths (device, workers, threads)
+are not part of the run's identity.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -64,16 +74,42 @@ class TrainConfig:
     checkpoint_every: int = 200
     scale_jitter: float = 0.2
     init: str | None = None
+    schedule: str = "plateau"
+    decay_steps: int = 0  # cosine schedule: steps from lr to min_lr
+    precision: str = "fp32"
 
 
-def _validate(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]]
-              ) -> tuple[float, float]:
-    """Mean L1 loss and mean per-cube CC over fixed validation batches."""
+SCHEDULES = ("plateau", "cosine")
+PRECISIONS = ("fp32", "bf16")
+# settings that do not define the run: they may differ between sittings
+RUNTIME_SETTINGS = ("train_dir", "val_dir", "init", "precision")
+
+
+def cosine_lr(config: TrainConfig, step: int) -> float:
+    """Learning rate of the cosine schedule at ``step`` (constant ``min_lr`` after the end)."""
+    fraction = min(1.0, step / max(1, config.decay_steps))
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * fraction))
+
+
+def pick_device(device: str) -> torch.device:
+    """``cpu``, ``cuda`` (refused without a GPU) or ``auto``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch sees no CUDA GPU; use --device cpu")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device {device}: not one of cpu, cuda, cuda:N, auto")
+    return torch.device(device)
+
+
+def _validate(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]],
+              device: torch.device | None = None) -> tuple[float, float]:
+    """Mean L1 loss and mean per-cube CC over fixed validation batches (float32)."""
     net.eval()
     losses, ccs = [], []
     with torch.no_grad():
         for inputs, targets in batches:
-            pred = net(torch.from_numpy(inputs)).numpy()
+            pred = net(torch.from_numpy(inputs).to(device or "cpu")).float().cpu().numpy()
             losses.append(float(np.abs(pred - targets).mean()))
             for p, t in zip(pred, targets, strict=True):
                 p, t = p.ravel() - p.mean(), t.ravel() - t.mean()
@@ -134,6 +170,41 @@ def plot_log(run: Path) -> Path | None:
     return out
 
 
+class _BatchStream(torch.utils.data.IterableDataset):
+    """Endless training batches cut by DataLoader worker processes.
+
+    The sampler (maps already in memory) is inherited by each forked worker, which re-seeds it
+    from (seed, step, worker): the stream is deterministic for a given number of workers.
+    """
+
+    def __init__(self, sampler: CubeSampler, seed: int, step: int, jitter: float) -> None:
+        self.sampler, self.seed, self.step, self.jitter = sampler, seed, step, jitter
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        self.sampler.rng = np.random.default_rng([self.seed, self.step, worker])
+        rng = np.random.default_rng([self.seed, self.step, worker, 1])
+        while True:
+            inputs, targets = _jitter_scale(*self.sampler.batch(), rng, self.jitter)
+            yield torch.from_numpy(inputs), torch.from_numpy(targets)
+
+
+def _batches(config: TrainConfig, sampler: CubeSampler, step: int, workers: int,
+             pin: bool):
+    """Iterator of (input, target) CPU tensors: in this process, or from worker processes."""
+    if workers <= 0:
+        rng = np.random.default_rng([config.seed, step])
+        while True:
+            inputs, targets = _jitter_scale(*sampler.batch(), rng, config.scale_jitter)
+            yield torch.from_numpy(inputs), torch.from_numpy(targets)
+    loader = torch.utils.data.DataLoader(
+        _BatchStream(sampler, config.seed, step, config.scale_jitter), batch_size=None,
+        num_workers=workers, pin_memory=pin, prefetch_factor=4, persistent_workers=False,
+        multiprocessing_context="fork")
+    yield from loader
+
+
 class _State:
     """Mutable training state that is checkpointed: step, elapsed time, best validation."""
 
@@ -161,9 +232,9 @@ def _save(run: Path, tag: str, net: torch.nn.Module, config: TrainConfig, state:
         os.replace(tmp, final)
 
 
-def _build(config: TrainConfig, run: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer,
-                                                     torch.optim.lr_scheduler.ReduceLROnPlateau,
-                                                     _State]:
+def _build(config: TrainConfig, run: Path, device: torch.device | None = None
+           ) -> tuple[torch.nn.Module, torch.optim.Optimizer,
+                      torch.optim.lr_scheduler.ReduceLROnPlateau, _State]:
     """Network, optimiser, scheduler and state, fresh or resumed from ``RUN/latest``."""
     torch.manual_seed(config.seed)
     state = _State()
@@ -176,13 +247,14 @@ def _build(config: TrainConfig, run: Path) -> tuple[torch.nn.Module, torch.optim
                              f"{config.widths}; pass matching widths")
     else:
         net = UNet3D(widths=config.widths)
+    net = net.to(device or "cpu")
     optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, mode="min", factor=0.5, patience=config.plateau_patience,
         min_lr=config.min_lr)
     resume = optimiser_state_path(run / "latest")
     if resume.exists():
-        saved = torch.load(resume, weights_only=False)
+        saved = torch.load(resume, weights_only=False, map_location="cpu")
         optimiser.load_state_dict(saved["optimiser"])
         scheduler.load_state_dict(saved["scheduler"])
         torch.set_rng_state(saved["torch_rng"])
@@ -192,22 +264,29 @@ def _build(config: TrainConfig, run: Path) -> tuple[torch.nn.Module, torch.optim
 
 
 def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = math.inf,
-          threads: int | None = None, report=print) -> Path:
+          threads: int | None = None, report=print, device: str = "cpu",
+          workers: int = 0) -> Path:
     """Train until ``max_steps`` or ``max_minutes``, checkpointing into ``run``; return ``run``."""
     run.mkdir(parents=True, exist_ok=True)
     if threads:
         torch.set_num_threads(threads)
-    net, optimiser, scheduler, state = _build(config, run)
+    target = pick_device(device)
+    if config.precision == "bf16" and target.type != "cuda":
+        raise ValueError("--precision bf16 trains on a CUDA GPU only; use --precision fp32 "
+                         "on the CPU")
+    if target.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    net, optimiser, scheduler, state = _build(config, run, target)
     # the sampler's stream continues after a resume: its seed moves with the step counter
     sampler = CubeSampler(config.train_dir, cube_size=config.cube_size,
                           batch_size=config.batch_size, seed=config.seed + 7919 * state.step)
     val = CubeSampler(config.val_dir, cube_size=config.cube_size, batch_size=config.batch_size,
                       seed=config.seed, augment=False).fixed_batches(config.val_batches,
                                                                       seed=config.seed)
+    where = f"{target}" + (f", {config.precision}" if target.type == "cuda" else "")
     report(f"network widths {config.widths}: {count_parameters(net):,} parameters; "
-           f"resuming at step {state.step}" if state.step else
-           f"network widths {config.widths}: {count_parameters(net):,} parameters; new run")
-    rng = np.random.default_rng([config.seed, state.step])
+           + (f"resuming at step {state.step}" if state.step else "new run") + f" on {where}")
+    batches = _batches(config, sampler, state.step, workers, pin=target.type == "cuda")
     started, running = time.monotonic(), []
     base_seconds = state.seconds
     net.train()
@@ -215,17 +294,25 @@ def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = m
         if (time.monotonic() - started) / 60 > max_minutes:
             report(f"time limit reached at step {state.step}")
             break
-        inputs, targets = _jitter_scale(*sampler.batch(), rng, config.scale_jitter)
-        loss = torch.nn.functional.l1_loss(net(torch.from_numpy(inputs)),
-                                           torch.from_numpy(targets))
+        if config.schedule == "cosine":
+            for group in optimiser.param_groups:
+                group["lr"] = cosine_lr(config, state.step)
+        inputs, targets = next(batches)
+        inputs = inputs.to(target, non_blocking=True)
+        targets = targets.to(target, non_blocking=True)
+        with torch.autocast(target.type, dtype=torch.bfloat16,
+                            enabled=config.precision == "bf16"):
+            pred = net(inputs)
+        loss = torch.nn.functional.l1_loss(pred.float(), targets)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        running.append(float(loss.detach()))
+        running.append(loss.detach())
         state.step += 1
         state.seconds = base_seconds + time.monotonic() - started
         if state.step % config.val_every == 0:
-            _validation_round(config, run, net, optimiser, scheduler, state, val, running, report)
+            _validation_round(config, run, net, optimiser, scheduler, state, val,
+                              [float(v) for v in running], report, target)
             running = []
         elif state.step % config.checkpoint_every == 0:
             _save(run, "latest", net, config, state, optimiser, scheduler)
@@ -237,9 +324,11 @@ def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = m
 
 def _validation_round(config: TrainConfig, run: Path, net: torch.nn.Module,
                       optimiser: torch.optim.Optimizer, scheduler, state: _State,
-                      val: list, running: list[float], report) -> None:
-    val_l1, val_cc = _validate(net, val)
-    scheduler.step(val_l1)
+                      val: list, running: list[float], report,
+                      device: torch.device | None = None) -> None:
+    val_l1, val_cc = _validate(net, val, device)
+    if config.schedule == "plateau":
+        scheduler.step(val_l1)
     lr = optimiser.param_groups[0]["lr"]
     row = {"step": state.step, "seconds": state.seconds, "lr": lr,
            "train_l1": float(np.mean(running)) if running else float("nan"),
@@ -257,7 +346,9 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
                   cube_size: int = 32, batch_size: int = 4, steps: int = 10000,
                   max_minutes: float = math.inf, lr: float = 1e-3, seed: int = 0,
                   val_every: int = 200, val_batches: int = 16, threads: int | None = None,
-                  init: str | None = None, scale_jitter: float = 0.2) -> None:
+                  init: str | None = None, scale_jitter: float = 0.2,
+                  schedule: str = "plateau", device: str = "cpu", precision: str = "auto",
+                  workers: int = 0, min_lr: float = 1e-5) -> None:
     """Train (or resume) a run in folder RUN on the datasets in TRAIN_DIR and VAL_DIR.
 
     Parameters
@@ -269,32 +360,49 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
     batch_size : cubes per step.
     steps : stop at this total step count (across resumes).
     max_minutes : stop cleanly after this many minutes of this sitting.
-    lr : initial learning rate (halved after 5 validations without improvement).
+    lr : initial learning rate.
     seed : seed of the network initialisation and of the cube sampler.
     val_every : steps between validations (and checkpoints).
     val_batches : fixed validation batches.
     threads : torch CPU threads.
     init : start a new run from this checkpoint's weights (e.g. fine-tuning on larger cubes).
     scale_jitter : common random scale of input and target, up to a factor 1 + scale_jitter.
+    schedule : "plateau" (lr halved after 5 validations without improvement, the paper's) or
+        "cosine" (lr decays to min_lr over the STEPS given when the run starts).
+    device : "cpu", "cuda" or "auto".
+    precision : "fp32", "bf16" (autocast, CUDA only) or "auto" (bf16 on CUDA, else fp32).
+    workers : processes that cut and augment cubes (0: in this process).
+    min_lr : lowest learning rate of either schedule.
     """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--schedule {schedule}: not one of {', '.join(SCHEDULES)}")
+    if precision == "auto":
+        precision = "bf16" if pick_device(device).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision}: not one of auto, {', '.join(PRECISIONS)}")
     config = TrainConfig(train_dir=str(train_dir), val_dir=str(val_dir),
                          widths=parse_widths(widths), cube_size=int(cube_size),
                          batch_size=int(batch_size), lr=float(lr), seed=int(seed),
                          val_every=int(val_every), val_batches=int(val_batches),
                          checkpoint_every=int(val_every), scale_jitter=float(scale_jitter),
-                         init=str(init) if init else None)
+                         init=str(init) if init else None, schedule=schedule,
+                         decay_steps=int(steps) if schedule == "cosine" else 0,
+                         precision=precision, min_lr=float(min_lr))
     run_dir = Path(run)
     saved = run_dir / "latest.json"
     if saved.exists():
         previous = json.loads(saved.read_text()).get("train", {})
+        if previous.get("schedule") == "cosine":
+            # the decay length was fixed when the run started; --steps may only extend it
+            config = replace(config, decay_steps=int(previous["decay_steps"]))
         changed = {k: v for k, v in asdict(config).items()
                    if k in previous and _norm(previous[k]) != _norm(v)
-                   and k not in ("train_dir", "val_dir", "init")}
+                   and k not in RUNTIME_SETTINGS}
         if changed:
             raise ValueError(f"{run_dir}: run was started with other settings "
                              f"({', '.join(sorted(changed))}); use a new run folder")
     train(config, run_dir, max_steps=int(steps), max_minutes=float(max_minutes),
-          threads=threads)
+          threads=threads, device=device, workers=int(workers))
 
 
 def _norm(value: object) -> object:

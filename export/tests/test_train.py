@@ -73,3 +73,62 @@ def test_same_seed_gives_same_weights(data: tuple[Path, Path], tmp_path: Path) -
         net, _ = load_checkpoint(tmp_path / name / "latest")
         weights.append(np.concatenate([p.detach().numpy().ravel() for p in net.parameters()]))
     np.testing.assert_array_equal(weights[0], weights[1])
+
+
+def test_cosine_schedule_decays_to_min_lr_over_the_first_steps(data: tuple[Path, Path],
+                                                               tmp_path: Path) -> None:
+    train_dir, val_dir = data
+    run = tmp_path / "run"
+    options = dict(widths="2,4,8", cube_size=16, batch_size=2, val_every=2, val_batches=1,
+                   threads=1, schedule="cosine", lr=1e-3, min_lr=1e-5)
+    train_command(str(train_dir), str(val_dir), str(run), steps=4, **options)
+    lrs = [float(r.split("\t")[2]) for r in
+           (run / "log.tsv").read_text().strip().splitlines()[1:]]
+    # lr used for step 2 (index 1 of 4) and step 4 (index 3): strictly decreasing
+    assert lrs[0] > lrs[1] > 1e-5
+    # resuming with more steps keeps the decay length fixed when the run started
+    train_command(str(train_dir), str(val_dir), str(run), steps=6, **options)
+    config = json.loads((run / "latest.json").read_text())["train"]
+    assert config["schedule"] == "cosine" and config["decay_steps"] == 4
+    lrs = [float(r.split("\t")[2]) for r in
+           (run / "log.tsv").read_text().strip().splitlines()[1:]]
+    assert lrs[-1] == pytest.approx(1e-5)
+
+
+def test_cosine_lr_endpoints() -> None:
+    from demhx_export.train import TrainConfig, cosine_lr
+
+    config = TrainConfig(train_dir="t", val_dir="v", lr=1e-3, min_lr=1e-5, schedule="cosine",
+                         decay_steps=100)
+    assert cosine_lr(config, 0) == pytest.approx(1e-3)
+    assert cosine_lr(config, 50) == pytest.approx(0.5 * (1e-3 + 1e-5))
+    assert cosine_lr(config, 100) == pytest.approx(1e-5)
+    assert cosine_lr(config, 1000) == pytest.approx(1e-5)
+
+
+def test_worker_processes_give_a_deterministic_stream(data: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    train_dir, val_dir = data
+    weights = []
+    for name in ("a", "b"):
+        train_command(str(train_dir), str(val_dir), str(tmp_path / name), widths="2,4,8",
+                      cube_size=16, batch_size=2, steps=3, val_every=3, val_batches=1,
+                      threads=1, workers=2)
+        net, _ = load_checkpoint(tmp_path / name / "latest")
+        weights.append(np.concatenate([p.detach().numpy().ravel() for p in net.parameters()]))
+    np.testing.assert_array_equal(weights[0], weights[1])
+
+
+def test_gpu_only_settings_are_refused_on_cpu(data: tuple[Path, Path], tmp_path: Path) -> None:
+    import torch
+
+    train_dir, val_dir = data
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        train_command(str(train_dir), str(val_dir), str(tmp_path / "r"), device="cuda")
+    with pytest.raises(ValueError, match="CUDA GPU only"):
+        train_command(str(train_dir), str(val_dir), str(tmp_path / "r"), widths="2,4,8",
+                      cube_size=16, steps=1, precision="bf16")
+    with pytest.raises(ValueError, match="--schedule"):
+        train_command(str(train_dir), str(val_dir), str(tmp_path / "r"), schedule="linear")
