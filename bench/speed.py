@@ -5,6 +5,7 @@ of one run, then prints a table: wall time, cubes run/skipped, seconds per cube,
 start-up (import + model load) and CC between the default and reference outputs.
 
     python bench/speed.py --model m.onnx --threads 2 [--maps 5168,256] [--tilings reference,default]
+                          [--device cpu|cuda]
 
 Maps: ``5168`` is ../shared/data/maps/emd_5168.map (100³ at 1.742 Å); ``256`` is a 256³ map
 at 1 Å synthesised deterministically (Gaussian blobs on a helix-like path plus noise);
@@ -35,7 +36,7 @@ t0 = time.perf_counter()
 import mrcfile, numpy as np
 import demhx
 from demhx.pipeline import Enhancer
-runner = Enhancer(model=sys.argv[1], device="cpu", threads=int(sys.argv[2]))
+runner = Enhancer(model=sys.argv[1], device=sys.argv[6], threads=int(sys.argv[2]))
 startup = time.perf_counter() - t0
 with mrcfile.open(sys.argv[3], permissive=True) as stream:
     volume = np.asarray(stream.data, dtype=np.float32)
@@ -73,10 +74,12 @@ def synthetic_map(edge: int, path: Path) -> Path:
     return path
 
 
-def run_case(model: str, threads: int, source: Path, tiling: str, out: Path) -> dict:
+def run_case(model: str, threads: int, source: Path, tiling: str, out: Path,
+             device: str = "cpu") -> dict:
     """One run in a fresh process; its JSON report."""
     result = subprocess.run([sys.executable, "-c", _CHILD, model, str(threads), str(source),
-                             tiling, str(out)], capture_output=True, text=True, check=False)
+                             tiling, str(out), device], capture_output=True, text=True,
+                            check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{source.name} {tiling}: {result.stderr.strip().splitlines()[-1]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -99,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--maps", default="5168,256")
     parser.add_argument("--tilings", default="reference,default")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     print(machine())
     print(f"{'map':>6} {'tiling':>9} {'wall s':>8} {'cubes':>6} {'skip':>5} {'s/cube':>7} "
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             outputs = {}
             for tiling in args.tilings.split(","):
                 outputs[tiling] = Path(tmp) / f"{name}-{tiling}.npy"
-                r = run_case(args.model, args.threads, source, tiling, outputs[tiling])
+                r = run_case(args.model, args.threads, source, tiling, outputs[tiling],
+                             args.device)
                 cc = (correlation(np.load(outputs[tiling]), np.load(outputs["reference"]))
                       if "reference" in outputs else float("nan"))
                 print(f"{name:>6} {tiling:>9} {r['wall']:8.1f} {r['run']:6d} {r['skipped']:5d} "

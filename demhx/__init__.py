@@ -18,18 +18,25 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.1.0"
 
-__all__ = ["Enhancer", "__version__", "enhance", "enhance_file"]
+__all__ = ["Enhancer", "__version__", "enhance", "enhance_file", "preview_image",
+           "write_preview"]
 
 if TYPE_CHECKING:
     from demhx.pipeline import Enhancer, enhance, enhance_file
+    from demhx.preview import preview_image, write_preview
 
 _LAZY = {"Enhancer", "enhance", "enhance_file"}
+_PREVIEW = {"preview_image", "write_preview"}
 
 
 def __getattr__(name: str) -> Any:
-    """Import the pipeline on first use of :func:`enhance`, :func:`enhance_file` or Enhancer."""
+    """Import the pipeline (or the preview) on first use of one of its functions."""
     if name in _LAZY:
         from demhx import pipeline
 
         return getattr(pipeline, name)
+    if name in _PREVIEW:
+        from demhx import preview
+
+        return getattr(preview, name)
     raise AttributeError(f"module 'demhx' has no attribute {name!r}")

@@ -6,17 +6,35 @@ allocates nothing itself. Every kernel has a plain-NumPy twin (``*_reference``) 
 arguments and the same arithmetic order, which the tests compare it against.
 
 The kernels release the GIL (``nogil=True``) so that extraction, inference and accumulation
-can run in separate threads; they are compiled on first use and cached on disk
-(``cache=True``), so only the very first run of an installation pays the compilation.
+can run in separate threads; they are compiled on first use and cached on disk, so only the
+very first run of an installation pays the compilation. Where no cache location is writable
+(read-only install and no writable home, as in some containers) they are compiled in memory
+on each run instead of failing at import; ``NUMBA_CACHE_DIR`` names a cache folder explicitly.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 from numba import njit
 
 
-@njit(cache=True, nogil=True)
+def _disk_cache_usable() -> bool:
+    """Whether numba can keep compiled kernels on disk (beside this file or in the home)."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return True
+    here = Path(__file__).resolve().parent
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    writable_home = os.access(home if home.exists() else home.parent, os.W_OK)
+    return os.access(here, os.W_OK) or writable_home
+
+
+_CACHE = _disk_cache_usable()
+
+
+@njit(cache=_CACHE, nogil=True)
 def extract_cubes(padded: np.ndarray, corners: np.ndarray, first: int, count: int,
                   batch: np.ndarray) -> None:  # pragma: no cover - compiled
     """Copy cubes ``corners[first:first + count]`` of ``padded`` into ``batch[:count, 0]``.
@@ -52,7 +70,7 @@ def extract_cubes_reference(padded: np.ndarray, corners: np.ndarray, first: int,
         batch[index, 0] = padded[z0:z0 + size, y0:y0 + size, x0:x0 + size]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=_CACHE, nogil=True)
 def accumulate_cubes(predictions: np.ndarray, corners: np.ndarray, first: int, count: int,
                      weights: np.ndarray, accumulator: np.ndarray,
                      weight_sum: np.ndarray) -> None:  # pragma: no cover - compiled
@@ -96,7 +114,50 @@ def accumulate_cubes_reference(predictions: np.ndarray, corners: np.ndarray, fir
         weight_sum[region] += weights
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=_CACHE, nogil=True)
+def accumulate_weighted(values: np.ndarray, corners: np.ndarray, first: int, count: int,
+                        weights: np.ndarray, accumulator: np.ndarray
+                        ) -> None:  # pragma: no cover - compiled
+    """Add weighted cube ``values`` into ``accumulator`` (like :func:`accumulate_cubes`
+    without the weight sum: for a second quantity blended with the same weights).
+
+    Parameters
+    ----------
+    values : (B, 1, c, c, c) float32, C-contiguous
+        Per-cube values for cubes ``corners[first:first + count]``.
+    corners : (n, 3) int64
+        Cube corners ``(z, y, x)`` in the padded volume.
+    first, count : int
+        Range of corners the values belong to.
+    weights : (c, c, c) float32, C-contiguous
+        Blending window.
+    accumulator : (Z, Y, X) float32, C-contiguous
+        Running weighted sum (starts at 0).
+    """
+    size = weights.shape[0]
+    for index in range(count):
+        z0 = corners[first + index, 0]
+        y0 = corners[first + index, 1]
+        x0 = corners[first + index, 2]
+        for i in range(size):
+            for j in range(size):
+                for k in range(size):
+                    accumulator[z0 + i, y0 + j, x0 + k] += values[index, 0, i, j, k] * weights[
+                        i, j, k]
+
+
+def accumulate_weighted_reference(values: np.ndarray, corners: np.ndarray, first: int,
+                                  count: int, weights: np.ndarray,
+                                  accumulator: np.ndarray) -> None:
+    """NumPy twin of :func:`accumulate_weighted` (same arguments, same result)."""
+    size = weights.shape[0]
+    for index in range(count):
+        z0, y0, x0 = (int(value) for value in corners[first + index])
+        region = (slice(z0, z0 + size), slice(y0, y0 + size), slice(x0, x0 + size))
+        accumulator[region] += values[index, 0] * weights
+
+
+@njit(cache=_CACHE, nogil=True)
 def cube_abs_max(padded: np.ndarray, corners: np.ndarray, size: int,
                  out: np.ndarray) -> None:  # pragma: no cover - compiled
     """Write the largest ``|value|`` of every cube of edge ``size`` into ``out[n]`` (float32)."""

@@ -8,23 +8,28 @@ Accumulation happens in cube order in a single thread, so results are bitwise re
 and independent of the batch size.
 
 Memory: the padded input, the accumulator and the weight sum (three float32 volumes of the
-padded shape) plus a few batches.
+padded shape) plus a few batches; :func:`overlap_add_augmented` adds one more volume (the
+blended variance).
 """
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from demhx import _kernels
+from demhx.augment import Rotation, predict_augmented
 from demhx.tiling import TilingPlan, crop
 
 Predict = Callable[[np.ndarray], np.ndarray]
 Progress = Callable[[int, int], None]
+Evaluate = Callable[[np.ndarray], Any]  # cubes -> predictions, or (mean, variance)
 _BUFFERS = 3
 _STOP = None
 
@@ -78,20 +83,77 @@ def overlap_add(padded: np.ndarray, plan: TilingPlan, predict: Predict, batch_si
     output : (z, y, x) float32 of ``plan.shape``, the blended predictions.
     counts : cubes in the plan, run and skipped.
     """
+    evaluate = functools.partial(_predict_checked, predict)
+    return _blend(padded, plan, evaluate, batch_size, background, skip_below, progress, None)
+
+
+def overlap_add_augmented(padded: np.ndarray, plan: TilingPlan, predict: Predict,
+                          batch_size: int, rotations: Sequence[Rotation], *,
+                          background: float = 0.0, skip_below: float | None = None,
+                          progress: Progress | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, TileCounts]:
+    """:func:`overlap_add` with test-time augmentation: each cube is run once per rotation.
+
+    Every run cube is predicted in each of ``rotations`` (turned, predicted, turned back, see
+    :func:`demhx.augment.predict_augmented`); the mean over the rotations is blended as the
+    plain prediction is, and the variance over the rotations is blended with the same window.
+    Rotated copies of one or more cubes share calls of ``predict`` (``batch_size`` copies each).
+
+    Returns
+    -------
+    mean : (z, y, x) float32 of ``plan.shape``: the blended mean over rotations, equal to the
+        mean of the maps :func:`overlap_add` would give for each rotation (up to rounding).
+    spread : (z, y, x) float32: square root of the blended per-cube variance over rotations,
+        in the units of the predictions; 0 where no run cube covers a voxel (skipped solvent).
+    counts : cubes in the plan, run and skipped (cubes, not network evaluations).
+
+    ``progress`` is called with network evaluations (cubes × rotations).
+    """
+    rotations = tuple(rotations)
+    evaluations = len(rotations)
+
+    def evaluate(cubes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return predict_augmented(functools.partial(_predict_checked, predict), cubes, rotations,
+                                 batch_size)
+
+    scaled = None if progress is None else functools.partial(_scaled, progress, evaluations)
+    cubes_per_batch = max(1, batch_size // evaluations)
+    spread = np.zeros(plan.padded_shape, dtype=np.float32)
+    mean, counts = _blend(padded, plan, evaluate, cubes_per_batch, background, skip_below,
+                          scaled, spread)
+    return mean, np.ascontiguousarray(crop(spread, plan)), counts
+
+
+def _scaled(progress: Progress, factor: int, done: int, total: int) -> None:
+    progress(done * factor, total * factor)
+
+
+def _blend(padded: np.ndarray, plan: TilingPlan, evaluate: Evaluate, batch_size: int,
+           background: float, skip_below: float | None, progress: Progress | None,
+           spread: np.ndarray | None) -> tuple[np.ndarray, TileCounts]:
+    """Select, run and blend the cubes; the output and the counts.
+
+    With ``spread`` (zeros of ``plan.padded_shape``), ``evaluate`` returns ``(mean,
+    variance)`` per batch and ``spread`` receives the square root of the blended variance.
+    """
     padded = np.ascontiguousarray(padded, dtype=np.float32)
     # Choose the cubes worth running.
     corners = select_cubes(padded, plan, skip_below)
     counts = TileCounts(plan.cube_count, int(corners.shape[0]),
                         plan.cube_count - int(corners.shape[0]))
-    # Run them and sum the weighted predictions.
+    # Run them and sum the weighted predictions (and variances).
     accumulator = np.zeros(plan.padded_shape, dtype=np.float32)
     weight_sum = np.zeros(plan.padded_shape, dtype=np.float32)
-    sums = _Sums(plan.weights, accumulator, weight_sum)
-    _run_batches(padded, corners, plan.cube_size, predict, batch_size, sums, progress)
+    sums = _Sums(plan.weights, accumulator, weight_sum, spread)
+    _run_batches(padded, corners, plan.cube_size, evaluate, batch_size, sums, progress)
     del padded
-    # Divide by the weights; uncovered voxels are background.
+    # Divide by the weights; uncovered voxels are background (spread 0).
     covered = weight_sum > 0
     np.divide(accumulator, weight_sum, out=accumulator, where=covered)
+    if spread is not None:
+        np.divide(spread, weight_sum, out=spread, where=covered)
+        spread[~covered] = 0.0
+        np.sqrt(spread, out=spread)
     del weight_sum
     accumulator[~covered] = background
     return np.ascontiguousarray(crop(accumulator, plan)), counts
@@ -102,10 +164,19 @@ class _Sums:
     weights: np.ndarray
     accumulator: np.ndarray
     weight_sum: np.ndarray
+    variance: np.ndarray | None = None
 
-    def add(self, predictions: np.ndarray, corners: np.ndarray, first: int, count: int) -> None:
-        _kernels.accumulate_cubes(predictions, corners, first, count, self.weights,
-                                  self.accumulator, self.weight_sum)
+    def add(self, predictions: Any, corners: np.ndarray, first: int, count: int) -> None:
+        """Add a batch: predictions, or ``(mean, variance)`` when a variance is blended."""
+        if self.variance is None:
+            _kernels.accumulate_cubes(predictions, corners, first, count, self.weights,
+                                      self.accumulator, self.weight_sum)
+            return
+        mean, variance = predictions
+        _kernels.accumulate_cubes(mean, corners, first, count, self.weights, self.accumulator,
+                                  self.weight_sum)
+        _kernels.accumulate_weighted(variance, corners, first, count, self.weights,
+                                     self.variance)
 
 
 def _batches(total: int, batch_size: int) -> list[tuple[int, int]]:
@@ -123,7 +194,7 @@ def _predict_checked(predict: Predict, batch: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(result, dtype=np.float32)
 
 
-def _run_batches(padded: np.ndarray, corners: np.ndarray, cube_size: int, predict: Predict,
+def _run_batches(padded: np.ndarray, corners: np.ndarray, cube_size: int, evaluate: Evaluate,
                  batch_size: int, sums: _Sums, progress: Progress | None) -> None:
     if batch_size < 1:
         raise ValueError(f"batch size {batch_size} must be a positive integer")
@@ -132,19 +203,19 @@ def _run_batches(padded: np.ndarray, corners: np.ndarray, cube_size: int, predic
     if progress is not None:
         progress(0, total)
     if len(batches) <= 1:
-        _run_serial(padded, corners, cube_size, predict, batches, sums, progress, total)
+        _run_serial(padded, corners, cube_size, evaluate, batches, sums, progress, total)
     else:
-        _Pipeline(padded, corners, cube_size, batch_size, sums).run(predict, batches, progress,
+        _Pipeline(padded, corners, cube_size, batch_size, sums).run(evaluate, batches, progress,
                                                                    total)
 
 
-def _run_serial(padded: np.ndarray, corners: np.ndarray, cube_size: int, predict: Predict,
+def _run_serial(padded: np.ndarray, corners: np.ndarray, cube_size: int, evaluate: Evaluate,
                 batches: list[tuple[int, int]], sums: _Sums, progress: Progress | None,
                 total: int) -> None:
     for first, count in batches:
         batch = np.empty((count, 1, cube_size, cube_size, cube_size), dtype=np.float32)
         _kernels.extract_cubes(padded, corners, first, count, batch)
-        sums.add(_predict_checked(predict, batch), corners, first, count)
+        sums.add(evaluate(batch), corners, first, count)
         if progress is not None:
             progress(first + count, total)
 
@@ -163,7 +234,7 @@ class _Pipeline:
         self.stop = threading.Event()
         self.errors: list[BaseException] = []
 
-    def run(self, predict: Predict, batches: list[tuple[int, int]],
+    def run(self, evaluate: Evaluate, batches: list[tuple[int, int]],
             progress: Progress | None, total: int) -> None:
         producer = threading.Thread(target=self._produce, args=(batches,), daemon=True)
         consumer = threading.Thread(target=self._consume, daemon=True)
@@ -175,7 +246,7 @@ class _Pipeline:
                 if item is _STOP:
                     break
                 first, count, buffer = item
-                predictions = _predict_checked(predict, buffer[:count])
+                predictions = evaluate(buffer[:count])
                 self.free.put(buffer)
                 self.done.put((first, count, predictions))
                 if progress is not None:

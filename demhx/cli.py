@@ -5,6 +5,10 @@ file, existing output, unknown model, CUDA unavailable), 1 for failures while ru
 130 when interrupted. Errors are one line on stderr, ``demhx: error: <message>``; the
 traceback is shown only with ``--debug``. Progress, the device line and the summary go to
 stderr too (hidden by ``--quiet``); warnings always print as ``demhx: warning: <message>``.
+
+Several maps (``demhx IN... --out-dir DIR`` or ``--suffix SUF``) run with one model load and
+go on past a map that fails; a table (one row per map) ends the run on stderr, and the exit
+status is 1 if any map failed.
 """
 
 from __future__ import annotations
@@ -18,13 +22,20 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from demhx.batch import MapResult
+    from demhx.pipeline import Enhancer
 
 PROGRAM = "demhx"
 USAGE = ("usage: demhx IN OUT [--half2 H2] [--model NAME|PATH] [--device auto|cpu|cuda|cuda:N]\n"
          "             [--batch-size N] [--threads N] [--tiling default|reference]\n"
          "             [--voxel-size A | --voxel-size X,Y,Z] [--noise-stats MEAN,STD]\n"
-         "             [--mask PATH] [--overwrite] [--quiet] [--debug] [--version]")
+         "             [--mask PATH] [--preview PNG|DIR] [--confidence PATH] [--tta N]\n"
+         "             [--overwrite] [--quiet] [--debug] [--version]\n"
+         "       demhx IN [IN ...] (--out-dir DIR | --suffix SUF | both) [options]")
 HELP = USAGE + """
 
 Locally sharpen and mask a cryo-EM map (DeepEMhancer method) on ONNX Runtime.
@@ -33,6 +44,9 @@ positional arguments:
   IN                    input map (.mrc, .map, .map.gz), or the first half-map
   OUT                   output map (float32 MRC, input header kept); must not exist
                         unless --overwrite
+  IN [IN ...]           with --out-dir or --suffix: any number of maps, enhanced one after
+                        the other with one model load; a map that fails is reported and
+                        the others run; a table ends the run, exit status 1 if any failed
 
 options:
   --half2 H2            second half-map; averaged with IN in float32 (recommended)
@@ -45,17 +59,40 @@ options:
   --voxel-size A        voxel size in Å, one value or X,Y,Z; overrides the header
   --noise-stats M,S     solvent noise mean and standard deviation of IN (skips estimation)
   --mask PATH           binary mask on IN's grid: normalise from the density inside it
-  --overwrite           replace OUT if it exists
-  --quiet               no progress bar, device line or summary (warnings still print)
+  --out-dir DIR         several maps: write DIR/<input name> (DIR is created if missing)
+  --suffix SUF          several maps: add SUF to each name before the extension, beside
+                        the input or in --out-dir (a.map -> a_demhx.map for _demhx)
+  --preview PNG|DIR     also draw the central xy, xz and yz slices of the input (top row)
+                        and the output (bottom row) into a PNG file; a PATH not ending .png
+                        is a folder (created if missing) holding <output stem>.png for each
+                        map. Grey scale per map: its slices' 1st-99.5th percentiles. Needs
+                        matplotlib: pip install "demhx[preview]"
+  --confidence PATH     also write a confidence map to PATH (MRC, OUT's header and grid):
+                        each cube is run in --tta rotations (default 6), OUT is their mean
+                        and PATH the spread, the per-voxel standard deviation over the
+                        rotations in OUT's units (0 in skipped solvent): where the turned
+                        predictions disagree. Costs N times the network time
+  --tta N               rotations per cube: 3, 4, 6, 12 or 24 (groups of the cube's proper
+                        rotations; 24 is all, see README); without --confidence OUT is
+                        their mean alone
+  --overwrite           replace OUT (and the preview) if it exists
+  --quiet               no progress bar, device line or summary (warnings still print);
+                        with several maps the table prints only if a map failed
   --debug               show the traceback of errors
   --version             print the version and exit
   -h, --help            show this help and exit
 """
 _FLAGS = ("overwrite", "quiet", "debug", "version")
 _VALUED = ("half2", "model", "device", "batch_size", "threads", "tiling", "voxel_size",
-           "noise_stats", "mask")
+           "noise_stats", "mask", "out_dir", "suffix", "preview", "confidence", "tta")
 _USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
                  IsADirectoryError, NotADirectoryError)
+_ONE_MAP_ONLY = {
+    "half2": ("--half2 does not combine with several inputs, --out-dir or --suffix; run "
+              "demhx H1 OUT --half2 H2 for each pair of half-maps"),
+    "noise_stats": ("--noise-stats gives one map's solvent noise, not several; leave it out "
+                    "(estimated per map) or run each map on its own"),
+}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -66,10 +103,14 @@ class UsageError(ValueError):
 
 @dataclass(frozen=True)
 class Arguments:
-    """The parsed command line, values converted and checked."""
+    """The parsed command line, values converted and checked.
+
+    ``input`` is the (first) input map; ``output`` is OUT, or None with ``--out-dir`` or
+    ``--suffix`` (:attr:`batch`), where ``more_inputs`` holds the other input maps.
+    """
 
     input: str
-    output: str
+    output: str | None
     half2: str | None = None
     model: str | None = None
     device: str = "auto"
@@ -82,6 +123,22 @@ class Arguments:
     overwrite: bool = False
     quiet: bool = False
     debug: bool = False
+    more_inputs: tuple[str, ...] = ()
+    out_dir: str | None = None
+    suffix: str | None = None
+    preview: str | None = None
+    confidence: str | None = None
+    tta: int | None = None
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """All input maps, in order."""
+        return (self.input, *self.more_inputs)
+
+    @property
+    def batch(self) -> bool:
+        """Whether outputs are named by ``--out-dir``/``--suffix`` (any number of inputs)."""
+        return self.out_dir is not None or self.suffix is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,16 +165,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 def parse_arguments(argv: Sequence[str]) -> Arguments:
     """Parse the command line with fire into checked :class:`Arguments`; UsageError if wrong."""
     import fire
-    from fire.decorators import SetParseFns
+    from fire.decorators import SetParseFn, SetParseFns
 
     captured: list[dict[str, Any]] = []
 
-    @SetParseFns(input=str, output=str, **{name: str for name in _VALUED})
-    def command(input: str, output: str, *, half2: str | None = None, model: str | None = None,
+    @SetParseFn(str)  # the input and output paths (fire's *varargs) stay text
+    @SetParseFns(**{name: str for name in _VALUED})
+    def command(*paths: str, half2: str | None = None, model: str | None = None,
                 device: str = "auto", batch_size: str | None = None, threads: str | None = None,
                 tiling: str = "default", voxel_size: str | None = None,
                 noise_stats: str | None = None, mask: str | None = None,
-                overwrite: bool = False, quiet: bool = False, debug: bool = False) -> None:
+                overwrite: bool = False, quiet: bool = False, debug: bool = False,
+                out_dir: str | None = None, suffix: str | None = None,
+                preview: str | None = None, confidence: str | None = None,
+                tta: str | None = None) -> None:
         captured.append(dict(locals()))
 
     messages = io.StringIO()
@@ -175,8 +236,12 @@ def _fire_error(text: str) -> str:
 
 def _convert(raw: dict[str, Any]) -> Arguments:
     """Check and convert fire's strings into typed :class:`Arguments`."""
+    paths = _paths(raw)
+    batch = raw["out_dir"] is not None or raw["suffix"] is not None
     return Arguments(
-        input=str(raw["input"]), output=str(raw["output"]),
+        input=paths[0], output=None if batch else paths[1],
+        more_inputs=tuple(paths[1:]) if batch else (),
+        out_dir=raw["out_dir"], suffix=raw["suffix"], preview=raw["preview"],
         half2=raw["half2"], model=raw["model"], device=str(raw["device"]),
         batch_size=_positive_int("--batch-size", raw["batch_size"]),
         threads=_positive_int("--threads", raw["threads"]),
@@ -184,8 +249,38 @@ def _convert(raw: dict[str, Any]) -> Arguments:
         voxel_size=_voxel_size(raw["voxel_size"]),
         noise_stats=_noise_stats(raw["noise_stats"]),
         mask=raw["mask"],
+        confidence=_one_map_only("--confidence", raw["confidence"], batch),
+        tta=_positive_int("--tta", _one_map_only("--tta", raw["tta"], batch)),
         **{name: _flag(name, raw[name]) for name in ("overwrite", "quiet", "debug")},
     )
+
+
+def _one_map_only(option: str, value: str | None, batch: bool) -> str | None:
+    if value is not None and batch:
+        raise UsageError(f"{option} works with the one-map form {PROGRAM} IN OUT; run each map "
+                         "on its own to get its confidence map")
+    return value
+
+
+def _paths(raw: dict[str, Any]) -> list[str]:
+    """The positional paths: IN OUT, or with --out-dir/--suffix one or more inputs."""
+    paths = [str(path) for path in raw["paths"]]
+    several = f"{PROGRAM} IN [IN ...] --out-dir DIR|--suffix SUF [options]"
+    if raw["out_dir"] is not None or raw["suffix"] is not None:
+        if not paths:
+            raise UsageError(f"missing IN; usage: {several}, see {PROGRAM} --help")
+        for option in ("half2", "noise_stats") if len(paths) > 1 else ("half2",):
+            if raw[option] is not None:
+                raise UsageError(_ONE_MAP_ONLY[option])
+        return paths
+    if len(paths) < 2:
+        missing = "IN" if not paths else "OUT"
+        raise UsageError(f"missing {missing}; usage: {PROGRAM} IN OUT [options], or {several}; "
+                         f"see {PROGRAM} --help")
+    if len(paths) > 2:
+        raise UsageError(f"unexpected extra argument {paths[2]!r}; usage: {PROGRAM} IN OUT "
+                         f"[options], or for several maps {several}; see {PROGRAM} --help")
+    return paths
 
 
 def _positive_int(option: str, text: str | None) -> int | None:
@@ -238,21 +333,113 @@ def _flag(name: str, value: Any) -> bool:
 
 def _run(args: Arguments) -> int:
     """Enhance IN into OUT, with progress and a summary on stderr unless quiet."""
+    if args.batch:
+        return _run_many(args)
     from demhx._progress import ProgressBar
     from demhx.pipeline import enhance_file
 
+    picture = _preview_path(args)  # checked before the run; None without --preview
     bar = ProgressBar(enabled=False if args.quiet else None)
     with _console(args.quiet):
         try:
             summary = enhance_file(
-                args.input, args.output, half2=args.half2, voxel_size=args.voxel_size,
+                args.input, str(args.output), half2=args.half2, voxel_size=args.voxel_size,
                 mask=args.mask, noise_stats=args.noise_stats, overwrite=args.overwrite,
                 model=args.model, device=args.device, batch_size=args.batch_size,
-                threads=args.threads, tiling=args.tiling, progress=bar)
+                threads=args.threads, tiling=args.tiling, progress=bar,
+                confidence=args.confidence, tta=args.tta)
         finally:
             bar.close()
         logging.getLogger(PROGRAM).info(summary.line())
+        if picture is not None:
+            from demhx.preview import write_file_preview
+
+            write_file_preview(args.input, str(args.output), picture, half2=args.half2,
+                               voxel_size=args.voxel_size, overwrite=args.overwrite)
+            logging.getLogger(PROGRAM).info(f"wrote preview {picture}")
     return 0
+
+
+def _preview_path(args: Arguments) -> Path | None:
+    """The checked ``--preview`` file of the one-map form (its folder created if needed)."""
+    if args.preview is None:
+        return None
+    from demhx import preview
+
+    _require_matplotlib()
+    path = preview.preview_file_path(args.preview, str(args.output))
+    if Path(args.preview).suffix.lower() != ".png":
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return preview.check_preview_path(path, args.overwrite)
+
+
+def _require_matplotlib() -> None:
+    """UsageError naming the fix when --preview cannot work (before any slow work)."""
+    from demhx.preview import require_matplotlib
+
+    try:
+        require_matplotlib()
+    except ImportError as error:
+        raise UsageError(str(error)) from None
+
+
+def _run_many(args: Arguments) -> int:
+    """Enhance several maps with one model load; a table on stderr; 1 if any map failed."""
+    from demhx import batch
+    from demhx.pipeline import Enhancer
+
+    # Name and check every output (and preview) before any work, then load the model once.
+    sources = [Path(path) for path in args.inputs]
+    outputs = batch.output_paths(sources, args.out_dir, args.suffix)
+    previews = None
+    if args.preview is not None:
+        _require_matplotlib()
+        previews = batch.preview_paths(args.preview, sources, outputs)
+    enhancer = Enhancer(args.model, device=args.device, batch_size=args.batch_size,
+                        threads=args.threads)
+    with _console(args.quiet):
+        enhancer.runtime  # noqa: B018 -- loads the model; its errors stop the run here
+        batch.create_folders(outputs + (previews or []))
+        results = _enhance_many(args, enhancer, sources, outputs, previews)
+    failed = sum(result.status != batch.OK for result in results)
+    interrupted = len(results) > 0 and results[-1].status == batch.NOT_RUN
+    if failed or not args.quiet:
+        sys.stderr.write(batch.summary_table(results, describe_error))
+    if interrupted:
+        sys.stderr.write(f"{PROGRAM}: interrupted; only the maps marked ok were written\n")
+        return 130
+    if failed:
+        sys.stderr.write(f"{PROGRAM}: error: {failed} of {len(results)} maps failed; see the "
+                         "table above\n")
+    return 1 if failed else 0
+
+
+def _enhance_many(args: Arguments, enhancer: Enhancer, sources: list[Path],
+                  outputs: list[Path], previews: list[Path] | None) -> list[MapResult]:
+    """Run the maps one by one (progress bar, one line each); maps not reached on Ctrl-C."""
+    from demhx import batch
+    from demhx._progress import ProgressBar
+
+    log = logging.getLogger(PROGRAM)
+    bar = ProgressBar(enabled=False if args.quiet else None)
+    results: list[MapResult] = []
+    try:
+        for result in batch.enhance_many(
+                enhancer, sources, outputs, previews=previews, voxel_size=args.voxel_size,
+                mask=args.mask, noise_stats=args.noise_stats, overwrite=args.overwrite,
+                tiling=args.tiling, progress=bar):
+            bar.close()
+            results.append(result)
+            if result.error is not None:
+                log.info(f"failed: {describe_error(result.error)}")
+            elif result.summary is not None:
+                log.info(result.summary.line())
+    except KeyboardInterrupt:
+        bar.close()
+        done = len(results)
+        results += [batch.MapResult(source, output, batch.NOT_RUN)
+                    for source, output in zip(sources[done:], outputs[done:], strict=True)]
+    return results
 
 
 @contextlib.contextmanager

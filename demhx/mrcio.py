@@ -452,7 +452,7 @@ def _stored_layout(path: Path, data: np.ndarray, template: MrcMap) -> np.ndarray
 
 def _write_atomically(path: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
     """Call ``write(temporary)`` then move the temporary file to ``path``; clean up on error."""
-    temporary = _new_temporary(path)
+    temporary = new_temporary(path)
     try:
         write(temporary)
         if not overwrite and path.exists():
@@ -464,7 +464,7 @@ def _write_atomically(path: Path, overwrite: bool, write: Callable[[Path], None]
         raise
 
 
-def _new_temporary(path: Path) -> Path:
+def new_temporary(path: Path) -> Path:
     """Create an empty, uniquely named file in ``path``'s folder (umask-respecting mode)."""
     for _ in range(100):
         temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")

@@ -7,6 +7,11 @@ model's voxel size → tile, run the network in batches and blend the cubes → 
 the exact input grid → undo the normalisation's scale. Everything is float32; at most a few
 copies of the volume are alive at once.
 
+With ``confidence`` (or ``tta``), every cube is run once per rotation of a subset of the 24
+proper cube rotations (:mod:`demhx.augment`): the output is the mean over the rotations, and
+the confidence map is the spread, the per-voxel standard deviation over the rotations (each
+cube's, blended with the tiling window), in the output's units.
+
 Normalisation happens on the input grid, before resampling, so that ``noise_stats`` given by
 a user mean what they measured on their map. Fourier upsampling keeps the standard deviation
 of white noise; downsampling a map finer than the model's voxel size lowers it (by up to
@@ -24,11 +29,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 
-from demhx import mrcio, normalise, resample, tiling
-from demhx._overlap_add import TileCounts, overlap_add
+from demhx import augment, mrcio, normalise, resample, tiling
+from demhx._overlap_add import TileCounts, overlap_add, overlap_add_augmented
 from demhx.normalise import NoiseStats
 from demhx.session import Runtime, check_positive, load_runtime, parse_device
 from demhx.tiling import TilingScheme
@@ -51,6 +57,7 @@ class RunInfo:
     device: str
     tiling: str
     seconds: float
+    augmentations: int = 1
 
 
 @dataclass(frozen=True)
@@ -65,14 +72,19 @@ class EnhanceSummary:
     model: str
     info: RunInfo
     seconds: float
+    confidence: Path | None = None
 
     def line(self) -> str:
-        """One line: file, box, voxel size, cubes, device and seconds."""
+        """One line: file(s), box, voxel size, cubes (and rotations), device and seconds."""
         box = "×".join(str(n) for n in reversed(self.shape))
         voxel = "/".join(f"{v:.4g}" for v in sorted(set(self.voxel_size)))
         cubes = self.info.cubes
-        return (f"wrote {self.output}: {box} voxels (x×y×z) at {voxel} Å, model {self.model}, "
-                f"{cubes.run} cubes run, {cubes.skipped} skipped as solvent "
+        written = f"{self.output}" + ("" if self.confidence is None
+                                      else f" and confidence {self.confidence}")
+        rotations = ("" if self.info.augmentations == 1
+                     else f" × {self.info.augmentations} rotations (TTA)")
+        return (f"wrote {written}: {box} voxels (x×y×z) at {voxel} Å, model {self.model}, "
+                f"{cubes.run} cubes run{rotations}, {cubes.skipped} skipped as solvent "
                 f"({self.info.tiling} tiling), device {self.info.device}, "
                 f"{self.seconds:.1f} s")
 
@@ -148,26 +160,68 @@ class Enhancer:
                                          batch_size=self.batch_size, threads=self.threads)
         return self._runtime
 
+    @overload
+    def enhance(self, volume: np.ndarray, voxel_size: VoxelSize, *,
+                half2: np.ndarray | None = ..., noise_stats: NoiseStatsLike = ...,
+                mask: np.ndarray | None = ..., tiling: str | TilingScheme = ...,
+                progress: Progress | None = ..., confidence: Literal[False] = ...,
+                tta: int | None = ...) -> np.ndarray: ...
+
+    @overload
+    def enhance(self, volume: np.ndarray, voxel_size: VoxelSize, *,
+                half2: np.ndarray | None = ..., noise_stats: NoiseStatsLike = ...,
+                mask: np.ndarray | None = ..., tiling: str | TilingScheme = ...,
+                progress: Progress | None = ..., confidence: Literal[True],
+                tta: int | None = ...) -> tuple[np.ndarray, np.ndarray]: ...
+
     def enhance(self, volume: np.ndarray, voxel_size: VoxelSize, *,
                 half2: np.ndarray | None = None, noise_stats: NoiseStatsLike = None,
                 mask: np.ndarray | None = None, tiling: str | TilingScheme = "default",
-                progress: Progress | None = None) -> np.ndarray:
+                progress: Progress | None = None, confidence: bool = False,
+                tta: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """The enhanced map, ``(z, y, x)`` float32 on the input grid (see :func:`enhance`)."""
-        return self.run(volume, voxel_size, half2=half2, noise_stats=noise_stats, mask=mask,
-                        tiling=tiling, progress=progress)[0]
+        result, spread, _ = self._run(volume, voxel_size, half2, noise_stats, mask, tiling,
+                                      progress, "volume", confidence, tta)
+        return result if spread is None else (result, spread)
+
+    @overload
+    def run(self, volume: np.ndarray, voxel_size: VoxelSize, *,
+            half2: np.ndarray | None = ..., noise_stats: NoiseStatsLike = ...,
+            mask: np.ndarray | None = ..., tiling: str | TilingScheme = ...,
+            progress: Progress | None = ..., name: str = ..., confidence: Literal[False] = ...,
+            tta: int | None = ...) -> tuple[np.ndarray, RunInfo]: ...
+
+    @overload
+    def run(self, volume: np.ndarray, voxel_size: VoxelSize, *,
+            half2: np.ndarray | None = ..., noise_stats: NoiseStatsLike = ...,
+            mask: np.ndarray | None = ..., tiling: str | TilingScheme = ...,
+            progress: Progress | None = ..., name: str = ..., confidence: Literal[True],
+            tta: int | None = ...) -> tuple[tuple[np.ndarray, np.ndarray], RunInfo]: ...
 
     def run(self, volume: np.ndarray, voxel_size: VoxelSize, *,
             half2: np.ndarray | None = None, noise_stats: NoiseStatsLike = None,
             mask: np.ndarray | None = None, tiling: str | TilingScheme = "default",
-            progress: Progress | None = None, name: str = "volume"
-            ) -> tuple[np.ndarray, RunInfo]:
+            progress: Progress | None = None, name: str = "volume", confidence: bool = False,
+            tta: int | None = None
+            ) -> tuple[np.ndarray | tuple[np.ndarray, np.ndarray], RunInfo]:
         """Like :meth:`enhance`, also returning a :class:`RunInfo` about the run.
 
         ``name`` (e.g. the file the volume came from) starts the messages of input errors.
         """
+        result, spread, info = self._run(volume, voxel_size, half2, noise_stats, mask, tiling,
+                                         progress, name, confidence, tta)
+        return (result if spread is None else (result, spread)), info
+
+    def _run(self, volume: np.ndarray, voxel_size: VoxelSize, half2: np.ndarray | None,
+             noise_stats: NoiseStatsLike, mask: np.ndarray | None,
+             tiling: str | TilingScheme, progress: Progress | None, name: str,
+             confidence: bool, tta: int | None
+             ) -> tuple[np.ndarray, np.ndarray | None, RunInfo]:
+        """The enhanced map, the spread (with ``confidence``, else None) and the run's info."""
         start = time.perf_counter()
         # Validate, and average the half-maps.
         _check_tiling(tiling)
+        rotations = _rotations(confidence, tta)
         voxel = voxel_triplet(voxel_size)
         user_stats = _user_stats(noise_stats)
         volume = check_volume(volume, name)
@@ -182,39 +236,84 @@ class Enhancer:
         LOG.info(_describe_stats(stats))
         shape: tuple[int, int, int] = volume.shape
         # Enhance on the model's grid (the normalised copy is freed once resampled) ...
-        prediction, cubes, model_shape = _enhance_normalised(
-            _normalised(volume, stats, runtime, mask), voxel, runtime, tiling, progress)
+        prediction, spread, cubes, model_shape = _enhance_normalised(
+            _normalised(volume, stats, runtime, mask), voxel, runtime, tiling, progress,
+            rotations)
         # ... then come back to the input grid and units.
         if prediction.shape != shape:
             prediction = resample.resample_to_shape(prediction, shape)
         result = normalise.denormalise(prediction, stats, runtime.spec.noise_std)
+        if spread is not None:
+            spread = _spread_on_input_grid(spread, shape, stats, runtime) if confidence else None
         info = RunInfo(shape, model_shape, stats, cubes, runtime.device,
-                       _scheme_name(tiling), time.perf_counter() - start)
-        return np.ascontiguousarray(result, dtype=np.float32), info
+                       _scheme_name(tiling), time.perf_counter() - start,
+                       len(rotations) if rotations else 1)
+        return np.ascontiguousarray(result, dtype=np.float32), spread, info
 
     def enhance_file(self, source: str | Path, output: str | Path, *,
                      half2: str | Path | None = None, voxel_size: VoxelSize | None = None,
                      mask: str | Path | None = None, noise_stats: NoiseStatsLike = None,
                      overwrite: bool = False, tiling: str | TilingScheme = "default",
-                     progress: Progress | None = None) -> EnhanceSummary:
+                     progress: Progress | None = None, confidence: str | Path | None = None,
+                     tta: int | None = None) -> EnhanceSummary:
         """Enhance an MRC file into a new one (see :func:`enhance_file`)."""
         start = time.perf_counter()
-        # Check the output path and options before any slow work.
+        # Check the output paths and options before any slow work.
         inputs = [Path(p) for p in (source, half2, mask) if p is not None]
         output = mrcio.check_output_path(Path(output), inputs, overwrite)
+        spread_path = _check_confidence_path(confidence, output, inputs, overwrite)
         _check_tiling(tiling)
+        _rotations(spread_path is not None, tta)
         # Read the map (averaging half-maps in place) and the mask.
         template = _read_input(Path(source), half2, voxel_size)
         mask_data = _read_mask(Path(mask), template) if mask is not None else None
         # Enhance and write atomically: nothing is written if anything above fails.
-        result, info = self.run(template.data, template.voxel_size, noise_stats=noise_stats,
-                                mask=mask_data, tiling=tiling, progress=progress,
-                                name=str(source))
-        label = _label(self.runtime, info.tiling)
-        mrcio.write_map(output, result, template, label, overwrite=overwrite)
+        result, spread, info = self._run(template.data, template.voxel_size, None, noise_stats,
+                                         mask_data, tiling, progress, str(source),
+                                         spread_path is not None, tta)
+        label = _label(self.runtime, info.tiling, info.augmentations)
+        if spread_path is not None and spread is not None:
+            _write_with_confidence(output, result, spread_path, spread, template, label,
+                                   overwrite)
+        else:
+            mrcio.write_map(output, result, template, label, overwrite=overwrite)
         return EnhanceSummary(Path(source), None if half2 is None else Path(half2), output,
                               info.shape, template.voxel_size, self.runtime.spec.label, info,
-                              time.perf_counter() - start)
+                              time.perf_counter() - start, spread_path)
+
+
+def _rotations(confidence: bool, tta: int | None) -> tuple[augment.Rotation, ...] | None:
+    """The rotations to average over: none for a plain run, the default count for confidence."""
+    if tta is None:
+        return augment.rotation_subset(augment.DEFAULT_COUNT) if confidence else None
+    return augment.rotation_subset(tta)
+
+
+def _check_confidence_path(confidence: str | Path | None, output: Path, inputs: list[Path],
+                           overwrite: bool) -> Path | None:
+    """The confidence map's path, checked like the output's (and distinct from it)."""
+    if confidence is None:
+        return None
+    path = mrcio.check_output_path(Path(confidence), inputs, overwrite)
+    if path.resolve() == output.resolve():
+        raise ValueError(f"{path}: --confidence is the output map itself; give the confidence "
+                         "map another file name")
+    return path
+
+
+def _write_with_confidence(output: Path, result: np.ndarray, spread_path: Path,
+                           spread: np.ndarray, template: mrcio.MrcMap, label: str,
+                           overwrite: bool) -> None:
+    """Write the confidence map, then the output; if the output fails, remove the former."""
+    existed = spread_path.exists()
+    mrcio.write_map(spread_path, spread, template, f"{label}, confidence: std"[:80],
+                    overwrite=overwrite)
+    try:
+        mrcio.write_map(output, result, template, label, overwrite=overwrite)
+    except BaseException:
+        if not existed:
+            spread_path.unlink(missing_ok=True)
+        raise
 
 
 def _read_input(source: Path, half2: str | Path | None, voxel_size: VoxelSize | None
@@ -294,9 +393,14 @@ def _normalised(volume: np.ndarray, stats: NoiseStats, runtime: Runtime,
 
 def _enhance_normalised(normalised: np.ndarray, voxel: tuple[float, float, float],
                         runtime: Runtime, tiling_name: str | TilingScheme,
-                        progress: Progress | None
-                        ) -> tuple[np.ndarray, TileCounts, tuple[int, int, int]]:
-    """Resample to the model's voxel size, run the tiles; the prediction on the model grid."""
+                        progress: Progress | None,
+                        rotations: tuple[augment.Rotation, ...] | None = None
+                        ) -> tuple[np.ndarray, np.ndarray | None, TileCounts,
+                                   tuple[int, int, int]]:
+    """Resample to the model's voxel size, run the tiles; the prediction on the model grid.
+
+    With ``rotations``, also the spread over them (normalised units); otherwise None.
+    """
     spec = runtime.spec
     # Resample to the model's voxel size (skipped when the grid does not change).
     model_shape = resample.target_shape(normalised.shape, voxel, spec.voxel_size)
@@ -308,10 +412,23 @@ def _enhance_normalised(normalised: np.ndarray, voxel: tuple[float, float, float
     padded = tiling.pad_volume(normalised, plan)
     del normalised
     skip = None if scheme.skip_threshold is None else scheme.skip_threshold * spec.noise_std
+    if rotations is not None:
+        return (*overlap_add_augmented(padded, plan, runtime.run, runtime.batch_size, rotations,
+                                       background=spec.background, skip_below=skip,
+                                       progress=progress), model_shape)
     prediction, cubes = overlap_add(padded, plan, runtime.run, runtime.batch_size,
                                     background=spec.background, skip_below=skip,
                                     progress=progress)
-    return prediction, cubes, model_shape
+    return prediction, None, cubes, model_shape
+
+
+def _spread_on_input_grid(spread: np.ndarray, shape: tuple[int, int, int], stats: NoiseStats,
+                          runtime: Runtime) -> np.ndarray:
+    """The spread resampled to the input grid (clipped at 0) and in the output's units."""
+    if spread.shape != shape:
+        spread = np.maximum(resample.resample_to_shape(spread, shape), np.float32(0))
+    spread = normalise.denormalise(spread, stats, runtime.spec.noise_std)
+    return np.ascontiguousarray(spread, dtype=np.float32)
 
 
 def _scheme_name(tiling_name: str | TilingScheme) -> str:
@@ -325,10 +442,30 @@ def _describe_stats(stats: NoiseStats) -> str:
     return line + ")"
 
 
-def _label(runtime: Runtime, tiling_name: str) -> str:
+def _label(runtime: Runtime, tiling_name: str, augmentations: int = 1) -> str:
     from demhx import __version__
 
-    return f"demhx {__version__}: model {runtime.spec.label}, {tiling_name} tiling"[:80]
+    rotations = f", {augmentations} rotations" if augmentations > 1 else ""
+    return (f"demhx {__version__}: model {runtime.spec.label}, {tiling_name} tiling"
+            f"{rotations}")[:80]
+
+
+@overload
+def enhance(volume: np.ndarray, voxel_size: VoxelSize, *, model: str | Path | None = ...,
+            half2: np.ndarray | None = ..., noise_stats: NoiseStatsLike = ...,
+            mask: np.ndarray | None = ..., device: str = ..., batch_size: int | None = ...,
+            threads: int | None = ..., tiling: str | TilingScheme = ...,
+            progress: Progress | None = ..., confidence: Literal[False] = ...,
+            tta: int | None = ...) -> np.ndarray: ...
+
+
+@overload
+def enhance(volume: np.ndarray, voxel_size: VoxelSize, *, model: str | Path | None = ...,
+            half2: np.ndarray | None = ..., noise_stats: NoiseStatsLike = ...,
+            mask: np.ndarray | None = ..., device: str = ..., batch_size: int | None = ...,
+            threads: int | None = ..., tiling: str | TilingScheme = ...,
+            progress: Progress | None = ..., confidence: Literal[True],
+            tta: int | None = ...) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def enhance(volume: np.ndarray, voxel_size: VoxelSize, *, model: str | Path | None = None,
@@ -336,7 +473,8 @@ def enhance(volume: np.ndarray, voxel_size: VoxelSize, *, model: str | Path | No
             mask: np.ndarray | None = None, device: str = "auto",
             batch_size: int | None = None, threads: int | None = None,
             tiling: str | TilingScheme = "default",
-            progress: Progress | None = None) -> np.ndarray:
+            progress: Progress | None = None, confidence: bool = False,
+            tta: int | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Enhance a cryo-EM map: local sharpening and masking by the model's network.
 
     Parameters
@@ -356,16 +494,29 @@ def enhance(volume: np.ndarray, voxel_size: VoxelSize, *, model: str | Path | No
     device, batch_size, threads : see :class:`Enhancer`.
     tiling : ``"default"`` (fast, blended, solvent skipped), ``"reference"`` (the paper's
         stride and plain averaging) or a :class:`~demhx.tiling.TilingScheme`.
-    progress : called as ``progress(cubes_done, cubes_total)``; may raise to stop.
+    progress : called as ``progress(cubes_done, cubes_total)``; may raise to stop. With
+        test-time augmentation it counts network evaluations (cubes × rotations).
+    confidence : also return the confidence map: run every cube in ``tta`` rotations
+        (default :data:`demhx.augment.DEFAULT_COUNT`), return their mean as the enhanced map
+        and their spread (see Returns).
+    tta : number of rotations to average over: 3, 4, 6, 12 or 24 (the subsets of
+        :mod:`demhx.augment`); the cost grows in proportion. Without ``confidence`` the
+        mean over the rotations is returned alone; None with ``confidence`` False: no
+        augmentation (the plain, single run).
 
     Returns
     -------
     (z, y, x) float32
-        The enhanced map on the input grid.
+        The enhanced map on the input grid; with ``confidence``, the pair ``(enhanced, spread)``:
+        ``spread`` is the per-voxel standard deviation over the rotations of each cube's
+        prediction (blended with the tiling's window), in the enhanced map's units, on the same
+        grid; 0 in skipped solvent cubes. High spread marks where the turned predictions
+        disagree; ``bench/confidence.py`` measures how that tracks the output's error.
     """
     enhancer = Enhancer(model, device=device, batch_size=batch_size, threads=threads)
-    return enhancer.enhance(volume, voxel_size, half2=half2, noise_stats=noise_stats,
-                            mask=mask, tiling=tiling, progress=progress)
+    result, spread, _ = enhancer._run(volume, voxel_size, half2, noise_stats, mask, tiling,
+                                      progress, "volume", confidence, tta)
+    return result if spread is None else (result, spread)
 
 
 def enhance_file(source: str | Path, output: str | Path, *, half2: str | Path | None = None,
@@ -374,7 +525,8 @@ def enhance_file(source: str | Path, output: str | Path, *, half2: str | Path | 
                  model: str | Path | None = None, device: str = "auto",
                  batch_size: int | None = None, threads: int | None = None,
                  tiling: str | TilingScheme = "default",
-                 progress: Progress | None = None) -> EnhanceSummary:
+                 progress: Progress | None = None, confidence: str | Path | None = None,
+                 tta: int | None = None) -> EnhanceSummary:
     """Enhance the map in an MRC file and write the result to a new MRC file.
 
     The output path is checked before anything else; the output is written atomically
@@ -388,15 +540,20 @@ def enhance_file(source: str | Path, output: str | Path, *, half2: str | Path | 
     half2 : second half-map; averaged in float32 with ``source``.
     voxel_size : Å, one value or (z, y, x); overrides the header's.
     mask : binary mask file on the map's grid (see :func:`enhance`).
-    noise_stats, model, device, batch_size, threads, tiling, progress : see :func:`enhance`.
-    overwrite : replace an existing output file.
+    noise_stats, model, device, batch_size, threads, tiling, progress, tta : see
+        :func:`enhance`.
+    overwrite : replace existing output files.
+    confidence : path of the confidence map (the spread, see :func:`enhance`): written with
+        the output's header (grid, nstart, origin, voxel size, axis order); the output is then
+        the mean over the rotations. Checked like ``output`` and distinct from it.
 
     Returns
     -------
     EnhanceSummary
-        Box, voxel size, model, cubes run and skipped, device, seconds; ``.line()`` says it.
+        Box, voxel size, model, cubes run and skipped, rotations, device, seconds;
+        ``.line()`` says it.
     """
     enhancer = Enhancer(model, device=device, batch_size=batch_size, threads=threads)
     return enhancer.enhance_file(source, output, half2=half2, voxel_size=voxel_size, mask=mask,
                                  noise_stats=noise_stats, overwrite=overwrite, tiling=tiling,
-                                 progress=progress)
+                                 progress=progress, confidence=confidence, tta=tta)

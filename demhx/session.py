@@ -42,7 +42,7 @@ _CUDA_MEMORY_SHARE = 0.5  # part of the free GPU memory a batch may use
 _ACTIVATIONS_PER_VOXEL = 16  # live activation tensors of the widest level, per cube voxel
 _ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
 _ORT_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu, then pip install demhx again "
-            "(or pip install 'demhx[gpu]' on a CUDA machine)")
+            "(on a CUDA machine: pip uninstall -y onnxruntime && pip install onnxruntime-gpu)")
 _LOG_QUIET = 3  # ONNX Runtime severity: errors only
 _LOG_SILENT = 4  # fatal only: hides the CUDA-provider probe of onnxruntime-gpu
 
@@ -89,8 +89,9 @@ def choose_providers(request: DeviceRequest, available: Sequence[str]) -> list[A
     if request.kind == "cuda" and not has_cuda:
         raise DeviceError(
             "--device cuda: this ONNX Runtime has no CUDA support (providers: "
-            f"{', '.join(available)}); install it with pip install 'demhx[gpu]' "
-            "(onnxruntime-gpu, Linux/Windows x86-64 with an NVIDIA driver) or use --device cpu")
+            f"{', '.join(available)}); swap it for the CUDA build with pip uninstall -y "
+            "onnxruntime && pip install onnxruntime-gpu (Linux/Windows x86-64 with an NVIDIA "
+            "driver) or use --device cpu")
     if request.kind == "cpu" or not has_cuda:
         return [CPU]
     return [(CUDA, {"device_id": request.index}), CPU]

@@ -163,3 +163,50 @@ def test_demhx_never_imports_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             env=env, cwd=ROOT, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+
+
+def test_parse_confidence_and_tta() -> None:
+    args = cli.parse_arguments(["a", "b", "--confidence", "c.mrc", "--tta", "12"])
+    assert (args.confidence, args.tta) == ("c.mrc", 12)
+    assert cli.parse_arguments(["a", "b", "--tta=4"]) == cli.Arguments("a", "b", tta=4)
+    assert cli.parse_arguments(["a", "b"]).confidence is None
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["a", "b", "--tta", "0"], "--tta '0': must be a positive integer"),
+    (["a", "b", "--tta", "six"], "--tta 'six'"),
+    (["a", "b", "--confidence"], "--confidence needs a value"),
+    (["a", "--out-dir", "d", "--confidence", "c.mrc"], "--confidence works with the one-map"),
+    (["a", "--suffix", "_x", "--tta", "4"], "--tta works with the one-map form"),
+])
+def test_confidence_usage_errors(argv: list[str], message: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("demhx: error: ") and err.count("\n") == 1 and message in err
+
+
+def test_run_writes_confidence_map_and_reports_rotations(
+        source: Path, model: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output, confidence = source.with_name("out.mrc"), source.with_name("spread.mrc")
+    argv = [str(source), str(output), "--model", str(model), "--device", "cpu",
+            "--confidence", str(confidence), "--tta", "4"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"demhx: wrote {output} and confidence {confidence}: 28×24×20 voxels" in err
+    assert "cubes run × 4 rotations (TTA)" in err
+    with mrcfile.open(output) as out, mrcfile.open(confidence) as spread:
+        assert spread.data.shape == out.data.shape == (20, 24, 28)
+        assert not spread.data.any()  # the identity model agrees with itself in every rotation
+    assert "--confidence PATH" in cli.HELP and "--tta N" in cli.HELP
+
+
+def test_unknown_tta_count_is_a_usage_error(source: Path, model: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    output = source.with_name("out.mrc")
+    argv = [str(source), str(output), "--model", str(model), "--tta", "5", "--confidence",
+            str(source.with_name("spread.mrc"))]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("demhx: error: --tta 5") and "3, 4, 6, 12, 24" in err
+    assert sorted(p.name for p in source.parent.iterdir() if p.suffix == ".mrc") == ["in.mrc"]

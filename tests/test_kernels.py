@@ -71,6 +71,24 @@ def test_accumulate_weight_sum_counts_overlaps() -> None:
     np.testing.assert_array_equal(accumulator, weight_sum)
 
 
+def test_accumulate_weighted_matches_reference_and_accumulate_cubes(
+        rng: np.random.Generator) -> None:
+    shape = (11, 14, 17)
+    corners = _corners(rng, shape, 6)
+    values = rng.uniform(0.0, 2.0, (6, 1, CUBE, CUBE, CUBE)).astype(np.float32)
+    weights = rng.uniform(0.01, 1.0, (CUBE, CUBE, CUBE)).astype(np.float32)
+    fast, slow, blended, weight_sum = (np.zeros(shape, np.float32) for _ in range(4))
+    for first in (0, 4):
+        count = min(4, 6 - first)
+        block = np.ascontiguousarray(values[first:first + count])
+        _kernels.accumulate_weighted(block, corners, first, count, weights, fast)
+        _kernels.accumulate_weighted_reference(block, corners, first, count, weights, slow)
+        _kernels.accumulate_cubes(block, corners, first, count, weights, blended, weight_sum)
+    np.testing.assert_allclose(fast, slow, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(fast, blended)
+    assert fast.max() > 0
+
+
 def test_cube_abs_max_matches_reference(rng: np.random.Generator) -> None:
     padded = rng.standard_normal((16, 9, 20)).astype(np.float32)
     padded[3, 4, 5] = -40.0
@@ -80,3 +98,13 @@ def test_cube_abs_max_matches_reference(rng: np.random.Generator) -> None:
     _kernels.cube_abs_max(padded, corners, CUBE, fast)
     _kernels.cube_abs_max_reference(padded, corners, CUBE, slow)
     np.testing.assert_array_equal(fast, slow)
+
+
+def test_disk_cache_is_skipped_where_nothing_is_writable(monkeypatch) -> None:
+    from demhx import _kernels
+
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setattr(_kernels.os, "access", lambda path, mode: False)
+    assert _kernels._disk_cache_usable() is False
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/tmp/numba-cache")
+    assert _kernels._disk_cache_usable() is True

@@ -7,10 +7,10 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
-from onnx_fixtures import CUBE, identity_path, scale_model, smooth_model, write_model
+from onnx_fixtures import CUBE, identity_path, masking_model, scale_model, smooth_model, write_model
 
 import demhx
-from demhx import pipeline
+from demhx import augment, pipeline
 from demhx.tiling import TilingScheme
 
 MAPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maps"
@@ -237,3 +237,146 @@ def test_real_map_with_axis_order_312_and_anisotropic_voxels(tmp_path: Path,
 
 def test_real_map_with_negative_nstart(tmp_path: Path, models: dict[str, Path]) -> None:
     _real_map_roundtrip(tmp_path, "emd_5168.map", models)
+
+
+# ------------------------------------------------------ confidence (test-time augmentation)
+
+
+@pytest.fixture(scope="module")
+def rotation_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pipeline.Enhancer]:
+    """Enhancers for a model that commutes with rotations (identity, masking) and one that not."""
+    folder = tmp_path_factory.mktemp("rotation_models")
+    paths = {"identity": identity_path(folder),
+             "masking": write_model(folder, "masking.onnx", masking_model()),
+             "smooth": write_model(folder, "smooth.onnx", smooth_model())}
+    return {name: pipeline.Enhancer(path, device="cpu", threads=1)
+            for name, path in paths.items()}
+
+
+@pytest.mark.parametrize("tiling", SCHEMES)
+def test_confidence_with_identity_model_is_the_plain_output(
+        rotation_models: dict[str, pipeline.Enhancer], tiling: str) -> None:
+    enhancer = rotation_models["identity"]
+    volume = _blobby((21, 26, 19))
+    plain, plain_info = enhancer.run(volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling)
+    (mean, spread), info = enhancer.run(volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling,
+                                        confidence=True, tta=24)
+    np.testing.assert_array_equal(mean, plain)
+    np.testing.assert_array_equal(spread, np.zeros_like(plain))
+    assert spread.dtype == mean.dtype == np.float32 and spread.shape == volume.shape
+    assert info.augmentations == 24 and plain_info.augmentations == 1
+    assert info.cubes == plain_info.cubes
+
+
+@pytest.mark.parametrize("tiling", SCHEMES)
+def test_confidence_with_rotation_equivariant_model_has_no_spread(
+        rotation_models: dict[str, pipeline.Enhancer], tiling: str) -> None:
+    enhancer = rotation_models["masking"]
+    volume = _blobby((24, 20, 28)) * np.float32(0.2)
+    plain = enhancer.enhance(volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling)
+    mean, spread = enhancer.enhance(volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling,
+                                    confidence=True, tta=24)
+    scale = float(np.abs(plain).max())
+    np.testing.assert_allclose(mean, plain, rtol=0, atol=1e-5 * scale)
+    assert spread.max() < 1e-5 * scale
+
+
+@pytest.mark.parametrize("tiling", SCHEMES)
+def test_mean_is_the_mean_of_runs_on_rotated_maps(
+        rotation_models: dict[str, pipeline.Enhancer], tiling: str) -> None:
+    """Cube box with centred, symmetric tiling: turning the map turns the cube grid."""
+    enhancer = rotation_models["smooth"]
+    volume = _blobby((24, 24, 24))
+    options = {"noise_stats": (0.0, 0.01), "tiling": tiling}
+    mean, spread = enhancer.enhance(volume, 1.0, confidence=True, tta=12, **options)
+    runs = [rotation.inverse.apply(enhancer.enhance(rotation.apply(volume), 1.0, **options))
+            for rotation in augment.SUBSETS[12]]
+    expected = np.mean(runs, axis=0)
+    scale = float(np.abs(expected).max())
+    np.testing.assert_allclose(mean, expected, rtol=0, atol=1e-5 * scale)
+    assert spread.max() > 1e-3 * scale and float(np.abs(mean - runs[0]).max()) > 1e-3 * scale
+    # The blended spread is at least the spread of the blended maps (a convex combination).
+    assert np.all(spread >= np.std(runs, axis=0) - 1e-5 * scale)
+
+
+def test_skipped_solvent_has_zero_spread(rotation_models: dict[str, pipeline.Enhancer]) -> None:
+    enhancer = rotation_models["smooth"]
+    volume = _noise((48, 40, 44), seed=2, scale=0.01)
+    volume[4:14, 6:14, 5:12] += _blobby((10, 8, 7))
+    (mean, spread), info = enhancer.run(volume, 1.0, noise_stats=(0.0, 0.01), confidence=True)
+    assert info.cubes.skipped > 0 and info.augmentations == augment.DEFAULT_COUNT
+    uncovered = mean == 0  # the model's background, where no run cube reaches
+    assert uncovered.sum() > volume.size // 4
+    np.testing.assert_array_equal(spread[uncovered], 0)
+    assert spread[~uncovered].max() > 0 and np.all(spread >= 0)
+
+
+def test_confidence_batched_equals_one_by_one_and_counts_evaluations(
+        models: dict[str, Path]) -> None:
+    volume = _blobby((22, 20, 21))
+    results, reports = [], []
+    for batch_size in (1, 7):
+        reports.append([])
+        results.append(demhx.enhance(volume, 1.0, model=models["smooth"], device="cpu",
+                                     batch_size=batch_size, noise_stats=(0.0, 0.01),
+                                     tiling="reference", confidence=True, tta=6,
+                                     progress=lambda *counts: reports[-1].append(counts)))
+    for first, second in zip(results[0], results[1], strict=True):
+        np.testing.assert_allclose(first, second, rtol=1e-6, atol=1e-6)
+    cubes = 3 * 2 * 3  # reference tiling of 22 × 20 × 21 with 16³ cubes at stride 4
+    for progress in reports:
+        assert progress[0] == (0, 6 * cubes) and progress[-1] == (6 * cubes, 6 * cubes)
+        assert all(total == 6 * cubes for _, total in progress)
+
+
+def test_without_confidence_the_run_is_unchanged(
+        rotation_models: dict[str, pipeline.Enhancer]) -> None:
+    enhancer = rotation_models["smooth"]
+    volume = _blobby((30, 26, 34))
+    plain = enhancer.enhance(volume, 1.1)
+    np.testing.assert_array_equal(enhancer.enhance(volume, 1.1, confidence=False, tta=None),
+                                  plain)
+    averaged = enhancer.enhance(volume, 1.1, tta=4)  # the mean alone, no spread
+    mean, _ = enhancer.enhance(volume, 1.1, confidence=True, tta=4)
+    assert isinstance(averaged, np.ndarray)
+    np.testing.assert_array_equal(averaged, mean)
+    assert not np.array_equal(averaged, plain)
+
+
+def test_enhance_file_writes_the_confidence_map_with_the_output_header(
+        tmp_path: Path, models: dict[str, Path]) -> None:
+    source = _write_mrc(tmp_path / "in.mrc", _blobby((26, 30, 22)), 1.2)
+    output, confidence = tmp_path / "out.mrc", tmp_path / "spread.mrc"
+    summary = demhx.enhance_file(source, output, confidence=confidence, tta=3,
+                                 model=models["smooth"], device="cpu")
+    with mrcfile.open(output) as out, mrcfile.open(confidence) as spread:
+        for field in ("nx", "ny", "nz", "nxstart", "nystart", "nzstart", "mx", "my", "mz",
+                      "mapc", "mapr", "maps", "origin", "cella", "cellb", "ispg"):
+            np.testing.assert_array_equal(spread.header[field], out.header[field], field)
+        assert spread.data.dtype == np.float32 and spread.data.shape == out.data.shape
+        assert np.all(spread.data >= 0) and spread.data.max() > 0
+        label = bytes(spread.header.label[int(spread.header.nlabl) - 1]).decode()
+        assert "3 rotations" in label and "confidence" in label
+    assert summary.confidence == confidence and summary.info.augmentations == 3
+    assert f"wrote {output} and confidence {confidence}:" in summary.line()
+    assert "cubes run × 3 rotations (TTA)" in summary.line()
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    ({"confidence": "out.mrc"}, ValueError, "--confidence is the output map itself"),
+    ({"confidence": "in.mrc"}, ValueError, "output is the input"),
+    ({"confidence": "exists.mrc"}, FileExistsError, "--overwrite"),
+    ({"confidence": "spread.txt"}, ValueError, "spread.txt"),
+    ({"confidence": "spread.mrc", "tta": 5}, ValueError, "--tta 5"),
+    ({"tta": 2}, ValueError, "--tta 2"),
+])
+def test_confidence_errors_write_nothing(tmp_path: Path, models: dict[str, Path],
+                                         kwargs: dict, error: type, message: str) -> None:
+    source = _write_mrc(tmp_path / "in.mrc", _blobby((20, 20, 20)))
+    (tmp_path / "exists.mrc").write_bytes(b"keep")
+    options = {key: tmp_path / value if key == "confidence" else value
+               for key, value in kwargs.items()}
+    with pytest.raises(error, match=message):
+        demhx.enhance_file(source, tmp_path / "out.mrc", model=models["identity"],
+                           device="cpu", **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.mrc", "in.mrc"]

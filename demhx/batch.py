@@ -1,0 +1,199 @@
+"""Many maps with one loaded model: output names, and a loop that goes on past a bad map.
+
+:func:`output_paths` names the outputs (in an output folder, with a suffix, or both) and
+refuses a plan in which two maps would write one file or an output would replace one of the
+inputs. :func:`enhance_many` runs an :class:`~demhx.pipeline.Enhancer` over the maps and
+yields one :class:`MapResult` per map as it finishes; a map that fails (unreadable file,
+refused input, existing output, ...) is reported in its result and the next map runs.
+:func:`summary_table` formats the results as a plain-text table.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from demhx import preview as preview_module
+from demhx.mrcio import OUTPUT_SUFFIXES
+from demhx.pipeline import Enhancer, EnhanceSummary, NoiseStatsLike, Progress, VoxelSize
+from demhx.tiling import TilingScheme
+
+LOG = logging.getLogger("demhx")
+OK, FAILED, NOT_RUN = "ok", "failed", "not run"
+_GZIP = ".gz"
+_BZIP2 = ".bz2"  # readable, but outputs are written uncompressed
+
+
+@dataclass(frozen=True)
+class MapResult:
+    """What happened to one map of a batch.
+
+    Attributes
+    ----------
+    source, output : the input map and its output path.
+    status : ``"ok"`` (output written), ``"failed"`` or ``"not run"`` (stopped before it).
+    error : the exception that stopped the map (None unless failed).
+    summary : the run's summary (None unless the map was enhanced).
+    preview : the PNG written for the map, if any.
+    seconds : wall time spent on the map.
+    """
+
+    source: Path
+    output: Path
+    status: str
+    error: BaseException | None = None
+    summary: EnhanceSummary | None = None
+    preview: Path | None = None
+    seconds: float = 0.0
+
+    @property
+    def cubes(self) -> int | None:
+        """Cubes run through the network (None when the map was not enhanced)."""
+        return None if self.summary is None else self.summary.info.cubes.run
+
+
+def output_path(source: str | Path, out_dir: str | Path | None = None,
+                suffix: str | None = None) -> Path:
+    """One map's output: in ``out_dir`` (else beside the input), ``suffix`` before the extension.
+
+    The MRC extension (``.mrc``, ``.map``, ``.ccp4``) and a ``.gz`` compression are kept;
+    ``.bz2`` is dropped (written uncompressed); another extension becomes ``.mrc``:
+    ``a.map.gz`` with suffix ``_demhx`` gives ``a_demhx.map.gz``.
+    """
+    source = Path(source)
+    name, compression = source.name, ""
+    if name.lower().endswith(_GZIP):
+        name, compression = name[:-len(_GZIP)], name[-len(_GZIP):]
+    elif name.lower().endswith(_BZIP2):
+        name = name[:-len(_BZIP2)]
+    extension = Path(name).suffix
+    if extension.lower() not in OUTPUT_SUFFIXES:
+        extension = ".mrc"
+    stem = Path(name).stem
+    folder = source.parent if out_dir is None else Path(out_dir).expanduser()
+    return folder / f"{stem}{suffix or ''}{extension}{compression}"
+
+
+def output_paths(sources: Sequence[str | Path], out_dir: str | Path | None = None,
+                 suffix: str | None = None) -> list[Path]:
+    """The outputs of several maps (see :func:`output_path`), checked before any work.
+
+    Raises
+    ------
+    ValueError
+        No output folder or suffix, an empty suffix, two maps with one output, or an output
+        that is one of the inputs (inputs are never overwritten).
+    NotADirectoryError
+        ``out_dir`` exists and is not a folder.
+    """
+    if out_dir is None and suffix is None:
+        raise ValueError("several maps need --out-dir DIR or --suffix SUF to name the outputs")
+    if suffix is not None and not suffix.strip():
+        raise ValueError("--suffix is empty; give text to add to the names, e.g. _demhx")
+    if out_dir is not None and Path(out_dir).expanduser().exists() and not Path(
+            out_dir).expanduser().is_dir():
+        raise NotADirectoryError(f"{out_dir}: --out-dir is a file, not a folder; choose a "
+                                 "folder")
+    paths = [Path(source) for source in sources]
+    outputs = [output_path(path, out_dir, suffix) for path in paths]
+    _check_distinct(paths, outputs, "output")
+    inputs = {_key(path): path for path in paths}
+    for source, output in zip(paths, outputs, strict=True):
+        if _key(output) in inputs:
+            raise ValueError(f"{output}: output of {source} is the input "
+                             f"{inputs[_key(output)]}; inputs are never overwritten, "
+                             "choose another --out-dir or --suffix")
+    return outputs
+
+
+def preview_paths(preview: str | Path, sources: Sequence[Path], outputs: Sequence[Path]
+                  ) -> list[Path]:
+    """Where ``--preview PATH`` writes each map's picture (see
+    :func:`demhx.preview.preview_file_path`); a ``.png`` PATH is for one map only.
+    """
+    if len(outputs) > 1 and Path(preview).suffix.lower() == ".png":
+        raise ValueError(f"--preview {preview}: with several maps give a folder, in which "
+                         "<output stem>.png is written for each map")
+    previews = [preview_module.preview_file_path(preview, output) for output in outputs]
+    _check_distinct(list(sources), previews, "preview")
+    return previews
+
+
+def create_folders(paths: Sequence[Path]) -> None:
+    """Create the folders that will hold ``paths`` (output and preview folders)."""
+    for folder in sorted({path.parent for path in paths}):
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def enhance_many(enhancer: Enhancer, sources: Sequence[str | Path],
+                 outputs: Sequence[Path], *, previews: Sequence[Path] | None = None,
+                 voxel_size: VoxelSize | None = None, mask: str | Path | None = None,
+                 noise_stats: NoiseStatsLike = None, overwrite: bool = False,
+                 tiling: str | TilingScheme = "default",
+                 progress: Progress | None = None) -> Iterator[MapResult]:
+    """Enhance each map into its output with one model; one :class:`MapResult` per map.
+
+    A map that raises an ``Exception`` is reported as failed and the next one runs
+    (``KeyboardInterrupt`` stops the loop). Options as for
+    :meth:`demhx.pipeline.Enhancer.enhance_file`; ``previews`` (one PNG per map) are written
+    after each output (see :func:`demhx.preview.write_file_preview`).
+    """
+    if len(outputs) != len(sources) or (previews is not None and len(previews) != len(sources)):
+        raise ValueError("enhance_many: give one output (and one preview) per source map")
+    for index, (source, output) in enumerate(zip(sources, outputs, strict=True)):
+        start = time.perf_counter()
+        picture = None if previews is None else previews[index]
+        summary = None
+        LOG.info(f"map {index + 1} of {len(sources)}: {source} -> {output}")
+        try:
+            # Check the preview path first, then enhance and draw.
+            if picture is not None:
+                preview_module.check_preview_path(picture, overwrite)
+            summary = enhancer.enhance_file(source, output, voxel_size=voxel_size, mask=mask,
+                                            noise_stats=noise_stats, overwrite=overwrite,
+                                            tiling=tiling, progress=progress)
+            if picture is not None:
+                preview_module.write_file_preview(source, output, picture,
+                                                  voxel_size=voxel_size, overwrite=overwrite)
+        except Exception as error:  # one bad map does not stop the others
+            yield MapResult(Path(source), Path(output), FAILED, error, summary,
+                            seconds=time.perf_counter() - start)
+        else:
+            yield MapResult(Path(source), Path(output), OK, None, summary, picture,
+                            time.perf_counter() - start)
+
+
+def summary_table(results: Sequence[MapResult],
+                  describe: Callable[[BaseException], str] = str) -> str:
+    """A plain-text table, one row per map: input, output, status, cubes, seconds, reason."""
+    header = ("input", "output", "status", "cubes", "seconds", "reason")
+    rows = [header] + [
+        (str(r.source), str(r.output), r.status, "-" if r.cubes is None else str(r.cubes),
+         f"{r.seconds:.1f}", "" if r.error is None else describe(r.error)) for r in results]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header) - 1)]
+    numeric = {3, 4}
+    lines = []
+    for row in rows:
+        cells = [cell.rjust(width) if column in numeric else cell.ljust(width)
+                 for column, (cell, width) in enumerate(zip(row, widths, strict=False))]
+        lines.append("  ".join(cells + [row[-1]]).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _key(path: Path) -> Path:
+    """A path's identity for comparisons (absolute, symlinks resolved)."""
+    return path.expanduser().resolve()
+
+
+def _check_distinct(sources: Sequence[Path], paths: Sequence[Path], what: str) -> None:
+    """ValueError when two maps would write one file (``what``: output or preview)."""
+    seen: dict[Path, int] = {}
+    for index, path in enumerate(paths):
+        first = seen.setdefault(_key(path), index)
+        if first != index:
+            raise ValueError(f"{path}: {sources[first]} and {sources[index]} would both write "
+                             f"this {what}; give each input once, rename one, or run them "
+                             "separately")

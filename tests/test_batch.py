@@ -1,0 +1,255 @@
+"""Several maps per call: output names, one model load, going on past a bad map, the table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import mrcfile
+import pytest
+from conftest import synthetic_map, write_mrc
+from onnx_fixtures import identity_path
+
+from demhx import batch, cli, pipeline
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    return identity_path(tmp_path / "models")
+
+
+@pytest.fixture
+def maps(tmp_path: Path) -> list[Path]:
+    """Three small maps: two in ``tmp_path/in``, one gzip-compressed in ``tmp_path/more``."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "more").mkdir()
+    paths = [tmp_path / "in" / "a.mrc", tmp_path / "in" / "b.map",
+             tmp_path / "more" / "c.mrc.gz"]
+    for seed, path in enumerate(paths):
+        volume = synthetic_map("non-cubic", noise_std=0.1, seed=seed)[:24, :28, :32]
+        write_mrc(path, volume, voxel_size=(1.1, 1.1, 1.1))
+    return paths
+
+
+def _bytes(paths: list[Path]) -> list[bytes]:
+    return [path.read_bytes() for path in paths]
+
+
+def _table_rows(err: str) -> dict[str, list[str]]:
+    """The summary table's rows by input path (columns split on runs of spaces)."""
+    lines = err.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("input "))
+    rows = {}
+    for line in lines[start + 1:]:
+        if line.startswith("demhx:"):
+            break
+        cells = line.split(None, 5)
+        rows[cells[0]] = cells
+    return rows
+
+
+@pytest.mark.parametrize(("name", "out_dir", "suffix", "expected"), [
+    ("x/a.mrc", "out", None, "out/a.mrc"),
+    ("x/a.mrc", None, "_demhx", "x/a_demhx.mrc"),
+    ("x/a.map.gz", None, "_demhx", "x/a_demhx.map.gz"),
+    ("x/a.MRC", "out", "-s", "out/a-s.MRC"),
+    ("x/a.ccp4.bz2", "out", None, "out/a.ccp4"),
+    ("x/a.b.map", None, ".e", "x/a.b.e.map"),
+    ("x/emd_1.dat", "out", None, "out/emd_1.mrc"),
+])
+def test_output_path(name: str, out_dir: str | None, suffix: str | None, expected: str) -> None:
+    assert batch.output_path(Path(name), out_dir, suffix) == Path(expected)
+
+
+def test_output_paths_refuse_clashes(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.mrc", tmp_path / "sub" / "a.mrc"
+    with pytest.raises(ValueError, match="would both write this output"):
+        batch.output_paths([a, b], tmp_path / "out")
+    with pytest.raises(ValueError, match="would both write this output"):
+        batch.output_paths([a, a], suffix="_d")
+    with pytest.raises(ValueError, match="inputs are never overwritten"):
+        batch.output_paths([a, tmp_path / "a_d.mrc"], suffix="_d")
+    with pytest.raises(ValueError, match="inputs are never overwritten"):
+        batch.output_paths([a], tmp_path)
+    with pytest.raises(ValueError, match="--suffix is empty"):
+        batch.output_paths([a], suffix=" ")
+    with pytest.raises(ValueError, match="--out-dir DIR or --suffix SUF"):
+        batch.output_paths([a])
+    a.write_bytes(b"x")
+    with pytest.raises(NotADirectoryError, match="not a folder"):
+        batch.output_paths([b], a)
+
+
+def test_output_paths_with_dir_and_suffix(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.mrc", tmp_path / "b.mrc"
+    assert batch.output_paths([a, b], tmp_path / "out", "_d") == [
+        tmp_path / "out" / "a_d.mrc", tmp_path / "out" / "b_d.mrc"]
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["a", "b", "c", "--out-dir", "o"],
+     {"input": "a", "output": None, "more_inputs": ("b", "c"), "out_dir": "o"}),
+    (["a", "--suffix", "_d"], {"input": "a", "output": None, "suffix": "_d"}),
+    (["--suffix=-x", "a", "0002", "-q"],
+     {"input": "a", "output": None, "more_inputs": ("0002",), "suffix": "-x", "quiet": True}),
+    (["a", "b", "--preview", "p.png"], {"input": "a", "output": "b", "preview": "p.png"}),
+    (["a", "--out-dir", "o", "--noise-stats", "0,1"],
+     {"input": "a", "output": None, "out_dir": "o", "noise_stats": (0.0, 1.0)}),
+])
+def test_parse_several_maps(argv: list[str], expected: dict) -> None:
+    args = cli.parse_arguments(argv)
+    assert args == cli.Arguments(**expected)
+    assert args.batch == ("out_dir" in expected or "suffix" in expected)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--out-dir", "o"], "missing IN; usage: demhx IN [IN ...] --out-dir DIR"),
+    (["a", "b", "--out-dir", "o", "--half2", "h"], "--half2 does not combine with several"),
+    (["a", "--suffix", "_d", "--half2", "h"], "--half2 does not combine with several"),
+    (["a", "b", "--suffix", "_d", "--noise-stats", "0,1"], "--noise-stats gives one map's"),
+    (["a", "b", "c"], "for several maps demhx IN [IN ...] --out-dir DIR|--suffix SUF"),
+    (["a", "--suffix"], "--suffix needs a value"),
+])
+def test_several_maps_usage_errors(argv: list[str], message: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_several_maps_one_model_load(maps: list[Path], model: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    loads = []
+    real_load = pipeline.load_runtime
+    monkeypatch.setattr(pipeline, "load_runtime",
+                        lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    before = _bytes(maps)
+    out = tmp_path / "enhanced"  # created
+    argv = [*map(str, maps), "--out-dir", str(out), "--model", str(model), "--device", "cpu"]
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert len(loads) == 1 and _bytes(maps) == before
+    outputs = [out / "a.mrc", out / "b.map", out / "c.mrc.gz"]
+    for source, output in zip(maps, outputs, strict=True):
+        with mrcfile.open(source) as first, mrcfile.open(output) as second:
+            assert second.data.shape == first.data.shape
+            assert second.voxel_size == first.voxel_size
+        assert f"wrote {output}" in err
+    rows = _table_rows(err)
+    assert [rows[str(m)][1:3] for m in maps] == [[str(o), "ok"] for o in outputs]
+    assert all(int(rows[str(m)][3]) > 0 for m in maps)
+    assert "map 2 of 3" in err and "error" not in err
+
+
+def test_bad_map_among_good_ones(maps: list[Path], model: Path, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    broken = tmp_path / "in" / "broken.mrc"
+    broken.write_bytes(b"not a map" * 200)
+    missing = tmp_path / "in" / "missing.mrc"
+    argv = [str(maps[0]), str(broken), str(missing), str(maps[1]), "--suffix", "_x",
+            "--model", str(model), "--quiet"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert (tmp_path / "in" / "a_x.mrc").is_file() and (tmp_path / "in" / "b_x.map").is_file()
+    assert not (tmp_path / "in" / "broken_x.mrc").exists()
+    rows = _table_rows(err)
+    assert rows[str(maps[0])][2] == "ok" and rows[str(maps[1])][2] == "ok"
+    assert rows[str(broken)][2:5] == ["failed", "-", rows[str(broken)][4]]
+    assert "not an MRC/CCP4 map" in rows[str(broken)][5]
+    assert "does not exist" in rows[str(missing)][5] or "no such file" in rows[str(missing)][5]
+    assert err.rstrip().splitlines()[-1] == "demhx: error: 2 of 4 maps failed; see the table above"
+
+
+def test_outputs_never_overwrite_inputs(maps: list[Path], model: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    clash = maps[0].with_name("a_d.mrc")
+    clash.write_bytes(maps[1].read_bytes())
+    inputs = [maps[0], clash]
+    before = _bytes(inputs)
+    for extra in (["--suffix", "_d"], ["--out-dir", str(maps[0].parent)]):
+        assert cli.main([*map(str, inputs), *extra, "--model", str(model), "--overwrite"]) == 2
+        assert "inputs are never overwritten" in capsys.readouterr().err
+    assert _bytes(inputs) == before
+    assert sorted(p.name for p in maps[0].parent.iterdir()) == ["a.mrc", "a_d.mrc", "b.map"]
+
+
+def test_existing_output_needs_overwrite(maps: list[Path], model: Path, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b.map").write_bytes(b"keep me")
+    argv = [str(maps[0]), str(maps[1]), "--out-dir", str(out), "--model", str(model), "-q"]
+    assert cli.main(argv) == 1
+    rows = _table_rows(capsys.readouterr().err)
+    assert rows[str(maps[0])][2] == "ok" and rows[str(maps[1])][2] == "failed"
+    assert "output exists; pass --overwrite" in rows[str(maps[1])][5]
+    assert (out / "b.map").read_bytes() == b"keep me" and (out / "a.mrc").is_file()
+    # With --overwrite both are (re)written; --quiet then prints nothing.
+    assert cli.main(argv + ["--overwrite"]) == 0
+    assert capsys.readouterr() == ("", "")
+    with mrcfile.open(out / "b.map") as stream:
+        assert stream.data.shape == (24, 28, 32)
+
+
+def test_several_previews_in_a_folder(maps: list[Path], model: Path, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    out, pictures = tmp_path / "out", tmp_path / "pictures"
+    argv = [*map(str, maps[:2]), "--out-dir", str(out), "--model", str(model), "-q"]
+    assert cli.main(argv + ["--preview", str(tmp_path / "p.png")]) == 2
+    assert "with several maps give a folder" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli.main(argv + ["--preview", str(pictures)]) == 0
+    assert sorted(p.name for p in pictures.iterdir()) == ["a.png", "b.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in pictures.iterdir())
+
+
+def test_missing_matplotlib_stops_before_any_map(maps: list[Path], model: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "out"
+    argv = [*map(str, maps), "--out-dir", str(out), "--model", str(model), "--preview", "pics"]
+    assert cli.main(argv) == 2
+    assert 'pip install "demhx[preview]"' in capsys.readouterr().err and not out.exists()
+
+
+def test_model_error_stops_before_any_map(maps: list[Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert cli.main([*map(str, maps), "--out-dir", str(out), "--model", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no-such-model" in err and not out.exists()
+
+
+def test_interrupt_keeps_finished_maps(maps: list[Path], model: Path, tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    real = pipeline.Enhancer.enhance_file
+
+    def stop_at_second(self: pipeline.Enhancer, source: Path, *args: object, **kwargs: object):
+        if Path(source) == maps[1]:
+            raise KeyboardInterrupt
+        return real(self, source, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.Enhancer, "enhance_file", stop_at_second)
+    out = tmp_path / "out"
+    assert cli.main([*map(str, maps), "--out-dir", str(out), "--model", str(model), "-q"]) == 130
+    err = capsys.readouterr().err
+    rows = _table_rows(err)
+    assert rows[str(maps[0])][2] == "ok"
+    assert all(" ".join(rows[str(m)][2:4]) == "not run" for m in maps[1:])
+    assert sorted(p.name for p in out.iterdir()) == ["a.mrc"]
+    assert err.rstrip().endswith("interrupted; only the maps marked ok were written")
+
+
+def test_summary_table_aligns_columns() -> None:
+    results = [batch.MapResult(Path("long/input.mrc"), Path("o.mrc"), batch.OK, seconds=12.25),
+               batch.MapResult(Path("b.mrc"), Path("out/b.mrc"), batch.FAILED,
+                               ValueError("b.mrc: bad\nmap"), seconds=0.04)]
+    table = batch.summary_table(results, cli.describe_error)
+    lines = table.splitlines()
+    assert lines[0].split() == ["input", "output", "status", "cubes", "seconds", "reason"]
+    assert lines[1] == "long/input.mrc  o.mrc      ok          -     12.2"
+    assert lines[2] == "b.mrc           out/b.mrc  failed      -      0.0  b.mrc: bad map"
