@@ -5,7 +5,11 @@ of one run, then prints a table: wall time, cubes run/skipped, seconds per cube,
 start-up (import + model load) and CC between the default and reference outputs.
 
     python bench/speed.py --model m.onnx --threads 2 [--maps 5168,256] [--tilings reference,default]
-                          [--device cpu|cuda]
+                          [--device cpu|cuda] [--reference OUT.npy] [--keep DIR]
+
+``--reference`` takes the reference output of a single map from a file saved earlier (by
+``--keep`` or by ``bench/tiling_study.py``) instead of running the reference tiling again:
+on 2 cores it is over an hour for the 256³ map with the full network.
 
 Maps: ``5168`` is ../shared/data/maps/emd_5168.map (100³ at 1.742 Å); ``256`` is a 256³ map
 at 1 Å synthesised deterministically (Gaussian blobs on a helix-like path plus noise);
@@ -103,16 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maps", default="5168,256")
     parser.add_argument("--tilings", default="reference,default")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--reference", type=Path, help="saved reference output (one map)")
+    parser.add_argument("--keep", type=Path, help="keep the outputs (.npy) in this folder")
     args = parser.parse_args(argv)
+    if args.reference and "," in args.maps:
+        parser.error("--reference is the output of one map: give one --maps value")
     print(machine())
     print(f"{'map':>6} {'tiling':>9} {'wall s':>8} {'cubes':>6} {'skip':>5} {'s/cube':>7} "
           f"{'RSS MB':>7} {'start s':>7} {'CC ref':>7}")
     with tempfile.TemporaryDirectory() as tmp:
+        keep = args.keep or Path(tmp)
+        keep.mkdir(parents=True, exist_ok=True)
         for name in args.maps.split(","):
             source = MAPS.get(name) or synthetic_map(int(name), Path(tmp) / f"{name}.mrc")
-            outputs = {}
+            outputs = {"reference": args.reference} if args.reference else {}
             for tiling in args.tilings.split(","):
-                outputs[tiling] = Path(tmp) / f"{name}-{tiling}.npy"
+                outputs[tiling] = keep / f"{name}-{tiling}.npy"
                 r = run_case(args.model, args.threads, source, tiling, outputs[tiling],
                              args.device)
                 cc = (correlation(np.load(outputs[tiling]), np.load(outputs["reference"]))

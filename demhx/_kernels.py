@@ -1,9 +1,10 @@
 """Numba kernels of the tiled inference: cube extraction, solvent test and overlap-add.
 
 Each kernel takes C-contiguous float32 arrays, an ``(n, 3)`` int64 array of cube corners
-``(z, y, x)`` in the padded volume, and plain ints; it writes into preallocated outputs and
-allocates nothing itself. Every kernel has a plain-NumPy twin (``*_reference``) with the same
-arguments and the same arithmetic order, which the tests compare it against.
+``(z, y, x)`` in the padded volume (or the grid of cubes that ran) and plain ints; it writes
+into preallocated outputs and allocates nothing itself. Every kernel has a plain-NumPy twin
+(``*_reference``) with the same arguments and the same arithmetic order, which the tests
+compare it against.
 
 The kernels release the GIL (``nogil=True``) so that extraction, inference and accumulation
 can run in separate threads; they are compiled on first use and cached on disk, so only the
@@ -71,55 +72,10 @@ def extract_cubes_reference(padded: np.ndarray, corners: np.ndarray, first: int,
 
 
 @njit(cache=_CACHE, nogil=True)
-def accumulate_cubes(predictions: np.ndarray, corners: np.ndarray, first: int, count: int,
-                     weights: np.ndarray, accumulator: np.ndarray,
-                     weight_sum: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Add weighted predictions into ``accumulator`` and the weights into ``weight_sum``.
-
-    Parameters
-    ----------
-    predictions : (B, 1, c, c, c) float32, C-contiguous
-        Network outputs for cubes ``corners[first:first + count]``.
-    corners : (n, 3) int64
-        Cube corners ``(z, y, x)`` in the padded volume.
-    first, count : int
-        Range of corners the predictions belong to.
-    weights : (c, c, c) float32, C-contiguous
-        Blending window.
-    accumulator, weight_sum : (Z, Y, X) float32, C-contiguous
-        Running weighted sum of predictions and of weights (both start at 0).
-    """
-    size = weights.shape[0]
-    for index in range(count):
-        z0 = corners[first + index, 0]
-        y0 = corners[first + index, 1]
-        x0 = corners[first + index, 2]
-        for i in range(size):
-            for j in range(size):
-                for k in range(size):
-                    weight = weights[i, j, k]
-                    accumulator[z0 + i, y0 + j, x0 + k] += predictions[index, 0, i, j, k] * weight
-                    weight_sum[z0 + i, y0 + j, x0 + k] += weight
-
-
-def accumulate_cubes_reference(predictions: np.ndarray, corners: np.ndarray, first: int,
-                               count: int, weights: np.ndarray, accumulator: np.ndarray,
-                               weight_sum: np.ndarray) -> None:
-    """NumPy twin of :func:`accumulate_cubes` (same arguments, same result)."""
-    size = weights.shape[0]
-    for index in range(count):
-        z0, y0, x0 = (int(value) for value in corners[first + index])
-        region = (slice(z0, z0 + size), slice(y0, y0 + size), slice(x0, x0 + size))
-        accumulator[region] += predictions[index, 0] * weights
-        weight_sum[region] += weights
-
-
-@njit(cache=_CACHE, nogil=True)
 def accumulate_weighted(values: np.ndarray, corners: np.ndarray, first: int, count: int,
                         weights: np.ndarray, accumulator: np.ndarray
                         ) -> None:  # pragma: no cover - compiled
-    """Add weighted cube ``values`` into ``accumulator`` (like :func:`accumulate_cubes`
-    without the weight sum: for a second quantity blended with the same weights).
+    """Add cube ``values`` times the blending window into ``accumulator``.
 
     Parameters
     ----------
@@ -181,3 +137,64 @@ def cube_abs_max_reference(padded: np.ndarray, corners: np.ndarray, size: int,
     for index, (z0, y0, x0) in enumerate(corners.tolist()):
         cube = padded[z0:z0 + size, y0:y0 + size, x0:x0 + size]
         out[index] = np.abs(cube).max()
+
+
+@njit(cache=_CACHE, nogil=True)
+def divide_by_window_sum(values: np.ndarray, ran: np.ndarray, stride: int, weights: np.ndarray,
+                         fill: float) -> None:  # pragma: no cover - compiled
+    """Divide a blended sum by the sum of the windows of the cubes that ran, in place.
+
+    The cubes sit on a regular grid (corner of cube ``(i, j, k)`` at ``(i, j, k) * stride``),
+    so the window sum of every voxel is computed here from the grid instead of being
+    accumulated in a volume of its own. It is summed in float32 in cube order, exactly as
+    :func:`accumulate_weighted` sums the weighted values, so a constant blends back to itself
+    bit for bit.
+
+    Parameters
+    ----------
+    values : (Z, Y, X) float32, C-contiguous
+        Sum of window-weighted predictions; becomes their weighted mean, or ``fill`` where
+        no cube that ran covers the voxel.
+    ran : (nz, ny, nx) uint8
+        1 for the cubes that ran, 0 for skipped ones.
+    stride : int
+        Distance between neighbouring cube corners, voxels.
+    weights : (c, c, c) float32, C-contiguous
+        Blending window (all > 0).
+    fill : float
+        Value of the voxels that no cube that ran covers.
+    """
+    size = weights.shape[0]
+    gz, gy, gx = ran.shape
+    for z in range(values.shape[0]):
+        i_lo = max(0, (z - size) // stride + 1)
+        i_hi = min(gz - 1, z // stride)
+        for y in range(values.shape[1]):
+            j_lo = max(0, (y - size) // stride + 1)
+            j_hi = min(gy - 1, y // stride)
+            for x in range(values.shape[2]):
+                k_lo = max(0, (x - size) // stride + 1)
+                k_hi = min(gx - 1, x // stride)
+                total = np.float32(0.0)
+                for i in range(i_lo, i_hi + 1):
+                    for j in range(j_lo, j_hi + 1):
+                        for k in range(k_lo, k_hi + 1):
+                            if ran[i, j, k]:
+                                total += weights[z - i * stride, y - j * stride,
+                                                 x - k * stride]
+                if total > 0:
+                    values[z, y, x] = values[z, y, x] / total
+                else:
+                    values[z, y, x] = fill
+
+
+def divide_by_window_sum_reference(values: np.ndarray, ran: np.ndarray, stride: int,
+                                   weights: np.ndarray, fill: float) -> None:
+    """NumPy twin of :func:`divide_by_window_sum` (same arguments, same result)."""
+    size = weights.shape[0]
+    total = np.zeros(values.shape, dtype=np.float32)
+    for i, j, k in np.argwhere(ran != 0).tolist():  # cube order, as the sums were made
+        z0, y0, x0 = i * stride, j * stride, k * stride
+        total[z0:z0 + size, y0:y0 + size, x0:x0 + size] += weights
+    covered = total > 0
+    values[...] = np.where(covered, values / np.where(covered, total, 1), fill)

@@ -7,8 +7,9 @@ kernels and ONNX Runtime both release the GIL, so the device is kept fed while t
 Accumulation happens in cube order in a single thread, so results are bitwise reproducible
 and independent of the batch size.
 
-Memory: the padded input, the accumulator and the weight sum (three float32 volumes of the
-padded shape) plus a few batches; :func:`overlap_add_augmented` adds one more volume (the
+Memory: the padded input and the accumulator (two float32 volumes of the padded shape) plus a
+few batches; the sum of the blending windows is not stored but computed from the grid of cubes
+that ran when the sums are divided. :func:`overlap_add_augmented` adds one more volume (the
 blended variance).
 """
 
@@ -143,19 +144,18 @@ def _blend(padded: np.ndarray, plan: TilingPlan, evaluate: Evaluate, batch_size:
                         plan.cube_count - int(corners.shape[0]))
     # Run them and sum the weighted predictions (and variances).
     accumulator = np.zeros(plan.padded_shape, dtype=np.float32)
-    weight_sum = np.zeros(plan.padded_shape, dtype=np.float32)
-    sums = _Sums(plan.weights, accumulator, weight_sum, spread)
+    sums = _Sums(plan.weights, accumulator, spread)
     _run_batches(padded, corners, plan.cube_size, evaluate, batch_size, sums, progress)
     del padded
-    # Divide by the weights; uncovered voxels are background (spread 0).
-    covered = weight_sum > 0
-    np.divide(accumulator, weight_sum, out=accumulator, where=covered)
+    # Divide by the sum of the windows of the cubes that ran (computed from the grid of run
+    # cubes, not stored); voxels no run cube covers get the background (spread 0).
+    ran = np.zeros(plan.grid_shape, dtype=np.uint8)
+    stride = plan.scheme.stride
+    ran[corners[:, 0] // stride, corners[:, 1] // stride, corners[:, 2] // stride] = 1
+    _kernels.divide_by_window_sum(accumulator, ran, stride, plan.weights, background)
     if spread is not None:
-        np.divide(spread, weight_sum, out=spread, where=covered)
-        spread[~covered] = 0.0
+        _kernels.divide_by_window_sum(spread, ran, stride, plan.weights, 0.0)
         np.sqrt(spread, out=spread)
-    del weight_sum
-    accumulator[~covered] = background
     return np.ascontiguousarray(crop(accumulator, plan)), counts
 
 
@@ -163,18 +163,17 @@ def _blend(padded: np.ndarray, plan: TilingPlan, evaluate: Evaluate, batch_size:
 class _Sums:
     weights: np.ndarray
     accumulator: np.ndarray
-    weight_sum: np.ndarray
     variance: np.ndarray | None = None
 
     def add(self, predictions: Any, corners: np.ndarray, first: int, count: int) -> None:
         """Add a batch: predictions, or ``(mean, variance)`` when a variance is blended."""
         if self.variance is None:
-            _kernels.accumulate_cubes(predictions, corners, first, count, self.weights,
-                                      self.accumulator, self.weight_sum)
+            _kernels.accumulate_weighted(predictions, corners, first, count, self.weights,
+                                         self.accumulator)
             return
         mean, variance = predictions
-        _kernels.accumulate_cubes(mean, corners, first, count, self.weights, self.accumulator,
-                                  self.weight_sum)
+        _kernels.accumulate_weighted(mean, corners, first, count, self.weights,
+                                     self.accumulator)
         _kernels.accumulate_weighted(variance, corners, first, count, self.weights,
                                      self.variance)
 

@@ -7,25 +7,26 @@ Two schemes are built in (:func:`scheme_for`):
     DeepEMhancer), every cube run, predictions averaged with uniform weights. A 256³ map needs
     13³ = 2197 cubes. This is the correctness reference.
 ``default``
-    Faster and faithful: stride ``cube_size * DEFAULT_STRIDE_FRACTION`` (32 for 64³ cubes, 8×
-    fewer cubes than the reference: 7³ = 343 for 256³) with a raised-cosine blending window,
-    and cubes whose normalised input is pure solvent skipped. The window is flat in the cube's
-    centre and tapers as ``sin²`` over the ``cube_size - stride`` voxels that overlap a
-    neighbour, so the windows of neighbouring cubes sum to exactly one (a partition of unity)
-    and no voxel ever gets weight zero: voxels are predicted mostly from the centre of the cubes,
-    where the network sees the most context. A cube is skipped when its largest ``|value|``
-    is below ``DEFAULT_SKIP_THRESHOLD`` (5) solvent-noise standard deviations: the largest of
-    64³ samples of white Gaussian noise is about 4.7 σ, and the 16 lowest cube maxima of
-    emd_5168 (solvent, correlated noise) are 3.3–4.8 σ. A skipped cube contributes nothing;
-    voxels that no run cube covers get the model's background. Stride fraction and
+    Faster and faithful: stride ``cube_size * DEFAULT_STRIDE_FRACTION`` (48 for 64³ cubes:
+    5³ = 125 cubes for 256³ before solvent skipping, against 2197) with a raised-cosine
+    blending window, and cubes whose normalised input is pure solvent skipped. The window is
+    flat in the cube's centre and tapers as ``sin²`` over the ``cube_size - stride`` voxels
+    (16) that overlap a neighbour, so the windows of neighbouring cubes sum to exactly one (a
+    partition of unity) and no voxel ever gets weight zero: inside the map, a voxel of a
+    cube's flat centre is predicted from that cube alone, at least 16 voxels from its faces,
+    and in a 16-voxel overlap the cube in which the voxel lies deeper weighs more. A cube is skipped when its largest
+    ``|value|`` is below ``DEFAULT_SKIP_THRESHOLD`` (5) solvent-noise standard deviations:
+    the largest of 64³ samples of white Gaussian noise is about 4.7 σ, and the 16 lowest cube
+    maxima of emd_5168 (solvent, correlated noise) are 3.3–4.8 σ. A skipped cube contributes
+    nothing; voxels that no run cube covers get the model's background. Stride fraction and
     threshold are parameters so that they can be tuned by measurement.
 
-Measured on emd_5168 (174³ at 1 Å, 512 reference cubes) with a local "sharpen and mask"
-stand-in network (tests/onnx_fixtures.py ``masking_model``): CC to the reference output
-0.9975 for stride 32 with or without skipping (109 of 125 cubes run at 5 σ), and the same
-for stride 48 (35 of 64 cubes); a random-initialised full U-net is no guide (its output
-changes with the cube grid: the reference shifted by 8 voxels has CC 0.89 to itself), so
-the stride stays at cube/2 until a trained model settles it.
+Chosen by measurement with the trained default model ``tight`` 0.2 (``bench/tiling_study.py``,
+CC of the output to the reference output, 256³ synthetic map of ``bench/speed.py``): stride
+32 + 5 σ 0.9990 (234 cubes run), stride 40 + 5 σ 0.9989 (92), stride 48 + 5 σ 0.9989 (88),
+stride 48 without skipping 0.9989 (125), stride 48 + 8 σ 0.9990 (63); the reference runs 2197.
+Wider strides lose nothing measurable, so the default takes 48; the 5 σ threshold stays on
+the safe side of the noise maxima rather than chasing the last cubes.
 
 Every box shape is covered: each axis is padded on its own to ``cube_size + (n - 1) * stride``
 with ``n`` the fewest cubes that cover it (a box smaller than one cube is padded to one cube),
@@ -44,8 +45,8 @@ DEFAULT = "default"
 SCHEMES = (DEFAULT, REFERENCE)
 WINDOWS = ("uniform", "cosine")
 
-DEFAULT_STRIDE_FRACTION = 0.5
-"""Stride of the default scheme as a fraction of the cube size (32 voxels for 64³ cubes)."""
+DEFAULT_STRIDE_FRACTION = 0.75
+"""Stride of the default scheme as a fraction of the cube size (48 voxels for 64³ cubes)."""
 DEFAULT_SKIP_THRESHOLD = 5.0
 """Largest ``|value|`` of a solvent cube, in solvent-noise standard deviations."""
 
@@ -168,6 +169,13 @@ class TilingPlan:
     def cube_count(self) -> int:
         """Number of cubes in the plan."""
         return int(self.corners.shape[0])
+
+    @property
+    def grid_shape(self) -> tuple[int, int, int]:
+        """Cubes along (z, y, x): cube ``(i, j, k)`` has its corner at ``(i, j, k) * stride``."""
+        stride = self.scheme.stride
+        return tuple((n - self.cube_size) // stride + 1  # type: ignore[return-value]
+                     for n in self.padded_shape)
 
     @property
     def region(self) -> tuple[slice, slice, slice]:

@@ -43,50 +43,74 @@ def test_extract_leaves_unused_batch_entries(rng: np.random.Generator) -> None:
     assert np.all(batch[1:] == 5.0)
 
 
-def test_accumulate_matches_reference(rng: np.random.Generator) -> None:
+def test_accumulate_weighted_matches_reference(rng: np.random.Generator) -> None:
     shape = (12, 19, 10)
     corners = _corners(rng, shape, 7)
-    predictions = rng.standard_normal((7, 1, CUBE, CUBE, CUBE)).astype(np.float32)
+    values = rng.standard_normal((7, 1, CUBE, CUBE, CUBE)).astype(np.float32)
     weights = rng.uniform(0.01, 1.0, (CUBE, CUBE, CUBE)).astype(np.float32)
-    sums = [np.zeros(shape, np.float32) for _ in range(4)]
+    fast, slow = (np.zeros(shape, np.float32) for _ in range(2))
     for first in (0, 3, 6):
         count = min(3, 7 - first)
-        block = np.ascontiguousarray(predictions[first:first + count])
-        _kernels.accumulate_cubes(block, corners, first, count, weights, sums[0], sums[1])
-        _kernels.accumulate_cubes_reference(block, corners, first, count, weights, sums[2],
-                                            sums[3])
-    np.testing.assert_allclose(sums[0], sums[2], rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(sums[1], sums[3])
-    assert sums[1].max() > 0
-
-
-def test_accumulate_weight_sum_counts_overlaps() -> None:
-    corners = np.array([[0, 0, 0], [2, 0, 0]], dtype=np.int64)
-    predictions = np.ones((2, 1, CUBE, CUBE, CUBE), np.float32)
-    weights = np.ones((CUBE, CUBE, CUBE), np.float32)
-    accumulator = np.zeros((CUBE + 2, CUBE, CUBE), np.float32)
-    weight_sum = np.zeros_like(accumulator)
-    _kernels.accumulate_cubes(predictions, corners, 0, 2, weights, accumulator, weight_sum)
-    np.testing.assert_array_equal(weight_sum[:, 0, 0], [1, 1, 2, 2, 2, 2, 2, 2, 1, 1])
-    np.testing.assert_array_equal(accumulator, weight_sum)
-
-
-def test_accumulate_weighted_matches_reference_and_accumulate_cubes(
-        rng: np.random.Generator) -> None:
-    shape = (11, 14, 17)
-    corners = _corners(rng, shape, 6)
-    values = rng.uniform(0.0, 2.0, (6, 1, CUBE, CUBE, CUBE)).astype(np.float32)
-    weights = rng.uniform(0.01, 1.0, (CUBE, CUBE, CUBE)).astype(np.float32)
-    fast, slow, blended, weight_sum = (np.zeros(shape, np.float32) for _ in range(4))
-    for first in (0, 4):
-        count = min(4, 6 - first)
         block = np.ascontiguousarray(values[first:first + count])
         _kernels.accumulate_weighted(block, corners, first, count, weights, fast)
         _kernels.accumulate_weighted_reference(block, corners, first, count, weights, slow)
-        _kernels.accumulate_cubes(block, corners, first, count, weights, blended, weight_sum)
     np.testing.assert_allclose(fast, slow, rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(fast, blended)
-    assert fast.max() > 0
+    assert np.abs(fast).max() > 0
+
+
+def test_accumulate_weighted_counts_overlaps() -> None:
+    corners = np.array([[0, 0, 0], [2, 0, 0]], dtype=np.int64)
+    ones = np.ones((2, 1, CUBE, CUBE, CUBE), np.float32)
+    accumulator = np.zeros((CUBE + 2, CUBE, CUBE), np.float32)
+    _kernels.accumulate_weighted(ones, corners, 0, 2, np.ones((CUBE,) * 3, np.float32),
+                                 accumulator)
+    np.testing.assert_array_equal(accumulator[:, 0, 0], [1, 1, 2, 2, 2, 2, 2, 2, 1, 1])
+
+
+def _window_grid(rng: np.random.Generator, stride: int, grid: tuple[int, int, int]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random run/skip grid, a positive separable window and the summed windows."""
+    ran = (rng.uniform(size=grid) < 0.6).astype(np.uint8)
+    line = rng.uniform(0.05, 1.0, CUBE)
+    shape = tuple(CUBE + (n - 1) * stride for n in grid)
+    total = np.zeros(shape)
+    cube = (line[:, None, None] * line[None, :, None] * line[None, None, :]).astype(np.float32)
+    for i, j, k in zip(*np.nonzero(ran), strict=True):
+        total[i * stride:i * stride + CUBE, j * stride:j * stride + CUBE,
+              k * stride:k * stride + CUBE] += cube
+    return ran, cube, total
+
+
+@pytest.mark.parametrize("stride", [2, 3, 4, 6, 8])
+def test_divide_by_window_sum_matches_reference_and_brute_force(
+        rng: np.random.Generator, stride: int) -> None:
+    ran, weights, total = _window_grid(rng, stride, (3, 4, 2))
+    values = rng.uniform(0.5, 2.0, total.shape).astype(np.float32)
+    fast, slow = values.copy(), values.copy()
+    _kernels.divide_by_window_sum(fast, ran, stride, weights, -7.0)
+    _kernels.divide_by_window_sum_reference(slow, ran, stride, weights, -7.0)
+    np.testing.assert_array_equal(fast, slow)
+    covered = total > 0
+    assert covered.any() and not covered.all()
+    np.testing.assert_allclose(fast[covered], (values[covered] / total[covered]), rtol=1e-6)
+    assert np.all(fast[~covered] == -7.0)
+
+
+def test_divide_by_window_sum_of_a_constant_blend_is_the_constant(
+        rng: np.random.Generator) -> None:
+    """Blending a constant prediction gives back the constant (ones bit for bit)."""
+    stride = 5
+    ran, weights, total = _window_grid(rng, stride, (3, 3, 3))
+    corners = np.ascontiguousarray(np.argwhere(ran) * stride, dtype=np.int64)
+    for constant in (1.0, 2.5):
+        values = np.full((len(corners), 1, CUBE, CUBE, CUBE), constant, np.float32)
+        blend = np.zeros(total.shape, np.float32)
+        _kernels.accumulate_weighted(values, corners, 0, len(corners), weights, blend)
+        _kernels.divide_by_window_sum(blend, ran, stride, weights, 0.0)
+        if constant == 1.0:
+            assert np.all(blend[total > 0] == 1.0)
+        np.testing.assert_allclose(blend[total > 0], constant, rtol=1e-6)
+        assert np.all(blend[total == 0] == 0.0)
 
 
 def test_cube_abs_max_matches_reference(rng: np.random.Generator) -> None:
