@@ -2,9 +2,9 @@
 
 Each kernel takes C-contiguous float32 arrays, an ``(n, 3)`` int64 array of cube corners
 ``(z, y, x)`` in the padded volume (or the grid of cubes that ran) and plain ints; it writes
-into preallocated outputs and allocates nothing itself. Every kernel has a plain-NumPy twin
-(``*_reference``) with the same arguments and the same arithmetic order, which the tests
-compare it against.
+into preallocated outputs and allocates at most small per-axis tables. Every kernel has a
+plain-NumPy twin (``*_reference``) with the same arguments and the same arithmetic order,
+which the tests compare it against.
 
 The kernels release the GIL (``nogil=True``) so that extraction, inference and accumulation
 can run in separate threads; they are compiled on first use and cached on disk, so only the
@@ -165,20 +165,20 @@ def divide_by_window_sum(values: np.ndarray, ran: np.ndarray, stride: int, weigh
         Value of the voxels that no cube that ran covers.
     """
     size = weights.shape[0]
-    gz, gy, gx = ran.shape
+    # Per axis and position: the lattice indices whose cubes cover it and ran somewhere.
+    zs, z_count = _covering(values.shape[0], size, stride, _used(ran, 0))
+    ys, y_count = _covering(values.shape[1], size, stride, _used(ran, 1))
+    xs, x_count = _covering(values.shape[2], size, stride, _used(ran, 2))
     for z in range(values.shape[0]):
-        i_lo = max(0, (z - size) // stride + 1)
-        i_hi = min(gz - 1, z // stride)
         for y in range(values.shape[1]):
-            j_lo = max(0, (y - size) // stride + 1)
-            j_hi = min(gy - 1, y // stride)
             for x in range(values.shape[2]):
-                k_lo = max(0, (x - size) // stride + 1)
-                k_hi = min(gx - 1, x // stride)
                 total = np.float32(0.0)
-                for i in range(i_lo, i_hi + 1):
-                    for j in range(j_lo, j_hi + 1):
-                        for k in range(k_lo, k_hi + 1):
+                for a in range(z_count[z]):
+                    i = zs[z, a]
+                    for b in range(y_count[y]):
+                        j = ys[y, b]
+                        for c in range(x_count[x]):
+                            k = xs[x, c]
                             if ran[i, j, k]:
                                 total += weights[z - i * stride, y - j * stride,
                                                  x - k * stride]
@@ -186,6 +186,33 @@ def divide_by_window_sum(values: np.ndarray, ran: np.ndarray, stride: int, weigh
                     values[z, y, x] = values[z, y, x] / total
                 else:
                     values[z, y, x] = fill
+
+
+@njit(cache=_CACHE, nogil=True)
+def _used(ran: np.ndarray, axis: int) -> np.ndarray:  # pragma: no cover - compiled
+    """1 for the lattice indices along ``axis`` where some cube ran."""
+    used = np.zeros(ran.shape[axis], dtype=np.uint8)
+    for i in range(ran.shape[0]):
+        for j in range(ran.shape[1]):
+            for k in range(ran.shape[2]):
+                if ran[i, j, k]:
+                    used[(i, j, k)[axis]] = 1
+    return used
+
+
+@njit(cache=_CACHE, nogil=True)
+def _covering(length: int, size: int, stride: int,
+              used: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    """For each position ``p < length``: the used lattice indices ``i`` (increasing) with
+    ``i * stride <= p < i * stride + size``, as a table and a count per position."""
+    table = np.zeros((length, (size + stride - 1) // stride + 1), dtype=np.int64)
+    count = np.zeros(length, dtype=np.int64)
+    for p in range(length):
+        for i in range(max(0, (p - size) // stride + 1), min(used.shape[0] - 1, p // stride) + 1):
+            if used[i]:
+                table[p, count[p]] = i
+                count[p] += 1
+    return table, count
 
 
 def divide_by_window_sum_reference(values: np.ndarray, ran: np.ndarray, stride: int,

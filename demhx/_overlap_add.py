@@ -150,11 +150,11 @@ def _blend(padded: np.ndarray, plan: TilingPlan, evaluate: Evaluate, batch_size:
     # Divide by the sum of the windows of the cubes that ran (computed from the grid of run
     # cubes, not stored); voxels no run cube covers get the background (spread 0).
     ran = np.zeros(plan.grid_shape, dtype=np.uint8)
-    stride = plan.scheme.stride
-    ran[corners[:, 0] // stride, corners[:, 1] // stride, corners[:, 2] // stride] = 1
-    _kernels.divide_by_window_sum(accumulator, ran, stride, plan.weights, background)
+    step = plan.scheme.step
+    ran[corners[:, 0] // step, corners[:, 1] // step, corners[:, 2] // step] = 1
+    _kernels.divide_by_window_sum(accumulator, ran, step, plan.weights, background)
     if spread is not None:
-        _kernels.divide_by_window_sum(spread, ran, stride, plan.weights, 0.0)
+        _kernels.divide_by_window_sum(spread, ran, step, plan.weights, 0.0)
         np.sqrt(spread, out=spread)
     return np.ascontiguousarray(crop(accumulator, plan)), counts
 

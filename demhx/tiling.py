@@ -7,26 +7,28 @@ Two schemes are built in (:func:`scheme_for`):
     DeepEMhancer), every cube run, predictions averaged with uniform weights. A 256³ map needs
     13³ = 2197 cubes. This is the correctness reference.
 ``default``
-    Faster and faithful: stride ``cube_size * DEFAULT_STRIDE_FRACTION`` (48 for 64³ cubes:
-    5³ = 125 cubes for 256³ before solvent skipping, against 2197) with a raised-cosine
-    blending window, and cubes whose normalised input is pure solvent skipped. The window is
-    flat in the cube's centre and tapers as ``sin²`` over the ``cube_size - stride`` voxels
-    (16) that overlap a neighbour, so the windows of neighbouring cubes sum to exactly one (a
-    partition of unity) and no voxel ever gets weight zero: inside the map, a voxel of a
-    cube's flat centre is predicted from that cube alone, at least 16 voxels from its faces,
-    and in a 16-voxel overlap the cube in which the voxel lies deeper weighs more. A cube is skipped when its largest
-    ``|value|`` is below ``DEFAULT_SKIP_THRESHOLD`` (5) solvent-noise standard deviations:
-    the largest of 64³ samples of white Gaussian noise is about 4.7 σ, and the 16 lowest cube
-    maxima of emd_5168 (solvent, correlated noise) are 3.3–4.8 σ. A skipped cube contributes
-    nothing; voxels that no run cube covers get the model's background. Stride fraction and
-    threshold are parameters so that they can be tuned by measurement.
+    Faster and faithful: a subset of the reference's own cubes. The padding and the lattice
+    of cube corners are the reference's (every ``model_stride`` voxels); along each axis the
+    fewest lattice positions, first and last included, are kept with gaps of at most
+    ``cube_size * DEFAULT_STRIDE_FRACTION`` (48 for 64³ cubes: gaps of 32 or 48, 16-voxel or
+    wider overlaps), predictions are averaged with uniform weights as in the reference, and
+    cubes whose normalised input is pure solvent are skipped. 256³: 5³ = 125 cubes before
+    skipping, against 13³ = 2197. A cube is skipped when its largest ``|value|`` is below
+    ``DEFAULT_SKIP_THRESHOLD`` (5) solvent-noise standard deviations: the largest of 64³
+    samples of white Gaussian noise is about 4.7 σ, and the 16 lowest cube maxima of emd_5168
+    (solvent, correlated noise) are 3.3–4.8 σ. A skipped cube contributes nothing; voxels that
+    no run cube covers get the model's background.
 
-Chosen by measurement with the trained default model ``tight`` 0.2 (``bench/tiling_study.py``,
-CC of the output to the reference output, 256³ synthetic map of ``bench/speed.py``): stride
-32 + 5 σ 0.9990 (234 cubes run), stride 40 + 5 σ 0.9989 (92), stride 48 + 5 σ 0.9989 (88),
-stride 48 without skipping 0.9989 (125), stride 48 + 8 σ 0.9990 (63); the reference runs 2197.
-Wider strides lose nothing measurable, so the default takes 48; the 5 σ threshold stays on
-the safe side of the noise maxima rather than chasing the last cubes.
+Why the reference's lattice and uniform weights, measured with the trained default model
+``tight`` 0.2 (``bench/tiling_study.py``; CC of the output to the reference output): the
+network's prediction for a voxel depends on where the voxel sits in its cube modulo the
+reference stride (its pooling), so cubes off the reference lattice disagree with it. On
+emd_5168 (174³ on the model grid, 512 reference cubes) a stride-48 grid centred on its own
+padding (cosine blending) gives CC 0.945 and stride 32 gives 0.971, while the same numbers of
+cubes taken from the reference lattice give 0.993 (64 cubes, uniform weights) and 0.995 (125);
+a cosine taper over the overlaps costs 0.002–0.004 of CC against uniform weights. On the
+256³ map of ``bench/speed.py`` every variant is at 0.999 (88 cubes run of 125, 2197 in the
+reference).
 
 Every box shape is covered: each axis is padded on its own to ``cube_size + (n - 1) * stride``
 with ``n`` the fewest cubes that cover it (a box smaller than one cube is padded to one cube),
@@ -58,16 +60,21 @@ class TilingScheme:
     Attributes
     ----------
     name : ``"reference"``, ``"default"`` or a free name for a custom scheme.
-    stride : distance between neighbouring cube corners, voxels (1 … cube size).
+    stride : distance between neighbouring cube corners, voxels (1 … cube size); with a
+        ``lattice``, the largest distance.
     window : ``"uniform"`` (plain averaging) or ``"cosine"`` (raised-cosine blending).
     skip_threshold : cubes whose largest ``|value|`` is below this many solvent-noise standard
         deviations are not run; ``None`` runs every cube.
+    lattice : None, or the reference stride: the cubes are then a subset of the reference
+        tiling's cubes (same padding, corners on its lattice), spread evenly at most
+        ``stride`` apart, so that each one is exactly a cube the reference runs.
     """
 
     name: str
     stride: int
     window: str = "uniform"
     skip_threshold: float | None = None
+    lattice: int | None = None
 
     def __post_init__(self) -> None:
         if self.window not in WINDOWS:
@@ -76,6 +83,14 @@ class TilingScheme:
             raise ValueError(f"tiling stride {self.stride} must be at least 1 voxel")
         if self.skip_threshold is not None and not self.skip_threshold >= 0:
             raise ValueError(f"tiling skip threshold {self.skip_threshold} must be >= 0 or None")
+        if self.lattice is not None and not 1 <= self.lattice <= self.stride:
+            raise ValueError(f"tiling lattice {self.lattice} must be within 1..{self.stride} "
+                             "(the stride)")
+
+    @property
+    def step(self) -> int:
+        """Spacing of the lattice the cube corners lie on (the stride without a lattice)."""
+        return self.lattice or self.stride
 
 
 def scheme_for(tiling: str | TilingScheme, cube_size: int, model_stride: int) -> TilingScheme:
@@ -95,27 +110,43 @@ def scheme_for(tiling: str | TilingScheme, cube_size: int, model_stride: int) ->
     if tiling == REFERENCE:
         return TilingScheme(REFERENCE, model_stride, "uniform", None)
     if tiling == DEFAULT:
-        stride = max(1, min(cube_size, round(cube_size * DEFAULT_STRIDE_FRACTION)))
-        return TilingScheme(DEFAULT, stride, "cosine", DEFAULT_SKIP_THRESHOLD)
+        lattice = max(1, min(cube_size, model_stride))
+        spacing = max(lattice, round(cube_size * DEFAULT_STRIDE_FRACTION))
+        stride = min(cube_size, spacing) // lattice * lattice
+        return TilingScheme(DEFAULT, stride, "uniform", DEFAULT_SKIP_THRESHOLD, lattice)
     raise ValueError(f"--tiling {tiling!r} is not a tiling scheme; use one of "
                      f"{', '.join(SCHEMES)}")
 
 
-def axis_layout(length: int, cube_size: int, stride: int) -> tuple[int, int, np.ndarray]:
+def axis_layout(length: int, cube_size: int, stride: int,
+                lattice: int | None = None) -> tuple[int, int, np.ndarray]:
     """Cube positions along one axis of ``length`` voxels.
+
+    Without ``lattice``, cubes every ``stride`` voxels. With it, the layout of stride
+    ``lattice`` (the reference's) is thinned out: the same padding, and the fewest of its
+    positions, first and last included, spread as evenly as the lattice allows with gaps of
+    at most ``stride`` (a multiple of ``lattice``).
 
     Returns
     -------
-    padded_length : ``cube_size + (n - 1) * stride`` >= ``length``, with ``n`` the fewest cubes
-        that cover the axis (at least one).
+    padded_length : ``cube_size + (n - 1) * step`` >= ``length``, with ``n`` the fewest cubes
+        that cover the axis at step ``lattice`` (or ``stride``).
     offset : index of the first voxel of the box in the padded axis (box centred).
-    starts : (n,) int64, first padded index of every cube.
+    starts : (m,) int64, increasing first padded index of every cube.
     """
     if length < 1:
         raise ValueError(f"axis length {length} must be at least 1 voxel")
-    count = 1 if length <= cube_size else 1 + math.ceil((length - cube_size) / stride)
-    padded_length = cube_size + (count - 1) * stride
-    return padded_length, (padded_length - length) // 2, np.arange(count, dtype=np.int64) * stride
+    step = lattice or stride
+    count = 1 if length <= cube_size else 1 + math.ceil((length - cube_size) / step)
+    padded_length = cube_size + (count - 1) * step
+    offset = (padded_length - length) // 2
+    if lattice is None or count == 1:
+        return padded_length, offset, np.arange(count, dtype=np.int64) * step
+    span = count - 1  # lattice steps from the first cube to the last
+    gap = max(1, stride // lattice)  # largest gap, lattice steps
+    chosen = 1 + math.ceil(span / gap)
+    steps = sorted({round(k * span / (chosen - 1)) for k in range(chosen)})
+    return padded_length, offset, np.array(steps, dtype=np.int64) * lattice
 
 
 def window_1d(cube_size: int, stride: int, window: str) -> np.ndarray:
@@ -172,9 +203,10 @@ class TilingPlan:
 
     @property
     def grid_shape(self) -> tuple[int, int, int]:
-        """Cubes along (z, y, x): cube ``(i, j, k)`` has its corner at ``(i, j, k) * stride``."""
-        stride = self.scheme.stride
-        return tuple((n - self.cube_size) // stride + 1  # type: ignore[return-value]
+        """Lattice points along (z, y, x): point ``(i, j, k)`` is the corner
+        ``(i, j, k) * scheme.step``; every cube's corner is one of them."""
+        step = self.scheme.step
+        return tuple((n - self.cube_size) // step + 1  # type: ignore[return-value]
                      for n in self.padded_shape)
 
     @property
@@ -190,7 +222,7 @@ def plan_tiling(shape: tuple[int, ...], cube_size: int, scheme: TilingScheme) ->
         raise ValueError(f"volume must be 3-D (z, y, x), got shape {tuple(shape)}")
     if not 1 <= scheme.stride <= cube_size:
         raise ValueError(f"tiling stride {scheme.stride} must be within 1..{cube_size}")
-    layouts = [axis_layout(int(n), cube_size, scheme.stride) for n in shape]
+    layouts = [axis_layout(int(n), cube_size, scheme.stride, scheme.lattice) for n in shape]
     grids = np.meshgrid(*(starts for _, _, starts in layouts), indexing="ij")
     corners = np.ascontiguousarray(np.stack([g.ravel() for g in grids], axis=1), dtype=np.int64)
     return TilingPlan(
