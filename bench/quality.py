@@ -2,13 +2,15 @@
 
     python bench/quality.py [--model PATH_OR_NAME] [--maps all|synthetic|real]
                             [--split test] [--count 12] [--markdown OUT.md]
+                            [--tiling default|reference]
 
 For every map three variants are scored (the model only with ``--model``):
 
 ``input``     the map as given (synthetic: the half-map average, unsharpened, unmasked);
 ``baseline``  global B-factor sharpening with the B fitted on the Guinier plot between 10 Å
               and the resolution (as RELION's automatic mode), low-passed at the resolution;
-``model``     ``demhx.enhance(volume, voxel_size, model=..., device="cpu", threads=2)``.
+``model``     ``demhx.enhance(volume, voxel_size, model=..., device="cpu", threads=2)``, with
+              ``--tiling`` (default or reference).
 
 Scores: FSC against the model-simulated map (0.5 and 0.143 crossings, Å), unmasked and with
 both maps multiplied by a tight soft model mask; CC to the LocScale-style target (synthetic
@@ -167,7 +169,8 @@ def degrade(volume: np.ndarray, voxel_size: float, mask: np.ndarray) -> np.ndarr
     return (blurred + noise).astype(np.float32)
 
 
-def run_model(model: str, case: Case) -> tuple[np.ndarray | str, str]:
+def run_model(model: str, case: Case, tiling: str = "default"
+              ) -> tuple[np.ndarray | str, str]:
     """The model's output for one case (or the error text) and a note on how it was run.
 
     Zoned maps (deposited crops, mostly exact zeros) have no solvent for the runtime's noise
@@ -179,7 +182,7 @@ def run_model(model: str, case: Case) -> tuple[np.ndarray | str, str]:
 
         try:
             return demhx.enhance(case.volume, case.voxel_size, model=model, device="cpu",
-                                 threads=2), ""
+                                 threads=2, tiling=tiling), ""
         except ValueError as error:
             if "looks masked" not in str(error):
                 raise
@@ -192,12 +195,12 @@ def run_model(model: str, case: Case) -> tuple[np.ndarray | str, str]:
                     f"{stats[0]:.4g},{stats[1]:.4g} from {solvent.size} non-zero voxels "
                     "outside the model mask")
             return demhx.enhance(case.volume, case.voxel_size, model=model, device="cpu",
-                                 threads=2, noise_stats=stats), note
+                                 threads=2, noise_stats=stats, tiling=tiling), note
     except Exception as error:  # the harness reports any runtime failure and goes on
         return f"{type(error).__name__}: {error}", ""
 
 
-def evaluate(cases: list[Case], model: str | None) -> list[str]:
+def evaluate(cases: list[Case], model: str | None, tiling: str = "default") -> list[str]:
     """Score every case's variants in place; return the notes and errors met."""
     errors = []
     for case in cases:
@@ -207,7 +210,7 @@ def evaluate(cases: list[Case], model: str | None) -> list[str]:
         except ValueError as error:
             errors.append(f"{case.name}: baseline: {error}")
         if model is not None:
-            output, note = run_model(model, case)
+            output, note = run_model(model, case, tiling)
             if note:
                 errors.append(note)
             if isinstance(output, str):
@@ -272,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=("test", "val"))
     parser.add_argument("--count", type=int, default=12, help="synthetic maps")
     parser.add_argument("--markdown", help="also write the table to this markdown file")
+    parser.add_argument("--tiling", default="default", choices=("default", "reference"),
+                        help="tiling of the model runs")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     cases = []
@@ -279,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         cases += synthetic_cases(args.split, args.count)
     if args.maps in ("all", "real"):
         cases += real_cases()
-    errors = evaluate(cases, args.model)
+    errors = evaluate(cases, args.model, args.tiling)
     text = table(cases)
-    print(f"model: {args.model or '(none: input and baseline only)'}")
+    print(f"model: {args.model or '(none: input and baseline only)'}, {args.tiling} tiling")
     print(f"machine: {machine()}")
     print(text)
     for error in errors:

@@ -14,8 +14,9 @@ output, only how long the study takes; ``--cache DIR`` keeps it on disk between 
     python bench/tiling_study.py --model tight --threads 2 --map 256 \
         --schemes 32:5,40:5,48:5,48:7 [--cache /tmp/study]
 
-A scheme is ``STRIDE:THRESHOLD`` with the cosine window (threshold ``none`` runs every cube),
-or ``STRIDE:THRESHOLD:uniform``. Maps are those of ``bench/speed.py`` (``5168``, an edge for
+A scheme is ``default``, ``STRIDE:THRESHOLD`` with the cosine window (threshold ``none`` runs
+every cube), or ``STRIDE:THRESHOLD:uniform`` (a grid of its own, not on the reference's
+lattice). Maps are those of ``bench/speed.py`` (``5168``, an edge for
 a synthetic map) or an MRC path.
 """
 
@@ -80,7 +81,9 @@ class CachedSession:
         np.save(self.cache_dir / "values.npy", np.stack([self.cache[k] for k in keys]))
 
 
-def parse_scheme(text: str) -> TilingScheme:
+def parse_scheme(text: str) -> TilingScheme | str:
+    if text in ("default", "reference"):
+        return text
     stride, threshold, *window = text.split(":")
     skip = None if threshold == "none" else float(threshold)
     return TilingScheme(f"s{stride}t{threshold}", int(stride), window[0] if window else "cosine",
