@@ -54,7 +54,8 @@ options:
   --device DEV          auto (CUDA when usable, else CPU), cpu, cuda or cuda:N
   --batch-size N        cubes per inference call (default: 1 on CPU, from GPU memory on CUDA)
   --threads N           CPU threads for inference (default: all physical cores)
-  --tiling SCHEME       default: stride 3/4 cube, blended, solvent cubes skipped;
+  --tiling SCHEME       default: the reference's cubes thinned to gaps <= 3/4 cube, solvent
+                        cubes skipped;
                         reference: the paper's stride 16 with plain averaging (slow)
   --voxel-size A        voxel size in Å, one value or X,Y,Z; overrides the header
   --noise-stats M,S     solvent noise mean and standard deviation of IN (skips estimation)

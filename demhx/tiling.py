@@ -30,9 +30,10 @@ a cosine taper over the overlaps costs 0.002–0.004 of CC against uniform weigh
 256³ map of ``bench/speed.py`` every variant is at 0.999 (88 cubes run of 125, 2197 in the
 reference).
 
-Every box shape is covered: each axis is padded on its own to ``cube_size + (n - 1) * stride``
-with ``n`` the fewest cubes that cover it (a box smaller than one cube is padded to one cube),
-the box centred in the padding. All functions here are pure and work on shapes and small arrays.
+Every box shape is covered: each axis is padded on its own to ``cube_size + (n - 1) * step``
+with ``n`` the fewest cubes at the scheme's lattice step (the stride without a lattice) that
+cover it (a box smaller than one cube is padded to one cube), the box centred in the padding.
+All functions here are pure and work on shapes and small arrays.
 """
 
 from __future__ import annotations
