@@ -144,11 +144,11 @@ def divide_by_window_sum(values: np.ndarray, ran: np.ndarray, stride: int, weigh
                          fill: float) -> None:  # pragma: no cover - compiled
     """Divide a blended sum by the sum of the windows of the cubes that ran, in place.
 
-    The cubes sit on a regular grid (corner of cube ``(i, j, k)`` at ``(i, j, k) * stride``),
-    so the window sum of every voxel is computed here from the grid instead of being
-    accumulated in a volume of its own. It is summed in float32 in cube order, exactly as
-    :func:`accumulate_weighted` sums the weighted values, so a constant blends back to itself
-    bit for bit.
+    The cube corners lie on a lattice (point ``(i, j, k)`` at ``(i, j, k) * stride``; the
+    tiling's ``scheme.step``), so the window sum of every voxel is computed here from the
+    lattice points whose cubes ran instead of being accumulated in a volume of its own. It is
+    summed in float32 in cube order, exactly as :func:`accumulate_weighted` sums the weighted
+    values, so a constant blends back to itself bit for bit.
 
     Parameters
     ----------
@@ -156,9 +156,9 @@ def divide_by_window_sum(values: np.ndarray, ran: np.ndarray, stride: int, weigh
         Sum of window-weighted predictions; becomes their weighted mean, or ``fill`` where
         no cube that ran covers the voxel.
     ran : (nz, ny, nx) uint8
-        1 for the cubes that ran, 0 for skipped ones.
+        1 for the lattice points whose cube ran, 0 for skipped cubes and unused points.
     stride : int
-        Distance between neighbouring cube corners, voxels.
+        Spacing of the lattice, voxels.
     weights : (c, c, c) float32, C-contiguous
         Blending window (all > 0).
     fill : float

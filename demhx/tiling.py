@@ -49,7 +49,8 @@ SCHEMES = (DEFAULT, REFERENCE)
 WINDOWS = ("uniform", "cosine")
 
 DEFAULT_STRIDE_FRACTION = 0.75
-"""Stride of the default scheme as a fraction of the cube size (48 voxels for 64³ cubes)."""
+"""Largest gap between neighbouring cubes of the default scheme, as a fraction of the cube
+size (48 voxels for 64³ cubes), rounded down to the reference stride."""
 DEFAULT_SKIP_THRESHOLD = 5.0
 """Largest ``|value|`` of a solvent cube, in solvent-noise standard deviations."""
 
