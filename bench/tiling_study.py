@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         cached.save()
     print(f"{'scheme':>12} {'cubes':>6} {'run':>5} {'skip':>5} {'new':>5} {'est. s':>7} "
           f"{'CC ref':>7}")
+    saved = cached.evaluated
     for text in args.schemes.split(","):
         scheme = parse_scheme(text)
         before = cached.evaluated
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{text:>12} {info.cubes.total:6d} {info.cubes.run:5d} {info.cubes.skipped:5d} "
               f"{cached.evaluated - before:5d} {info.cubes.run * per_cube:7.1f} {cc:7.4f}",
               flush=True)
-        cached.save() if cached.evaluated > before else None
+    if cached.evaluated > saved:  # new cubes were run: keep them for the next call
+        cached.save()
     return 0
 
 
