@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ import numpy as np
 from demhx import augment, mrcio, normalise, resample, tiling
 from demhx._overlap_add import TileCounts, overlap_add, overlap_add_augmented
 from demhx.normalise import NoiseStats
-from demhx.session import Runtime, check_positive, load_runtime, parse_device
+from demhx.session import DemhxWarning, Runtime, check_positive, load_runtime, parse_device
 from demhx.tiling import TilingScheme
 
 LOG = logging.getLogger("demhx")
@@ -238,7 +239,7 @@ class Enhancer:
         # Enhance on the model's grid (the normalised copy is freed once resampled) ...
         prediction, spread, cubes, model_shape = _enhance_normalised(
             _normalised(volume, stats, runtime, mask), voxel, runtime, tiling, progress,
-            rotations)
+            rotations, stats.noise_fraction)
         # ... then come back to the input grid and units.
         if prediction.shape != shape:
             prediction = resample.resample_to_shape(prediction, shape)
@@ -359,18 +360,37 @@ def noise_statistics(volume: np.ndarray, voxel_size: tuple[float, float, float],
                      mask: np.ndarray | None, name: str = "volume") -> NoiseStats:
     """The statistics to normalise with: the user's, the mask's, or estimated from solvent.
 
-    ``name`` starts the message when the map is constant or already masked.
+    An estimated std is widened when the map peaks beyond what the network was trained on
+    (:func:`demhx.normalise.limit_peak`), with a warning; the user's std is kept as given, with
+    a warning. ``name`` starts the messages (and the error when the map is constant or
+    already masked).
     """
     if runtime.spec.normalisation == "mask" and mask is None:
         raise ValueError(f"{runtime.spec.path.name}: model {runtime.spec.label} expects masked "
                          "input (normalisation 'mask'); pass --mask PATH")
     user = _user_stats(noise_stats)
     if user is not None:
+        peak = normalise.peak_sigmas(volume, user)
+        if peak > normalise.MAX_PEAK_SIGMAS:
+            warnings.warn(f"{name}: with --noise-stats std {user.std:.4g} the map peaks at "
+                          f"{peak:.0f} noise stds, beyond the {normalise.MAX_PEAK_SIGMAS:.0f} "
+                          "the network was trained on, so the output may be unreliable; check "
+                          "the noise std, or leave --noise-stats out", DemhxWarning,
+                          stacklevel=3)
         return user
     if mask is not None:
         return normalise.mask_stats(volume, mask)
     normalise.check_not_masked(volume, name)
-    return normalise.estimate_noise(volume, voxel_size)
+    stats = normalise.estimate_noise(volume, voxel_size)
+    limited = normalise.limit_peak(volume, stats)
+    if limited is not stats:
+        peak = normalise.MAX_PEAK_SIGMAS * limited.std / stats.std
+        warnings.warn(f"{name}: the map peaks at {peak:.0f} noise stds (solvent std "
+                      f"{stats.std:.4g}), beyond the {normalise.MAX_PEAK_SIGMAS:.0f} the network "
+                      "was trained on (flattened solvent: masked, filtered or rescaled?); "
+                      f"normalised with std {limited.std:.4g} instead. To choose, pass "
+                      "--noise-stats MEAN,STD", DemhxWarning, stacklevel=3)
+    return limited
 
 
 def _user_stats(noise_stats: NoiseStatsLike) -> NoiseStats | None:
@@ -394,12 +414,15 @@ def _normalised(volume: np.ndarray, stats: NoiseStats, runtime: Runtime,
 def _enhance_normalised(normalised: np.ndarray, voxel: tuple[float, float, float],
                         runtime: Runtime, tiling_name: str | TilingScheme,
                         progress: Progress | None,
-                        rotations: tuple[augment.Rotation, ...] | None = None
+                        rotations: tuple[augment.Rotation, ...] | None = None,
+                        noise_fraction: float = 1.0
                         ) -> tuple[np.ndarray, np.ndarray | None, TileCounts,
                                    tuple[int, int, int]]:
     """Resample to the model's voxel size, run the tiles; the prediction on the model grid.
 
     With ``rotations``, also the spread over them (normalised units); otherwise None.
+    ``noise_fraction``: the solvent noise std as a fraction of the model's ``noise_std``
+    (below 1 when the std was widened), so that solvent cubes are still told by their noise.
     """
     spec = runtime.spec
     # Resample to the model's voxel size (skipped when the grid does not change).
@@ -411,7 +434,8 @@ def _enhance_normalised(normalised: np.ndarray, voxel: tuple[float, float, float
     plan = tiling.plan_tiling(model_shape, spec.cube_size, scheme)
     padded = tiling.pad_volume(normalised, plan)
     del normalised
-    skip = None if scheme.skip_threshold is None else scheme.skip_threshold * spec.noise_std
+    skip = (None if scheme.skip_threshold is None
+            else scheme.skip_threshold * spec.noise_std * noise_fraction)
     if rotations is not None:
         return (*overlap_add_augmented(padded, plan, runtime.run, runtime.batch_size, rotations,
                                        background=spec.background, skip_below=skip,
@@ -439,6 +463,8 @@ def _describe_stats(stats: NoiseStats) -> str:
     line = f"noise mean {stats.mean:.4g}, std {stats.std:.4g} ({stats.method}"
     if stats.method not in ("user", "mask") and math.isfinite(stats.solvent_fraction):
         line += f", from {stats.solvent_fraction:.0%} of the box"
+    if stats.widened_from is not None:
+        line += f"; widened from {stats.widened_from:.4g} to keep the peak in range"
     return line + ")"
 
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def source(tmp_path: Path) -> Path:
     data = np.random.default_rng(0).standard_normal((20, 24, 28)).astype(np.float32) * 0.1
-    data[8:12, 10:14, 12:16] += 3.0
+    data[8:12, 10:14, 12:16] += 2.0
     path = tmp_path / "in.mrc"
     with mrcfile.new(path) as stream:
         stream.set_data(data)

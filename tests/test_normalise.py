@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import PARTICLES, real_map, synthetic_map
+from conftest import PARTICLES, gaussian_blobs, particle_centres, real_map, synthetic_map
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -176,3 +176,50 @@ def test_mask_stats_refusals(blob_volume: np.ndarray) -> None:
         normalise.mask_stats(blob_volume, np.ones((2, 2, 2)))
     with pytest.raises(ValueError, match="constant"):
         normalise.mask_stats(np.ones(blob_volume.shape), np.ones(blob_volume.shape))
+
+
+# --------------------------------------------------------------------------- dynamic range
+
+
+def test_peak_sigmas_is_the_quantile_in_noise_stds(blob_volume: np.ndarray) -> None:
+    stats = NoiseStats(0.02, 0.05, "user", 1.0)
+    expected = (np.quantile(blob_volume, normalise.PEAK_QUANTILE) - 0.02) / 0.05
+    assert normalise.peak_sigmas(blob_volume, stats) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("kind", PARTICLES)
+def test_maps_in_the_training_range_are_left_alone(kind: str) -> None:
+    volume = synthetic_map(kind, noise_mean=NOISE_MEAN, noise_std=NOISE_STD)  # peaks ≈ 12 σ
+    stats = normalise.estimate_noise(volume, (1.0, 1.0, 1.0))
+    assert normalise.limit_peak(volume, stats) is stats
+    assert stats.widened_from is None and stats.noise_fraction == 1.0
+
+
+@pytest.mark.parametrize("flattening", [3.0, 40.0])
+def test_flattened_solvent_is_widened_to_the_limit(flattening: float) -> None:
+    # The particle of synthetic_map with its solvent noise shrunk: it peaks at about
+    # 12 × flattening noise stds.
+    rng = np.random.default_rng(5)
+    shape, centres = particle_centres("centred", rng)
+    signal = gaussian_blobs(shape, centres)
+    signal *= np.float32(12 * flattening * NOISE_STD / signal.max())
+    noise = rng.normal(NOISE_MEAN, NOISE_STD, shape).astype(np.float32)
+    volume = signal + noise
+    stats = normalise.estimate_noise(volume, (1.0, 1.0, 1.0))
+    limited = normalise.limit_peak(volume, stats)
+    assert limited.widened_from == stats.std and limited.mean == stats.mean
+    assert limited.method == stats.method
+    assert normalise.peak_sigmas(volume, limited) == pytest.approx(normalise.MAX_PEAK_SIGMAS,
+                                                                    rel=1e-5)
+    assert limited.noise_fraction == pytest.approx(stats.std / limited.std)
+    assert normalise.limit_peak(volume, limited) is limited  # idempotent
+    # An affine change of units changes the statistics alike.
+    scaled = normalise.limit_peak(volume * np.float32(4) - np.float32(1),
+                                  normalise.estimate_noise(volume * np.float32(4) - np.float32(1)))
+    assert scaled.std == pytest.approx(4 * limited.std, rel=1e-4)
+    assert scaled.widened_from == pytest.approx(4 * stats.std, rel=1e-4)
+
+
+def test_limit_peak_rejects_a_bad_limit(blob_volume: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="max_sigmas"):
+        normalise.limit_peak(blob_volume, NoiseStats(0.0, 0.05, "user", 1.0), 0.0)

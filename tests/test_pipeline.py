@@ -10,8 +10,13 @@ import pytest
 from onnx_fixtures import CUBE, identity_path, masking_model, scale_model, smooth_model, write_model
 
 import demhx
-from demhx import augment, pipeline
+from demhx import augment, normalise, pipeline
+from demhx.session import DemhxWarning
 from demhx.tiling import TilingScheme
+
+# The fixtures' blobs stand far above their weak noise (up to ~300 noise stds), beyond the
+# range the trained network knows; the pipeline's warning about it is tested on its own below.
+pytestmark = pytest.mark.filterwarnings("ignore:.*the network was trained on")
 
 MAPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maps"
 SCHEMES = ["default", "reference"]
@@ -383,3 +388,42 @@ def test_confidence_errors_write_nothing(tmp_path: Path, models: dict[str, Path]
         demhx.enhance_file(source, tmp_path / "out.mrc", model=models["identity"],
                            device="cpu", **options)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists.mrc", "in.mrc"]
+
+
+def _flattened_map() -> tuple[np.ndarray, tuple[int, int, int], tuple[int, int, int]]:
+    """Weak noise (std 0.01) with a strong particle at one end (≈ 1000 noise stds) and a weak
+    blob (≈ 20 noise stds) at the other, three cubes apart; the map and the two centres."""
+    shape = (40, 40, 200)
+    grid = np.indices(shape, dtype=np.float32)
+    strong, weak = (20, 20, 30), (20, 20, 170)
+    volume = _noise(shape, 3, 0.01)
+    for centre, height, width in ((strong, 10.0, 4.0), (weak, 0.2, 2.5)):
+        distance = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True))
+        volume += np.float32(height) * np.exp(-distance / (2 * width ** 2)).astype(np.float32)
+    return volume, strong, weak
+
+
+def test_flattened_solvent_warns_widens_and_still_runs_weak_density(
+        identity: pipeline.Enhancer) -> None:
+    volume, strong, weak = _flattened_map()
+    with pytest.warns(DemhxWarning, match=r"volume: the map peaks at \d+ noise stds .*"
+                      r"normalised with std .* instead"):
+        result, info = identity.run(volume, 1.0)
+    noise = info.noise
+    assert noise.widened_from is not None and noise.widened_from < noise.std / 10
+    assert normalise.peak_sigmas(volume, noise) == pytest.approx(normalise.MAX_PEAK_SIGMAS,
+                                                                  rel=1e-4)
+    # Solvent cubes are still told by the measured noise: the weak blob (≈ 20 measured noise
+    # stds, under 1 widened std) is enhanced, not replaced by the background.
+    assert info.cubes.skipped > 0
+    for centre in (strong, weak):
+        assert result[centre] == pytest.approx(volume[centre] - noise.mean, rel=1e-3)
+    assert "widened from" in pipeline._describe_stats(noise)
+
+
+def test_user_noise_stats_beyond_the_range_warn_but_are_kept(
+        identity: pipeline.Enhancer) -> None:
+    volume, _, _ = _flattened_map()
+    with pytest.warns(DemhxWarning, match="with --noise-stats std 0.01 the map peaks at"):
+        _, info = identity.run(volume, 1.0, noise_stats=(0.0, 0.01))
+    assert (info.noise.std, info.noise.widened_from) == (0.01, None)
