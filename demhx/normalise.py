@@ -45,8 +45,9 @@ measure; :func:`check_not_masked` refuses it with a message suggesting ``--mask`
 ``--noise-stats``.
 
 Dynamic range (:func:`limit_peak`): the network only knows maps whose density stays within a
-few tens of noise stds — on the synthetic training maps the 99.99th percentile of the
-normalised density lies between 7 and 33 noise stds (12 maps, 2.5–8 Å). A map whose solvent
+few tens of noise stds — on the synthetic training inputs the 99.99th percentile of the
+normalised density lies between 6.5 and 22 noise stds (median 11.5; 24 samples, 2.8–6 Å,
+``bench/input_range.py``). A map whose solvent
 was flattened (soft-masked, low-pass filtered, renormalised) has a tiny measured noise std and
 lands far outside that range: EMD-6824 (renormalised to SD 1, solvent std 0.023) reaches 397
 noise stds, where the network's output is unstable (it then depends on where the cube cuts the
