@@ -114,6 +114,63 @@ def accumulate_weighted_reference(values: np.ndarray, corners: np.ndarray, first
 
 
 @njit(cache=_CACHE, nogil=True)
+def accumulate_sampled_squares(values: np.ndarray, corners: np.ndarray, first: int, count: int,
+                               sample: int, squares: np.ndarray, counts: np.ndarray
+                               ) -> None:  # pragma: no cover - compiled
+    """Add the squares of cube ``values`` and one count at every ``sample``-th padded voxel.
+
+    Only voxels whose padded indices are all multiples of ``sample`` are visited; voxel
+    ``(z, y, x)`` of the padded volume is entry ``(z, y, x) // sample`` of ``squares`` and
+    ``counts``, so the two hold, on that sparse grid, the sum of the squared predictions and
+    the number of cubes that covered each voxel.
+
+    Parameters
+    ----------
+    values : (B, 1, c, c, c) float32, C-contiguous
+        Per-cube values for cubes ``corners[first:first + count]``.
+    corners : (n, 3) int64
+        Cube corners ``(z, y, x)`` in the padded volume.
+    first, count : int
+        Range of corners the values belong to.
+    sample : int
+        Sampling step, voxels (>= 1).
+    squares : (ceil(Z / sample), ceil(Y / sample), ceil(X / sample)) float32
+        Running sum of squares (starts at 0).
+    counts : same shape, uint8
+        Running number of covering cubes (starts at 0; at most 255).
+    """
+    size = values.shape[2]
+    for index in range(count):
+        z0 = corners[first + index, 0]
+        y0 = corners[first + index, 1]
+        x0 = corners[first + index, 2]
+        for i in range((sample - z0 % sample) % sample, size, sample):
+            for j in range((sample - y0 % sample) % sample, size, sample):
+                for k in range((sample - x0 % sample) % sample, size, sample):
+                    value = values[index, 0, i, j, k]
+                    zs = (z0 + i) // sample
+                    ys = (y0 + j) // sample
+                    xs = (x0 + k) // sample
+                    squares[zs, ys, xs] += value * value
+                    counts[zs, ys, xs] += 1
+
+
+def accumulate_sampled_squares_reference(values: np.ndarray, corners: np.ndarray, first: int,
+                                         count: int, sample: int, squares: np.ndarray,
+                                         counts: np.ndarray) -> None:
+    """NumPy twin of :func:`accumulate_sampled_squares` (same arguments, same result)."""
+    for index in range(count):
+        z0, y0, x0 = (int(value) for value in corners[first + index])
+        starts = [(-origin) % sample for origin in (z0, y0, x0)]
+        cube = values[index, 0, starts[0]::sample, starts[1]::sample, starts[2]::sample]
+        region = tuple(slice((origin + start) // sample, (origin + start) // sample + n)
+                       for origin, start, n in zip((z0, y0, x0), starts, cube.shape,
+                                                   strict=True))
+        squares[region] += cube * cube
+        counts[region] += np.uint8(1)
+
+
+@njit(cache=_CACHE, nogil=True)
 def cube_abs_max(padded: np.ndarray, corners: np.ndarray, size: int,
                  out: np.ndarray) -> None:  # pragma: no cover - compiled
     """Write the largest ``|value|`` of every cube of edge ``size`` into ``out[n]`` (float32)."""

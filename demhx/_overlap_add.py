@@ -10,7 +10,15 @@ and independent of the batch size.
 Memory: the padded input and the accumulator (two float32 volumes of the padded shape) plus a
 few batches; the sum of the blending windows is not stored but computed from the grid of cubes
 that ran when the sums are divided. :func:`overlap_add_augmented` adds one more volume (the
-blended variance).
+blended variance). An adaptive scheme (``target_cc``) adds the squared predictions and the
+cube counts on every :data:`SAMPLE_STEP`-th voxel (1/8 and 1/32 of a volume).
+
+Adaptive refinement (the default scheme): after its cubes have run, the CC of the output to
+the reference tiling's output is predicted (:func:`predicted_cc`) from how the predictions of
+overlapping cubes disagree; while the prediction is below the scheme's ``target_cc``, one
+lattice position is added along every axis (:func:`demhx.tiling.refine_plan`) and only the new
+cubes run. Maps on which the network's prediction hardly depends on the cube's context stop
+at the first level; maps on which it does get more of the reference's cubes.
 """
 
 from __future__ import annotations
@@ -26,13 +34,14 @@ import numpy as np
 
 from demhx import _kernels
 from demhx.augment import Rotation, predict_augmented
-from demhx.tiling import TilingPlan, crop
+from demhx.tiling import TilingPlan, crop, refine_plan
 
 Predict = Callable[[np.ndarray], np.ndarray]
 Progress = Callable[[int, int], None]
 Evaluate = Callable[[np.ndarray], Any]  # cubes -> predictions, or (mean, variance)
 _BUFFERS = 3
 _STOP = None
+SAMPLE_STEP = 2  # voxels between the samples of the refinement estimate, per axis
 
 
 @dataclass(frozen=True)
@@ -49,11 +58,51 @@ def select_cubes(padded: np.ndarray, plan: TilingPlan, skip_below: float | None)
 
     ``skip_below`` is in the padded volume's units; ``None`` keeps every cube.
     """
+    return _select(padded, plan.corners, plan.cube_size, skip_below)
+
+
+def _select(padded: np.ndarray, corners: np.ndarray, cube_size: int,
+            skip_below: float | None) -> np.ndarray:
     if skip_below is None:
-        return plan.corners
-    maxima = np.empty(plan.cube_count, dtype=np.float32)
-    _kernels.cube_abs_max(padded, plan.corners, plan.cube_size, maxima)
-    return np.ascontiguousarray(plan.corners[maxima >= skip_below])
+        return corners
+    maxima = np.empty(corners.shape[0], dtype=np.float32)
+    _kernels.cube_abs_max(padded, corners, cube_size, maxima)
+    return np.ascontiguousarray(corners[maxima >= skip_below])
+
+
+def predicted_cc(sums: np.ndarray, squares: np.ndarray, counts: np.ndarray,
+                 background: float = 0.0) -> float:
+    """Predicted CC of a uniform blend to the reference tiling's blend, from its own cubes.
+
+    Parameters (on a grid of sampled voxels of the box, all the same shape)
+    ----------
+    sums : sum of the predictions of the cubes covering each voxel.
+    squares : sum of their squares.
+    counts : number of those cubes (0: not covered, the output is ``background``).
+
+    Where ``k >= 2`` cubes overlap, their sample variance measures how much one cube's
+    prediction strays with its context; relative to the squared output there, it gives
+    ``rel``. Each voxel's output (a mean of ``k``) is then expected to stray from the mean over
+    all of the reference's cubes by ``rel * output² / k``, and the CC is
+    ``1 / sqrt(1 + mean error / variance of the output)``. Returns 1 where nothing can be
+    estimated (no overlaps, or no signal).
+
+    Measured against the true CC (model ``tight``, cached reference predictions): EMD-6824
+    0.966 / 0.989 / 0.994 predicted for 0.970 / 0.980 / 0.994 at 64 / 125 / 216 cubes;
+    EMD-5168 0.985 / 0.996 for 0.994 / 0.995 at 64 / 125; the 256³ map 0.995 for 1.000.
+    """
+    count = counts.astype(np.float64)
+    covered, multi = count >= 1, count >= 2
+    mean = np.where(covered, sums / np.maximum(count, 1), background)
+    power = float(np.sum(mean[multi] ** 2))
+    spread = float(mean.var())
+    if not multi.any() or power <= 0 or spread <= 0:
+        return 1.0
+    variance = np.maximum(squares[multi] - count[multi] * mean[multi] ** 2, 0) / (
+        count[multi] - 1)
+    relative = float(np.sum(variance)) / power
+    error = float(np.sum(relative * mean[covered] ** 2 / count[covered])) / mean.size
+    return 1.0 / float(np.sqrt(1.0 + error / spread))
 
 
 def overlap_add(padded: np.ndarray, plan: TilingPlan, predict: Predict, batch_size: int, *,
@@ -132,21 +181,34 @@ def _scaled(progress: Progress, factor: int, done: int, total: int) -> None:
 def _blend(padded: np.ndarray, plan: TilingPlan, evaluate: Evaluate, batch_size: int,
            background: float, skip_below: float | None, progress: Progress | None,
            spread: np.ndarray | None) -> tuple[np.ndarray, TileCounts]:
-    """Select, run and blend the cubes; the output and the counts.
+    """Select, run and blend the cubes (refining an adaptive plan); the output and the counts.
 
     With ``spread`` (zeros of ``plan.padded_shape``), ``evaluate`` returns ``(mean,
     variance)`` per batch and ``spread`` receives the square root of the blended variance.
     """
     padded = np.ascontiguousarray(padded, dtype=np.float32)
-    # Choose the cubes worth running.
+    target = plan.scheme.target_cc
+    accumulator = np.zeros(plan.padded_shape, dtype=np.float32)
+    sampled = None if target is None else _Sampled.for_plan(plan)
+    sums = _Sums(plan.weights, accumulator, spread, sampled)
+    # Choose the cubes worth running, run them and sum the weighted predictions; then, for
+    # an adaptive plan, add lattice positions while the predicted CC falls short.
     corners = select_cubes(padded, plan, skip_below)
+    _run_batches(padded, corners, plan.cube_size, evaluate, batch_size, sums,
+                 progress)
+    while sampled is not None and target is not None and sampled.predicted_cc(
+            accumulator, plan, background) < target:
+        finer = refine_plan(plan)
+        if finer is None:
+            break
+        new = _select(padded, _new_corners(plan, finer), plan.cube_size, skip_below)
+        done = int(corners.shape[0])
+        plan, corners = finer, np.concatenate([corners, new])
+        _run_batches(padded, new, plan.cube_size, evaluate, batch_size, sums,
+                     _offset(progress, done))
+    del padded
     counts = TileCounts(plan.cube_count, int(corners.shape[0]),
                         plan.cube_count - int(corners.shape[0]))
-    # Run them and sum the weighted predictions (and variances).
-    accumulator = np.zeros(plan.padded_shape, dtype=np.float32)
-    sums = _Sums(plan.weights, accumulator, spread)
-    _run_batches(padded, corners, plan.cube_size, evaluate, batch_size, sums, progress)
-    del padded
     # Divide by the sum of the windows of the cubes that ran (computed from the grid of run
     # cubes, not stored); voxels no run cube covers get the background (spread 0).
     ran = np.zeros(plan.grid_shape, dtype=np.uint8)
@@ -159,23 +221,68 @@ def _blend(padded: np.ndarray, plan: TilingPlan, evaluate: Evaluate, batch_size:
     return np.ascontiguousarray(crop(accumulator, plan)), counts
 
 
+def _new_corners(plan: TilingPlan, finer: TilingPlan) -> np.ndarray:
+    """Corners of ``finer`` that ``plan`` does not have, in ``finer``'s order."""
+    old = {tuple(corner) for corner in plan.corners.tolist()}
+    keep = [i for i, corner in enumerate(finer.corners.tolist()) if tuple(corner) not in old]
+    return np.ascontiguousarray(finer.corners[keep])
+
+
+def _offset(progress: Progress | None, done: int) -> Progress | None:
+    """``progress`` for a pass that starts after ``done`` cubes have run: it reports the
+    cubes run so far out of those run so far plus this pass's."""
+    if progress is None:
+        return None
+    return lambda finished, total: progress(done + finished, done + total)
+
+
+@dataclass(frozen=True)
+class _Sampled:
+    """Squared predictions and cube counts on every :data:`SAMPLE_STEP`-th padded voxel."""
+
+    squares: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def for_plan(cls, plan: TilingPlan) -> _Sampled:
+        shape = tuple(-(-n // SAMPLE_STEP) for n in plan.padded_shape)
+        return cls(np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.uint8))
+
+    def add(self, predictions: np.ndarray, corners: np.ndarray, first: int, count: int) -> None:
+        _kernels.accumulate_sampled_squares(predictions, corners, first, count, SAMPLE_STEP,
+                                            self.squares, self.counts)
+
+    def predicted_cc(self, accumulator: np.ndarray, plan: TilingPlan, background: float
+                     ) -> float:
+        """:func:`predicted_cc` of the blend so far, on the sampled voxels inside the box."""
+        box = tuple(slice(-(-start // SAMPLE_STEP), -(-(start + n) // SAMPLE_STEP))
+                    for start, n in zip(plan.offset, plan.shape, strict=True))
+        first = tuple(b.start * SAMPLE_STEP for b in box)
+        sums = accumulator[first[0]::SAMPLE_STEP, first[1]::SAMPLE_STEP, first[2]::SAMPLE_STEP]
+        shape = self.counts[box].shape
+        return predicted_cc(sums[:shape[0], :shape[1], :shape[2]], self.squares[box],
+                            self.counts[box], background)
+
+
 @dataclass(frozen=True)
 class _Sums:
     weights: np.ndarray
     accumulator: np.ndarray
     variance: np.ndarray | None = None
+    sampled: _Sampled | None = None
 
     def add(self, predictions: Any, corners: np.ndarray, first: int, count: int) -> None:
         """Add a batch: predictions, or ``(mean, variance)`` when a variance is blended."""
         if self.variance is None:
-            _kernels.accumulate_weighted(predictions, corners, first, count, self.weights,
-                                         self.accumulator)
-            return
-        mean, variance = predictions
+            mean = predictions
+        else:
+            mean, variance = predictions
+            _kernels.accumulate_weighted(variance, corners, first, count, self.weights,
+                                         self.variance)
         _kernels.accumulate_weighted(mean, corners, first, count, self.weights,
                                      self.accumulator)
-        _kernels.accumulate_weighted(variance, corners, first, count, self.weights,
-                                     self.variance)
+        if self.sampled is not None:
+            self.sampled.add(mean, corners, first, count)
 
 
 def _batches(total: int, batch_size: int) -> list[tuple[int, int]]:

@@ -38,6 +38,7 @@ All functions here are pure and work on shapes and small arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -45,7 +46,8 @@ import numpy as np
 
 REFERENCE = "reference"
 DEFAULT = "default"
-SCHEMES = (DEFAULT, REFERENCE)
+FAST = "fast"
+SCHEMES = (DEFAULT, FAST, REFERENCE)
 WINDOWS = ("uniform", "cosine")
 
 DEFAULT_STRIDE_FRACTION = 0.75
@@ -53,6 +55,10 @@ DEFAULT_STRIDE_FRACTION = 0.75
 size (48 voxels for 64³ cubes), rounded down to the reference stride."""
 DEFAULT_SKIP_THRESHOLD = 5.0
 """Largest ``|value|`` of a solvent cube, in solvent-noise standard deviations."""
+DEFAULT_TARGET_CC = 0.993
+"""Predicted CC to the reference output below which the default adds cubes (see
+:func:`demhx._overlap_add.predicted_cc`); above the 0.99 bar by the estimate's error on the
+measured maps."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,10 @@ class TilingScheme:
     lattice : None, or the reference stride: the cubes are then a subset of the reference
         tiling's cubes (same padding, corners on its lattice), spread evenly at most
         ``stride`` apart, so that each one is exactly a cube the reference runs.
+    target_cc : None, or adaptive refinement (needs a ``lattice`` and the uniform window):
+        once the cubes have run, the CC of the output to the reference output is predicted
+        from how the overlapping predictions disagree, and while it is below ``target_cc``
+        lattice positions are added (:func:`refine_plan`) and the new cubes run.
     """
 
     name: str
@@ -77,6 +87,7 @@ class TilingScheme:
     window: str = "uniform"
     skip_threshold: float | None = None
     lattice: int | None = None
+    target_cc: float | None = None
 
     def __post_init__(self) -> None:
         if self.window not in WINDOWS:
@@ -88,6 +99,12 @@ class TilingScheme:
         if self.lattice is not None and not 1 <= self.lattice <= self.stride:
             raise ValueError(f"tiling lattice {self.lattice} must be within 1..{self.stride} "
                              "(the stride)")
+        if self.target_cc is not None:
+            if not 0 < self.target_cc < 1:
+                raise ValueError(f"tiling target CC {self.target_cc} must be within (0, 1)")
+            if self.lattice is None or self.window != "uniform":
+                raise ValueError("an adaptive tiling (target CC) needs a lattice and the "
+                                 "uniform window")
 
     @property
     def step(self) -> int:
@@ -111,11 +128,12 @@ def scheme_for(tiling: str | TilingScheme, cube_size: int, model_stride: int) ->
         return tiling
     if tiling == REFERENCE:
         return TilingScheme(REFERENCE, model_stride, "uniform", None)
-    if tiling == DEFAULT:
+    if tiling in (DEFAULT, FAST):
         lattice = max(1, min(cube_size, model_stride))
         spacing = max(lattice, round(cube_size * DEFAULT_STRIDE_FRACTION))
         stride = min(cube_size, spacing) // lattice * lattice
-        return TilingScheme(DEFAULT, stride, "uniform", DEFAULT_SKIP_THRESHOLD, lattice)
+        return TilingScheme(tiling, stride, "uniform", DEFAULT_SKIP_THRESHOLD, lattice,
+                            DEFAULT_TARGET_CC if tiling == DEFAULT else None)
     raise ValueError(f"--tiling {tiling!r} is not a tiling scheme; use one of "
                      f"{', '.join(SCHEMES)}")
 
@@ -236,6 +254,36 @@ def plan_tiling(shape: tuple[int, ...], cube_size: int, scheme: TilingScheme) ->
         weights=window_3d(cube_size, scheme.stride, scheme.window),
         scheme=scheme,
     )
+
+
+def refine_positions(indices: np.ndarray) -> np.ndarray:
+    """Lattice indices of one axis with one more: the middle of the first widest gap.
+
+    ``indices`` is increasing; it comes back unchanged when no gap is wider than 1.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    gaps = np.diff(indices)
+    if gaps.size == 0 or gaps.max() <= 1:
+        return indices
+    widest = int(np.argmax(gaps))
+    return np.insert(indices, widest + 1, indices[widest] + gaps[widest] // 2)
+
+
+def refine_plan(plan: TilingPlan) -> TilingPlan | None:
+    """The plan with one more lattice position along every axis that has a gap, or None.
+
+    The refined plan holds every cube of ``plan`` (its corners are the product of the refined
+    positions of each axis, on the same lattice and padding), so refining again and again
+    ends at the reference tiling's cubes. None when no axis has a gap wider than one step.
+    """
+    step = plan.scheme.step
+    axes = [np.unique(plan.corners[:, axis] // step) for axis in range(3)]
+    refined = [refine_positions(positions) for positions in axes]
+    if all(len(new) == len(old) for new, old in zip(refined, axes, strict=True)):
+        return None
+    grids = np.meshgrid(*refined, indexing="ij")
+    corners = np.stack([g.ravel() for g in grids], axis=1) * step
+    return dataclasses.replace(plan, corners=np.ascontiguousarray(corners, dtype=np.int64))
 
 
 def pad_volume(volume: np.ndarray, plan: TilingPlan, fill: float = 0.0) -> np.ndarray:

@@ -132,3 +132,32 @@ def test_disk_cache_is_skipped_where_nothing_is_writable(monkeypatch) -> None:
     assert _kernels._disk_cache_usable() is False
     monkeypatch.setenv("NUMBA_CACHE_DIR", "/tmp/numba-cache")
     assert _kernels._disk_cache_usable() is True
+
+
+@pytest.mark.parametrize("sample", [1, 2, 3])
+def test_accumulate_sampled_squares_matches_reference_and_brute_force(
+        rng: np.random.Generator, sample: int) -> None:
+    shape = (13, 18, 11)
+    corners = _corners(rng, shape, 7)
+    values = rng.standard_normal((7, 1, CUBE, CUBE, CUBE)).astype(np.float32)
+    grid = tuple(-(-n // sample) for n in shape)
+    fast_sq, slow_sq = (np.zeros(grid, np.float32) for _ in range(2))
+    fast_n, slow_n = (np.zeros(grid, np.uint8) for _ in range(2))
+    for first in (0, 3, 6):
+        count = min(3, 7 - first)
+        block = np.ascontiguousarray(values[first:first + count])
+        _kernels.accumulate_sampled_squares(block, corners, first, count, sample, fast_sq,
+                                            fast_n)
+        _kernels.accumulate_sampled_squares_reference(block, corners, first, count, sample,
+                                                      slow_sq, slow_n)
+    np.testing.assert_array_equal(fast_n, slow_n)
+    np.testing.assert_allclose(fast_sq, slow_sq, rtol=1e-6, atol=1e-6)
+    # Brute force: full-resolution sums, then every sample-th voxel.
+    squares, counts = np.zeros(shape, np.float64), np.zeros(shape, np.int64)
+    for (z, y, x), cube in zip(corners, values[:, 0], strict=True):
+        squares[z:z + CUBE, y:y + CUBE, x:x + CUBE] += cube.astype(np.float64) ** 2
+        counts[z:z + CUBE, y:y + CUBE, x:x + CUBE] += 1
+    every = (slice(None, None, sample),) * 3
+    np.testing.assert_array_equal(fast_n, counts[every])
+    np.testing.assert_allclose(fast_sq, squares[every], rtol=1e-5)
+    assert fast_n.max() >= 2

@@ -161,7 +161,7 @@ def test_mask_model_needs_a_mask(models: dict[str, Path]) -> None:
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"voxel_size": 0.0}, "voxel size 0.0 Å"),
     ({"voxel_size": (1.0, float("nan"), 1.0)}, "voxel size"),
-    ({"tiling": "fast"}, "--tiling 'fast'"),
+    ({"tiling": "quick"}, "--tiling 'quick'"),
     ({"noise_stats": (1.0, 2.0, 3.0)}, "two values"),
 ])
 def test_bad_arguments(identity: pipeline.Enhancer, kwargs: dict, message: str) -> None:

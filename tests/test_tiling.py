@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from demhx import tiling
-from demhx._overlap_add import overlap_add, select_cubes
+from demhx._overlap_add import overlap_add, predicted_cc, select_cubes
 
 SHAPES = [(1, 1, 1), (17, 65, 130), (64, 64, 64), (65, 65, 65), (100, 37, 200)]
 CUBE = 64
@@ -96,7 +100,7 @@ def test_cosine_window_is_positive_and_a_partition_of_unity(stride: int) -> None
 
 def test_bad_schemes_are_refused() -> None:
     with pytest.raises(ValueError, match="tiling scheme"):
-        tiling.scheme_for("fast", CUBE, 16)
+        tiling.scheme_for("quick", CUBE, 16)
     with pytest.raises(ValueError, match="exceeds the cube size"):
         tiling.scheme_for(tiling.TilingScheme("wide", 65), CUBE, 16)
     with pytest.raises(ValueError, match="window"):
@@ -187,3 +191,116 @@ def test_model_errors_propagate_and_wrong_shapes_are_refused() -> None:
         overlap_add(padded, plan, broken, batch_size=2)
     with pytest.raises(RuntimeError, match="keep the input shape"):
         overlap_add(padded, plan, lambda b: b[:, :, :8], batch_size=2)
+
+
+def test_refine_positions_splits_the_widest_gap_until_none_is_left() -> None:
+    positions = np.array([0, 3, 6, 8])
+    seen = [positions]
+    while True:
+        finer = tiling.refine_positions(seen[-1])
+        if len(finer) == len(seen[-1]):
+            break
+        assert set(seen[-1]) < set(finer) and len(finer) == len(seen[-1]) + 1
+        assert np.all(np.diff(finer) > 0)
+        seen.append(finer)
+    np.testing.assert_array_equal(seen[1], [0, 1, 3, 6, 8])
+    np.testing.assert_array_equal(seen[-1], np.arange(9))
+    np.testing.assert_array_equal(tiling.refine_positions(np.array([4])), [4])
+
+
+@pytest.mark.parametrize("shape", [(185, 185, 185), (100, 37, 200), (64, 64, 64)])
+def test_refined_plans_grow_from_the_default_to_the_reference(
+        shape: tuple[int, int, int]) -> None:
+    plan = tiling.plan_tiling(shape, CUBE, tiling.scheme_for("default", CUBE, 16))
+    reference = tiling.plan_tiling(shape, CUBE, tiling.scheme_for("reference", CUBE, 16))
+    all_corners = {tuple(c) for c in reference.corners.tolist()}
+    while True:
+        corners = {tuple(c) for c in plan.corners.tolist()}
+        assert corners <= all_corners
+        finer = tiling.refine_plan(plan)
+        if finer is None:
+            break
+        assert corners < {tuple(c) for c in finer.corners.tolist()}
+        assert (finer.padded_shape, finer.offset) == (plan.padded_shape, plan.offset)
+        plan = finer
+    assert corners == all_corners
+
+
+def test_fast_is_the_default_without_refinement() -> None:
+    default = tiling.scheme_for("default", CUBE, 16)
+    fast = tiling.scheme_for("fast", CUBE, 16)
+    assert default.target_cc == tiling.DEFAULT_TARGET_CC and fast.target_cc is None
+    assert dataclasses.replace(fast, name="default", target_cc=default.target_cc) == default
+    with pytest.raises(ValueError, match="needs a lattice"):
+        tiling.TilingScheme("x", 32, "cosine", None, 16, 0.99)
+    with pytest.raises(ValueError, match="target CC"):
+        tiling.TilingScheme("x", 32, "uniform", None, 16, 1.0)
+
+
+def _noisy_network(relative: float) -> Callable[[np.ndarray], np.ndarray]:
+    """A deterministic network whose output strays with the cube's context: the input times
+    (1 + relative × noise), the noise drawn from the cube's own bytes."""
+    def predict(batch: np.ndarray) -> np.ndarray:
+        out = np.empty_like(batch)
+        for i, cube in enumerate(batch):
+            seed = int.from_bytes(hashlib.blake2b(cube.tobytes(), digest_size=8).digest(),
+                                  "little")
+            noise = np.random.default_rng(seed).standard_normal(cube.shape, dtype=np.float32)
+            out[i] = cube * (1 + np.float32(relative) * noise)
+        return out
+    return predict
+
+
+def _particle(shape: tuple[int, int, int]) -> np.ndarray:
+    grid = np.indices(shape, dtype=np.float32)
+    centre = np.array(shape, np.float32)[:, None, None, None] / 2
+    return np.exp(-((grid - centre) ** 2).sum(axis=0) / (2 * 30.0 ** 2)).astype(np.float32)
+
+
+def _blend(volume: np.ndarray, name: str, predict: Callable, **options: object
+           ) -> tuple[np.ndarray, object]:
+    plan = tiling.plan_tiling(volume.shape, CUBE, tiling.scheme_for(name, CUBE, 16))
+    return overlap_add(tiling.pad_volume(volume, plan), plan, predict, batch_size=4, **options)
+
+
+def test_adaptive_default_stops_at_once_for_a_consistent_network() -> None:
+    volume = _particle((120, 120, 120))
+    fast, fast_counts = _blend(volume, "fast", _identity)
+    default, counts = _blend(volume, "default", _identity)
+    assert counts == fast_counts
+    np.testing.assert_array_equal(default, fast)
+
+
+def test_adaptive_default_adds_reference_cubes_until_faithful() -> None:
+    volume = _particle((150, 150, 150))  # 7³ reference cubes, 3³ before refining
+    predict = _noisy_network(0.2)
+    reference, ref_counts = _blend(volume, "reference", predict)
+    fast, fast_counts = _blend(volume, "fast", predict)
+    seen: list[tuple[int, int]] = []
+    default, counts = _blend(volume, "default", predict,
+                             progress=lambda d, t: seen.append((d, t)))
+    assert fast_counts.run < counts.run < ref_counts.run
+    cc_fast, cc_default = (np.corrcoef(out.ravel(), reference.ravel())[0, 1]
+                           for out in (fast, default))
+    assert cc_fast < 0.99 <= cc_default
+    # Progress: cubes run so far, never backwards, ending at the cubes run.
+    assert seen[-1] == (counts.run, counts.run)
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:], strict=False))
+
+
+def test_predicted_cc_matches_the_true_cc_of_averaged_predictions() -> None:
+    rng = np.random.default_rng(3)
+    signal = rng.standard_normal(200_000) ** 2
+    counts = rng.choice([1, 2, 4, 8], signal.size).astype(np.uint8)
+    relative = 0.4
+    sums, squares = np.zeros(signal.size), np.zeros(signal.size)
+    for copy in range(8):
+        take = copy < counts
+        prediction = signal * (1 + relative * rng.standard_normal(signal.size))
+        sums += np.where(take, prediction, 0)
+        squares += np.where(take, prediction ** 2, 0)
+    true_cc = np.corrcoef(sums / counts, signal)[0, 1]
+    predicted = predicted_cc(sums, squares, counts)
+    assert abs(predicted - true_cc) < 0.005
+    assert predicted_cc(signal * counts, signal ** 2 * counts, counts) == pytest.approx(1.0)
+    assert predicted_cc(sums, squares, np.ones_like(counts)) == 1.0  # no overlaps: no estimate
