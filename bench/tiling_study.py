@@ -14,9 +14,9 @@ output, only how long the study takes; ``--cache DIR`` keeps it on disk between 
     python bench/tiling_study.py --model tight --threads 2 --map 256 \
         --schemes 32:5,40:5,48:5,48:7 [--cache /tmp/study]
 
-A scheme is ``default``, ``fast``, ``STRIDE:THRESHOLD`` with the cosine window (threshold ``none`` runs
-every cube), or ``STRIDE:THRESHOLD:uniform`` (a grid of its own, not on the reference's
-lattice). Maps are those of ``bench/speed.py`` (``5168``, an edge for
+A scheme is ``default``, ``fast``, ``STRIDE:THRESHOLD`` with the cosine window (threshold
+``none`` runs every cube), or ``STRIDE:THRESHOLD:uniform`` (a grid of its own, not on the
+reference's lattice). Maps are those of ``bench/speed.py`` (``5168``, an edge for
 a synthetic map) or an MRC path.
 """
 
