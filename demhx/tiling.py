@@ -270,18 +270,22 @@ def refine_positions(indices: np.ndarray) -> np.ndarray:
 
 
 def refine_plan(plan: TilingPlan) -> TilingPlan | None:
-    """The plan with one more lattice position along every axis that has a gap, or None.
+    """The plan with one more lattice position along the axis with the widest gap, or None.
 
-    The refined plan holds every cube of ``plan`` (its corners are the product of the refined
-    positions of each axis, on the same lattice and padding), so refining again and again
-    ends at the reference tiling's cubes. None when no axis has a gap wider than one step.
+    The widest gap between neighbouring cube positions (the first such axis, z before y
+    before x) is split in the middle (:func:`refine_positions`). The refined plan holds every
+    cube of ``plan`` (its corners are the product of the positions of each axis, on the same
+    lattice and padding), so refining again and again ends at the reference tiling's cubes.
+    None when no gap is wider than one lattice step.
     """
     step = plan.scheme.step
     axes = [np.unique(plan.corners[:, axis] // step) for axis in range(3)]
-    refined = [refine_positions(positions) for positions in axes]
-    if all(len(new) == len(old) for new, old in zip(refined, axes, strict=True)):
+    widths = [int(np.diff(positions).max()) if positions.size > 1 else 0 for positions in axes]
+    widest = int(np.argmax(widths))
+    if widths[widest] <= 1:
         return None
-    grids = np.meshgrid(*refined, indexing="ij")
+    axes[widest] = refine_positions(axes[widest])
+    grids = np.meshgrid(*axes, indexing="ij")
     corners = np.stack([g.ravel() for g in grids], axis=1) * step
     return dataclasses.replace(plan, corners=np.ascontiguousarray(corners, dtype=np.int64))
 
