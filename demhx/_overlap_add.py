@@ -17,8 +17,9 @@ Adaptive refinement (the default scheme): after its cubes have run, the CC of th
 the reference tiling's output is predicted (:func:`predicted_cc`) from how the predictions of
 overlapping cubes disagree; while the prediction is below the scheme's ``target_cc``, one
 lattice position is added along the axis with the widest gap between cubes
-(:func:`demhx.tiling.refine_plan`) and only the new cubes run. Maps on which the network's prediction hardly depends on the cube's context stop
-at the first level; maps on which it does get more of the reference's cubes.
+(:func:`demhx.tiling.refine_plan`) and only the new cubes run. Maps on which the network's
+prediction hardly depends on the cube's context stop at the first level; maps on which it does
+get more of the reference's cubes.
 """
 
 from __future__ import annotations
