@@ -1,6 +1,6 @@
 """Tiling geometry: where the cubes go, how their predictions are blended, which may be skipped.
 
-Two schemes are built in (:func:`scheme_for`):
+Three schemes are built in (:func:`scheme_for`):
 
 ``reference``
     The paper exactly: cubes of the model's cube size at the model's stride (64 and 16 for
@@ -17,7 +17,13 @@ Two schemes are built in (:func:`scheme_for`):
     ``DEFAULT_SKIP_THRESHOLD`` (5) solvent-noise standard deviations: the largest of 64³
     samples of white Gaussian noise is about 4.7 σ, and the 16 lowest cube maxima of emd_5168
     (solvent, correlated noise) are 3.3–4.8 σ. A skipped cube contributes nothing; voxels that
-    no run cube covers get the model's background.
+    no run cube covers get the model's background. The default is adaptive
+    (``target_cc`` = :data:`DEFAULT_TARGET_CC`): once its cubes have run, the CC of its
+    output to the reference output is predicted from how overlapping predictions disagree
+    (:func:`demhx._overlap_add.predicted_cc`), and while the prediction falls short, the
+    widest gap between cube positions is split (:func:`refine_plan`) and the new cubes run.
+``fast``
+    The default's first cubes only, never refined.
 
 Why the reference's lattice and uniform weights, measured with the trained default model
 ``tight`` 0.2 (``bench/tiling_study.py``; CC of the output to the reference output): the
@@ -28,7 +34,9 @@ padding (cosine blending) gives CC 0.945 and stride 32 gives 0.971, while the sa
 cubes taken from the reference lattice give 0.993 (64 cubes, uniform weights) and 0.995 (125);
 a cosine taper over the overlaps costs 0.002–0.004 of CC against uniform weights. On the
 256³ map of ``bench/speed.py`` every variant is at 0.999 (88 cubes run of 125, 2197 in the
-reference).
+reference). On EMD-6824 the first 64 cubes reach only 0.972 (single-cube predictions stray by
+a third of the signal there); the adaptive default goes on to 216 cubes and 0.9936, while on
+EMD-5168 it stops at 100 cubes (0.9952) and on the 256³ map at once.
 
 Every box shape is covered: each axis is padded on its own to ``cube_size + (n - 1) * step``
 with ``n`` the fewest cubes at the scheme's lattice step (the stride without a lattice) that
