@@ -167,7 +167,8 @@ def overlap_add_augmented(padded: np.ndarray, plan: TilingPlan, predict: Predict
     Returns
     -------
     mean : (z, y, x) float32 of ``plan.shape``: the blended mean over rotations, equal to the
-        mean of the maps :func:`overlap_add` would give for each rotation (up to rounding).
+        mean of the maps :func:`overlap_add` would give for each rotation (up to rounding;
+        an adaptive plan is refined once, from the mean over rotations, for all of them).
     spread : (z, y, x) float32: square root of the blended per-cube variance over rotations,
         in the units of the predictions; 0 where no run cube covers a voxel (skipped solvent).
     counts : cubes in the plan, run and skipped (cubes, not network evaluations).

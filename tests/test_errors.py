@@ -124,7 +124,7 @@ def test_missing_model_file(case: dict, capsys: pytest.CaptureFixture[str]) -> N
     (["--batch-size", "0"], "--batch-size '0'"),
     (["--threads", "0"], "--threads '0'"),
     (["--device", "tpu"], "--device 'tpu' is not a device"),
-    (["--tiling", "fast"], "--tiling 'fast'"),
+    (["--tiling", "quick"], "--tiling 'quick'"),
     (["--noise-stats", "0,-1"], "-1"),
     (["--voxel-size", "0"], "voxel size"),
 ])

@@ -289,10 +289,13 @@ def test_confidence_with_rotation_equivariant_model_has_no_spread(
     assert spread.max() < 1e-5 * scale
 
 
-@pytest.mark.parametrize("tiling", SCHEMES)
+@pytest.mark.parametrize("tiling", ["fast", "reference"])
 def test_mean_is_the_mean_of_runs_on_rotated_maps(
         rotation_models: dict[str, pipeline.Enhancer], tiling: str) -> None:
-    """Cube box with centred, symmetric tiling: turning the map turns the cube grid."""
+    """Cube box with centred, symmetric tiling: turning the map turns the cube grid.
+
+    (The adaptive default decides once, on the mean over rotations, which cubes to add, where
+    separate runs on the rotated maps would each decide on their own.)"""
     enhancer = rotation_models["smooth"]
     volume = _blobby((24, 24, 24))
     options = {"noise_stats": (0.0, 0.01), "tiling": tiling}
