@@ -48,11 +48,13 @@ _SLAB = 8  # planes of the sampled grid per step of predicted_cc
 
 @dataclass(frozen=True)
 class TileCounts:
-    """How many cubes a run had, ran and skipped as solvent."""
+    """How many cubes a run had, ran and skipped as solvent; ``added``: how many of those it
+    had were added by an adaptive plan's refinement."""
 
     total: int
     run: int
     skipped: int
+    added: int = 0
 
 
 def select_cubes(padded: np.ndarray, plan: TilingPlan, skip_below: float | None) -> np.ndarray:
@@ -209,6 +211,7 @@ def _blend(padded: np.ndarray, plan: TilingPlan, evaluate: Evaluate, batch_size:
     sums = _Sums(plan.weights, accumulator, spread, sampled)
     # Choose the cubes worth running, run them and sum the weighted predictions; then, for
     # an adaptive plan, add lattice positions while the predicted CC falls short.
+    first_count = plan.cube_count
     corners = select_cubes(padded, plan, skip_below)
     _run_batches(padded, corners, plan.cube_size, evaluate, batch_size, sums,
                  progress)
@@ -224,7 +227,7 @@ def _blend(padded: np.ndarray, plan: TilingPlan, evaluate: Evaluate, batch_size:
                      _offset(progress, done))
     del padded
     counts = TileCounts(plan.cube_count, int(corners.shape[0]),
-                        plan.cube_count - int(corners.shape[0]))
+                        plan.cube_count - int(corners.shape[0]), plan.cube_count - first_count)
     # Divide by the sum of the windows of the cubes that ran (computed from the grid of run
     # cubes, not stored); voxels no run cube covers get the background (spread 0).
     ran = np.zeros(plan.grid_shape, dtype=np.uint8)

@@ -85,7 +85,8 @@ class EnhanceSummary:
         rotations = ("" if self.info.augmentations == 1
                      else f" × {self.info.augmentations} rotations (TTA)")
         return (f"wrote {written}: {box} voxels (x×y×z) at {voxel} Å, model {self.model}, "
-                f"{cubes.run} cubes run{rotations}, {cubes.skipped} skipped as solvent "
+                f"{cubes.run} cubes run{rotations}, {cubes.skipped} skipped as solvent"
+                f"{f', {cubes.added} added by the self-check' if cubes.added else ''} "
                 f"({self.info.tiling} tiling), device {self.info.device}, "
                 f"{self.seconds:.1f} s")
 
