@@ -11,6 +11,7 @@ from onnx_fixtures import CUBE, identity_path, masking_model, scale_model, smoot
 
 import demhx
 from demhx import augment, normalise, pipeline
+from demhx.normalise import NoiseStats
 from demhx.session import DemhxWarning
 from demhx.tiling import TilingScheme
 
@@ -430,3 +431,17 @@ def test_user_noise_stats_beyond_the_range_warn_but_are_kept(
     with pytest.warns(DemhxWarning, match="with --noise-stats std 0.01 the map peaks at"):
         _, info = identity.run(volume, 1.0, noise_stats=(0.0, 0.01))
     assert (info.noise.std, info.noise.widened_from) == (0.01, None)
+
+
+def test_summary_names_the_cubes_the_self_check_added() -> None:
+    from demhx._overlap_add import TileCounts
+
+    def summary(cubes: TileCounts) -> str:
+        info = pipeline.RunInfo((10, 10, 10), (10, 10, 10), NoiseStats(0.0, 1.0, "user", 1.0),
+                                cubes, "cpu", "default", 1.0)
+        return pipeline.EnhanceSummary(Path("in.mrc"), None, Path("out.mrc"), (10, 10, 10),
+                                       (1.0, 1.0, 1.0), "m", info, 1.0).line()
+
+    assert ("100 cubes run, 0 skipped as solvent, 36 added by the self-check (default tiling)"
+            in summary(TileCounts(100, 100, 0, 36)))
+    assert "64 cubes run, 0 skipped as solvent (default tiling)" in summary(TileCounts(64, 64, 0))
