@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=("test", "val"))
     parser.add_argument("--count", type=int, default=12, help="synthetic maps")
     parser.add_argument("--markdown", help="also write the table to this markdown file")
-    parser.add_argument("--tiling", default="default", choices=("default", "reference"),
+    parser.add_argument("--tiling", default="default", choices=("default", "fast", "reference"),
                         help="tiling of the model runs")
     args = parser.parse_args(argv)
     start = time.perf_counter()

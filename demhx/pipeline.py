@@ -519,8 +519,10 @@ def enhance(volume: np.ndarray, voxel_size: VoxelSize, *, model: str | Path | No
         Binary mask of the particle: normalise from the density inside it (required by
         models with ``normalisation = mask``, whose input is also multiplied by it).
     device, batch_size, threads : see :class:`Enhancer`.
-    tiling : ``"default"`` (fast, blended, solvent skipped), ``"reference"`` (the paper's
-        stride and plain averaging) or a :class:`~demhx.tiling.TilingScheme`.
+    tiling : ``"default"`` (a subset of the reference's cubes, solvent skipped, more cubes
+        added while the predicted CC to the reference is below 0.993), ``"fast"`` (the
+        default's first cubes only), ``"reference"`` (the paper's stride and plain averaging)
+        or a :class:`~demhx.tiling.TilingScheme`.
     progress : called as ``progress(cubes_done, cubes_total)``; may raise to stop. With
         test-time augmentation it counts network evaluations (cubes × rotations).
     confidence : also return the confidence map: run every cube in ``tta`` rotations
