@@ -18,19 +18,21 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.1.0"
 
-__all__ = ["Enhancer", "__version__", "enhance", "enhance_file", "preview_image",
-           "write_preview"]
+__all__ = ["DemhxWarning", "Enhancer", "__version__", "enhance", "enhance_file",
+           "preview_image", "write_preview"]
 
 if TYPE_CHECKING:
     from demhx.pipeline import Enhancer, enhance, enhance_file
     from demhx.preview import preview_image, write_preview
+    from demhx.session import DemhxWarning
 
 _LAZY = {"Enhancer", "enhance", "enhance_file"}
 _PREVIEW = {"preview_image", "write_preview"}
 
 
 def __getattr__(name: str) -> Any:
-    """Import the pipeline (or the preview) on first use of one of its functions."""
+    """Import the pipeline (or the preview) on first use of one of its functions, and the
+    warning class (``DemhxWarning``, for ``warnings.filterwarnings``) on first use."""
     if name in _LAZY:
         from demhx import pipeline
 
@@ -39,4 +41,8 @@ def __getattr__(name: str) -> Any:
         from demhx import preview
 
         return getattr(preview, name)
+    if name == "DemhxWarning":
+        from demhx.session import DemhxWarning
+
+        return DemhxWarning
     raise AttributeError(f"module 'demhx' has no attribute {name!r}")

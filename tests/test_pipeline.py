@@ -410,6 +410,7 @@ def _flattened_map() -> tuple[np.ndarray, tuple[int, int, int], tuple[int, int, 
 def test_flattened_solvent_warns_widens_and_still_runs_weak_density(
         identity: pipeline.Enhancer) -> None:
     volume, strong, weak = _flattened_map()
+    assert demhx.DemhxWarning is DemhxWarning
     with pytest.warns(DemhxWarning, match=r"volume: the map peaks at \d+ noise stds .*"
                       r"normalised with std .* instead"):
         result, info = identity.run(volume, 1.0)
