@@ -15,7 +15,6 @@ the default stops (the first step predicted at or above its target).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 import warnings
 from pathlib import Path
@@ -23,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402  (bench/speed.py: the maps and the CC)
+import speed  # noqa: E402  (bench/speed.py: the CC)
+from tiling_study import CachedSession, source_map  # noqa: E402
 
 from demhx import mrcio, pipeline, resample, tiling  # noqa: E402
 from demhx._overlap_add import SAMPLE_STEP, predicted_cc, select_cubes  # noqa: E402
@@ -49,18 +49,15 @@ def model_grid_input(path: Path, enhancer: pipeline.Enhancer
 def cached_predictions(padded: np.ndarray, plan: tiling.TilingPlan, cache: Path
                        ) -> dict[tuple[int, int, int], np.ndarray]:
     """Every cube of ``plan``: its cached prediction, by corner."""
-    keys = np.load(cache / "keys.npy")
-    values = np.load(cache / "values.npy", mmap_mode="r")
-    index = {bytes(key): i for i, key in enumerate(keys)}
+    cached = CachedSession(None, cache).cache
     size = plan.cube_size
     found = {}
     for z, y, x in plan.corners.tolist():
-        cube = np.ascontiguousarray(padded[z:z + size, y:y + size, x:x + size])
-        key = hashlib.blake2b(cube.tobytes(), digest_size=16).digest()
-        if key not in index:
+        key = CachedSession.key(np.ascontiguousarray(padded[z:z + size, y:y + size, x:x + size]))
+        if key not in cached:
             raise SystemExit(f"{cache}: no cached prediction for the cube at {(z, y, x)}; run "
                              "bench/tiling_study.py with this map, model and --cache first")
-        found[(z, y, x)] = np.asarray(values[index[key]]).reshape(size, size, size)
+        found[(z, y, x)] = np.asarray(cached[key]).reshape(size, size, size)
     return found
 
 
@@ -94,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, required=True,
                         help="the --cache folder of bench/tiling_study.py")
     args = parser.parse_args(argv)
-    path = (speed.MAPS.get(args.map) or
-            (Path(args.map) if not args.map.isdigit() else args.cache / f"{args.map}.mrc"))
+    path = source_map(args.map, args.cache)
     enhancer = pipeline.Enhancer(model=args.model, device="cpu", threads=1)
     spec = enhancer.runtime.spec
     volume, noise_fraction = model_grid_input(path, enhancer)

@@ -58,9 +58,14 @@ class CachedSession:
     def get_outputs(self) -> Any:
         return self.session.get_outputs()
 
+    @staticmethod
+    def key(cube: np.ndarray) -> bytes:
+        """The cache key of one input cube: a hash of its float32 bytes."""
+        return hashlib.blake2b(cube.tobytes(), digest_size=16).digest()
+
     def run(self, names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         (name, batch), = feed.items()
-        keys = [hashlib.blake2b(cube.tobytes(), digest_size=16).digest() for cube in batch]
+        keys = [self.key(cube) for cube in batch]
         missing = [i for i, key in enumerate(keys) if key not in self.cache]
         if missing:
             start = time.perf_counter()
@@ -90,6 +95,16 @@ def parse_scheme(text: str) -> TilingScheme | str:
                         skip)
 
 
+def source_map(name: str, work: Path) -> Path:
+    """The MRC file of ``--map``: ``5168``, an edge (synthesised into ``work`` once) or a path."""
+    if name in speed.MAPS:
+        return speed.MAPS[name]
+    if not name.isdigit():
+        return Path(name)
+    path = work / f"{name}.mrc"
+    return path if path.exists() else speed.synthetic_map(int(name), path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
@@ -103,9 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     print(speed.machine())
     work = Path(args.cache or "/tmp/demhx-study")
     work.mkdir(parents=True, exist_ok=True)
-    source = (speed.MAPS.get(args.map) or
-              (Path(args.map) if not args.map.isdigit() else
-               speed.synthetic_map(int(args.map), work / f"{args.map}.mrc")))
+    source = source_map(args.map, work)
     with mrcfile.open(source, permissive=True) as stream:
         volume = np.asarray(stream.data, dtype=np.float32)
         voxel = tuple(float(v) for v in (stream.voxel_size.z, stream.voxel_size.y,
