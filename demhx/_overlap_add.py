@@ -205,18 +205,15 @@ def _blend(padded: np.ndarray, plan: TilingPlan, evaluate: Evaluate, batch_size:
     variance)`` per batch and ``spread`` receives the square root of the blended variance.
     """
     padded = np.ascontiguousarray(padded, dtype=np.float32)
-    target = plan.scheme.target_cc
     accumulator = np.zeros(plan.padded_shape, dtype=np.float32)
-    sampled = None if target is None else _Sampled.for_plan(plan)
+    sampled = None if plan.scheme.target_cc is None else _Sampled.for_plan(plan)
     sums = _Sums(plan.weights, accumulator, spread, sampled)
     # Choose the cubes worth running, run them and sum the weighted predictions; then, for
     # an adaptive plan, add lattice positions while the predicted CC falls short.
     first_count = plan.cube_count
     corners = select_cubes(padded, plan, skip_below)
-    _run_batches(padded, corners, plan.cube_size, evaluate, batch_size, sums,
-                 progress)
-    while sampled is not None and target is not None and sampled.predicted_cc(
-            accumulator, plan, background) < target:
+    _run_batches(padded, corners, plan.cube_size, evaluate, batch_size, sums, progress)
+    while sampled is not None and sampled.short_of_target(accumulator, plan, background):
         finer = refine_plan(plan)
         if finer is None:
             break
@@ -270,6 +267,13 @@ class _Sampled:
     def add(self, predictions: np.ndarray, corners: np.ndarray, first: int, count: int) -> None:
         _kernels.accumulate_sampled_squares(predictions, corners, first, count, SAMPLE_STEP,
                                             self.squares, self.counts)
+
+    def short_of_target(self, accumulator: np.ndarray, plan: TilingPlan, background: float
+                        ) -> bool:
+        """Whether the blend so far is predicted below the scheme's ``target_cc`` (never for a
+        scheme without one)."""
+        target = plan.scheme.target_cc
+        return target is not None and self.predicted_cc(accumulator, plan, background) < target
 
     def predicted_cc(self, accumulator: np.ndarray, plan: TilingPlan, background: float
                      ) -> float:
