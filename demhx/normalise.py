@@ -149,9 +149,7 @@ def peak_sigmas(volume: np.ndarray, stats: NoiseStats) -> float:
 
     Taken from an evenly strided sample of at most :data:`PEAK_SAMPLE_VOXELS` voxels.
     """
-    flat = np.asarray(volume).reshape(-1)
-    sample = flat[::max(1, flat.size // PEAK_SAMPLE_VOXELS)]
-    peak = float(np.quantile(sample, PEAK_QUANTILE))
+    peak = float(np.quantile(_sample(np.asarray(volume), PEAK_SAMPLE_VOXELS), PEAK_QUANTILE))
     return (peak - stats.mean) / stats.std
 
 
@@ -217,10 +215,11 @@ def _most_common_value(volume: np.ndarray) -> np.float32:
     return np.float32(values[int(np.argmax(counts))])
 
 
-def _sample(array: np.ndarray) -> np.ndarray:
-    """A deterministic, evenly strided sample of at most :data:`SAMPLE_VOXELS` values."""
+def _sample(array: np.ndarray, limit: int = SAMPLE_VOXELS) -> np.ndarray:
+    """A deterministic, evenly strided sample: ``limit`` values or more, fewer than twice that
+    (all of them for a small array)."""
     flat = array.reshape(-1)
-    step = max(1, flat.size // SAMPLE_VOXELS)
+    step = max(1, flat.size // limit)
     return flat[::step]
 
 
