@@ -70,6 +70,8 @@ SEED_FRACTION = 0.2  # fraction of the low-density voxels taken as the first sol
 CLIP_SIGMAS = 3.0  # solvent: local mean and std within this many robust stds of the solvent's
 ITERATIONS = 3  # refinements of the solvent set
 MASKED_FRACTION = 0.2  # a map with this fraction of exactly-constant voxels counts as masked
+MIN_MASK_FRACTION = 0.01  # a coherent constant region this large makes a map masked too
+MASK_COHERENCE = 0.25  # coherent: this fraction of the region survives a one-voxel erosion
 MIN_SOLVENT_FRACTION = 0.02  # fewer solvent voxels than this: estimation refused
 MIN_SOLVENT_VOXELS = 200
 MASK_DILATION_VOXELS = 3  # dilation of a user mask before taking its statistics
@@ -79,6 +81,17 @@ MAD_TO_STD = 1.4826  # median absolute deviation of a Gaussian, in standard devi
 PEAK_QUANTILE = 0.9999  # the "peak" of a map: this quantile of its density
 MAX_PEAK_SIGMAS = 30.0  # largest peak, in noise stds above the mean, the network is given
 PEAK_SAMPLE_VOXELS = 1 << 22  # voxels sampled for the peak quantile
+MIN_EDGE_BAND_VOXELS = 4  # masked maps: voxels this close to the constant region are left out
+MAX_EDGE_BAND_VOXELS = 24  # widest band left out where a soft mask edge attenuates the noise
+EDGE_TOLERANCE = 0.05  # the edge band ends where the noise level rises by less than 5 % a voxel
+MIN_EDGE_SHELL_VOXELS = 50  # shells with fewer candidate voxels are not measured
+MIN_MASKED_SOLVENT_FRACTION = 0.05  # solvent needed, fraction of the voxels inside the mask
+MIN_TAIL_FRACTION = 0.005  # solvent below mean - 2 std (Gaussian 2.3 %; thresholded maps: 0)
+MAX_SOLVENT_OFFSET_SIGMAS = 0.5  # solvent mean above a masked map's constant, in its stds
+MIN_SOLVENT_PEAK_SIGMAS = 4.0  # below this the "solvent" is density: normalise by the peak
+TARGET_PEAK_SIGMAS = 12.0  # peak mode: the map peaks here (training inputs: 6.5-22, median 11.5)
+ZONE_NOISE_FRACTION = 0.002  # peak mode: the solvent-cube test takes this fraction of the peak
+# as its noise std, so only cubes below 1 % of the peak (5 such stds) are skipped
 _FIX = "pass --mask PATH or --noise-stats MEAN,STD"
 
 
@@ -90,9 +103,15 @@ class NoiseStats:
     ----------
     mean : noise mean, in the map's units.
     std : noise standard deviation (finite, > 0), in the map's units.
-    method : ``"auto"`` (estimated), ``"user"`` (given) or ``"mask"`` (from a mask).
-    solvent_fraction : fraction of the voxels the statistics were taken from (1.0 for user).
+    method : ``"auto"`` (estimated), ``"auto-masked"`` (estimated from the solvent left inside
+        a mask), ``"peak"`` (a zone without solvent, scaled to its peak), ``"user"`` (given)
+        or ``"mask"`` (paper's mode 2, from a mask).
+    solvent_fraction : fraction of the voxels the statistics were taken from (1.0 for user);
+        for ``"auto-masked"``, of the voxels inside the mask; for ``"peak"``, the fraction of
+        the box inside the mask.
     widened_from : the measured std when :func:`limit_peak` widened ``std``, else None.
+    solvent_std : the std the solvent-cube test compares with when no noise was measured
+        (``"peak"``, ``"mask"``: a small fraction of the peak), else None.
     """
 
     mean: float
@@ -100,10 +119,14 @@ class NoiseStats:
     method: str
     solvent_fraction: float
     widened_from: float | None = None
+    solvent_std: float | None = None
 
     @property
     def noise_fraction(self) -> float:
-        """The measured noise std as a fraction of ``std`` (1, or below 1 once widened)."""
+        """The std that tells solvent cubes, as a fraction of ``std``: 1, below 1 once widened
+        (the measured std), or far below 1 when no noise was measured (``solvent_std``)."""
+        if self.solvent_std is not None:
+            return self.solvent_std / self.std
         return 1.0 if self.widened_from is None else self.widened_from / self.std
 
 
@@ -184,10 +207,22 @@ def check_not_masked(volume: np.ndarray, path_label: str) -> None:
 
 
 def _constant_runs(volume: np.ndarray, path_label: str) -> np.ndarray | None:
-    """Voxels in runs of one exactly repeated value (padding), or None; refuses masked maps.
+    """Voxels in runs of one exactly repeated value (padding), or None; refuses masked maps."""
+    value, runs, fraction = _constant_region(volume, path_label)
+    if fraction >= MASKED_FRACTION:
+        raise ValueError(f"{path_label}: {fraction:.0%} of the voxels are exactly {value:g} "
+                         "(the map looks masked), so its solvent noise cannot be estimated; "
+                         + _FIX)
+    return runs
+
+
+def _constant_region(volume: np.ndarray, path_label: str
+                     ) -> tuple[np.float32, np.ndarray | None, float]:
+    """The most common value, the voxels in runs of it (or None) and their fraction of the box.
 
     A voxel is in a run when it and its next neighbour along each axis all equal the most
-    common value of the map. Integer-valued noise rarely forms such runs; masking does.
+    common value of the map. Integer-valued noise rarely forms such runs; masking and padding
+    do. Refuses a constant map.
     """
     low, high = float(volume.min()), float(volume.max())
     if low == high:
@@ -198,15 +233,11 @@ def _constant_runs(volume: np.ndarray, path_label: str) -> np.ndarray | None:
     runs = equal[:-1, :-1, :-1] & equal[1:, :-1, :-1] & equal[:-1, 1:, :-1] \
         & equal[:-1, :-1, 1:]
     fraction = np.count_nonzero(runs) / volume.size
-    if fraction >= MASKED_FRACTION:
-        raise ValueError(f"{path_label}: {fraction:.0%} of the voxels are exactly {value:g} "
-                         "(the map looks masked), so its solvent noise cannot be estimated; "
-                         + _FIX)
     if fraction == 0:
-        return None
+        return value, None, 0.0
     equal[:-1, :-1, :-1] = runs
     equal[-1, :, :] = equal[:, -1, :] = equal[:, :, -1] = False
-    return equal
+    return value, equal, fraction
 
 
 def _most_common_value(volume: np.ndarray) -> np.float32:
@@ -260,13 +291,13 @@ def estimate_noise(volume: np.ndarray, voxel_size: tuple[float, float, float] | 
     return _stats_of(volume, solvent)
 
 
-def _checked_volume(volume: np.ndarray) -> np.ndarray:
+def _checked_volume(volume: np.ndarray, name: str = "map") -> np.ndarray:
     array = np.asarray(volume)
     if array.ndim != 3 or min(array.shape) < 2:
-        raise ValueError(f"map: shape {array.shape} is not a 3-D (z, y, x) map")
+        raise ValueError(f"{name}: shape {array.shape} is not a 3-D (z, y, x) map")
     array = np.ascontiguousarray(array, dtype=np.float32)
     if not np.isfinite(array).all():
-        raise ValueError("map: contains NaN or infinite voxels; fix or replace the map")
+        raise ValueError(f"{name}: contains NaN or infinite voxels; fix or replace the map")
     return array
 
 
@@ -297,9 +328,12 @@ def _local_moments(volume: np.ndarray, window: tuple[int, int, int]
     return local_mean, local_std
 
 
-def _seed(local_mean: np.ndarray, local_std: np.ndarray) -> np.ndarray:
-    """First solvent guess: the lowest-variance part of the low-density half of the box."""
-    low = local_mean <= np.median(_sample(local_mean))
+def _seed(local_mean: np.ndarray, local_std: np.ndarray,
+          candidates: np.ndarray | None = None) -> np.ndarray:
+    """First solvent guess: the lowest-variance part of the low-density half of the box (of
+    the ``candidates`` when given)."""
+    pool = local_mean if candidates is None else local_mean[candidates]
+    low = local_mean <= np.median(_sample(pool))
     low &= np.isfinite(local_std)
     threshold = np.quantile(_sample(local_std[low]), SEED_FRACTION)
     low &= local_std <= threshold
@@ -341,6 +375,211 @@ def _stats_of(volume: np.ndarray, solvent: np.ndarray) -> NoiseStats:
     return NoiseStats(mean, std, "auto", fraction)
 
 
+# --------------------------------------------------------------------------- any map
+
+
+def choose_stats(volume: np.ndarray, voxel_size: tuple[float, float, float] | None = None,
+                 mask: np.ndarray | None = None, *, name: str = "map") -> NoiseStats:
+    """The statistics to normalise any map with: unmasked, masked, zoned, or with a user mask.
+
+    A pure, deterministic function of the arrays; the runtime and the training data both
+    normalise with it.
+
+    - An unmasked map (no coherent region of one exact value covering
+      :data:`MIN_MASK_FRACTION` of the box) and no ``mask``: :func:`estimate_noise`.
+    - A masked map (a constant outside a region, hard or soft edge) or a user ``mask``: the
+      same estimator on the voxels inside the map's mask, beyond the band along its edge
+      where a soft edge attenuates the noise (:func:`edge_band`), and outside the user's
+      ``mask`` (where the particle is); method ``"auto-masked"`` when that solvent is large
+      enough and looks like noise (:func:`_looks_like_solvent`).
+    - Otherwise (tight zones, crops around one chain, thresholded segments): method
+      ``"peak"`` (:func:`peak_stats`), scaled so the map peaks at
+      :data:`TARGET_PEAK_SIGMAS`.
+
+    Measured statistics are then kept within the trained range by :func:`limit_peak`.
+
+    Parameters
+    ----------
+    volume : (z, y, x) map, any real dtype (computed in float32).
+    voxel_size : Å along (z, y, x); shapes the local window and the edge distances.
+    mask : (z, y, x) user mask on the map's grid (binary or soft); the particle is where it
+        is at least half its maximum, dilated by :data:`MASK_DILATION_VOXELS`.
+    name : starts the error messages (e.g. the file name).
+
+    Raises
+    ------
+    ValueError
+        A constant or non-finite map, or a mask on another grid or without any voxel > 0.
+    """
+    volume = _checked_volume(volume, name)
+    particle = None if mask is None else _mask_inside(mask, volume.shape)
+    value, constant, fraction = _constant_region(volume, name)
+    if particle is None and not _is_masked(constant, fraction):
+        return limit_peak(volume, estimate_noise(volume, voxel_size))
+    stats = _masked_noise(volume, voxel_size, constant, float(value), particle)
+    if stats is None:
+        return peak_stats(volume, _background(volume, value, constant, particle),
+                          _inside_fraction(constant, particle))
+    return limit_peak(volume, stats)
+
+
+def _is_masked(constant: np.ndarray | None, fraction: float) -> bool:
+    """A coherent constant region (not scattered repeated values) of a sizeable fraction."""
+    if constant is None or fraction < MIN_MASK_FRACTION:
+        return False
+    if fraction >= MASKED_FRACTION:
+        return True
+    kept = np.count_nonzero(ndimage.binary_erosion(constant))
+    return kept >= MASK_COHERENCE * np.count_nonzero(constant)
+
+
+def _masked_noise(volume: np.ndarray, voxel_size: tuple[float, float, float] | None,
+                  constant: np.ndarray | None, background: float,
+                  particle: np.ndarray | None) -> NoiseStats | None:
+    """Noise of the solvent inside a mask (method ``"auto-masked"``), or None if too little."""
+    # Local statistics; candidates: inside the map's mask, off the user's particle.
+    local_mean, local_std = _local_moments(volume, _window(voxel_size, volume.shape))
+    inside = np.ones(volume.shape, bool) if constant is None else ~constant
+    candidates = inside if particle is None else inside & ~particle
+    # Leave out the band along the map's mask edge.
+    if constant is not None:
+        distance = _edge_distance(constant, voxel_size)
+        candidates &= distance > edge_band(local_std, distance, candidates)
+        del distance
+    inside_count = int(np.count_nonzero(inside))
+    if np.count_nonzero(candidates) < max(MIN_SOLVENT_VOXELS,
+                                          MIN_MASKED_SOLVENT_FRACTION * inside_count):
+        return None
+    # The estimator of estimate_noise, on the candidates only.
+    local_std[~candidates] = np.nan
+    solvent = _seed(local_mean, local_std, candidates)
+    for _ in range(ITERATIONS):
+        solvent = _refine(local_mean, local_std, solvent)
+    del local_mean, local_std
+    values = volume[solvent]
+    if not _looks_like_solvent(volume, values, inside_count,
+                               None if constant is None else background):
+        return None
+    return NoiseStats(float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64)),
+                      "auto-masked", values.size / inside_count)
+
+
+def _edge_distance(constant: np.ndarray, voxel_size: tuple[float, float, float] | None
+                   ) -> np.ndarray:
+    """Distance of every voxel from the constant region, in voxels along the finest axis."""
+    sizes = np.ones(3) if voxel_size is None else np.asarray(voxel_size, dtype=float)
+    if sizes.shape != (3,) or not np.all(np.isfinite(sizes) & (sizes > 0)):
+        sizes = np.ones(3)
+    # The box faces that hold constant voxels are edges too (the mask goes on beyond them).
+    padded = np.pad(constant, 1)
+    for axis in range(3):
+        for side, index in ((0, 0), (-1, -1)):
+            face = np.take(constant, index, axis=axis)
+            if face.any():
+                target = [slice(None)] * 3
+                target[axis] = side  # type: ignore[call-overload]
+                padded[tuple(target)] = True
+    distance = ndimage.distance_transform_edt(~padded, sampling=sizes / sizes.min())
+    return distance[1:-1, 1:-1, 1:-1].astype(np.float32)
+
+
+def edge_band(local_std: np.ndarray, distance: np.ndarray, candidates: np.ndarray) -> int:
+    """Width, in voxels, of the band along a mask's edge to leave out of the solvent.
+
+    A soft mask attenuates the noise over its edge, so the noise level rises with the distance
+    from the constant region until the edge ends. The level of the shell ``(k, k + 1]`` (voxels
+    from the constant region) is the :data:`SEED_FRACTION` quantile of the local standard
+    deviations of its candidate voxels; the band is the first ``k`` from
+    :data:`MIN_EDGE_BAND_VOXELS` (where local windows still reach the constant region) whose
+    next measured shell is not higher by more than :data:`EDGE_TOLERANCE`: the level has
+    stopped rising (a soft edge raises it by far more per voxel; density deeper in raises it
+    slowly). At most :data:`MAX_EDGE_BAND_VOXELS`.
+    """
+    near = candidates & (distance > MIN_EDGE_BAND_VOXELS) & (distance <= MAX_EDGE_BAND_VOXELS + 2)
+    depth, level = _sample(distance[near]), _sample(local_std[near])
+    shells = np.ceil(depth).astype(np.int64) - 1  # shell k holds (k, k + 1]
+    levels = {}
+    for shell in range(MIN_EDGE_BAND_VOXELS, MAX_EDGE_BAND_VOXELS + 2):
+        values = level[shells == shell]
+        if values.size >= MIN_EDGE_SHELL_VOXELS:
+            levels[shell] = float(np.quantile(values, SEED_FRACTION))
+    for band in range(MIN_EDGE_BAND_VOXELS, MAX_EDGE_BAND_VOXELS):
+        following = [levels[k] for k in (band + 1, band + 2) if k in levels]
+        if band in levels and (not following
+                               or following[0] <= (1 + EDGE_TOLERANCE) * levels[band]):
+            return band
+    return MAX_EDGE_BAND_VOXELS
+
+
+def _looks_like_solvent(volume: np.ndarray, values: np.ndarray, inside_count: int,
+                        background: float | None) -> bool:
+    """Whether the voxels found inside a mask are solvent noise, not low density.
+
+    Enough of them (:data:`MIN_MASKED_SOLVENT_FRACTION` of the inside); a lower tail as noise
+    has (thresholded segments have none); a map peaking at least
+    :data:`MIN_SOLVENT_PEAK_SIGMAS` of their std above their mean; and, in a map masked to
+    the constant ``background``, a mean at most :data:`MAX_SOLVENT_OFFSET_SIGMAS` stds above
+    it (masking usually takes the outside to the solvent level, and the low density between
+    the atoms of a tight zone, taken for solvent, lies 1-2 of its own stds above that).
+    """
+    if values.size < max(MIN_SOLVENT_VOXELS, MIN_MASKED_SOLVENT_FRACTION * inside_count):
+        return False
+    mean, std = float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64))
+    if not (math.isfinite(std) and std > 0):
+        return False
+    if background is not None and mean - background > MAX_SOLVENT_OFFSET_SIGMAS * std:
+        return False
+    tail = np.count_nonzero(values < mean - 2 * std) / values.size
+    stats = NoiseStats(mean, std, "auto-masked", 1.0)
+    return tail >= MIN_TAIL_FRACTION and peak_sigmas(volume, stats) >= MIN_SOLVENT_PEAK_SIGMAS
+
+
+def peak_stats(volume: np.ndarray, background: float, inside_fraction: float = 1.0
+               ) -> NoiseStats:
+    """Statistics for a map with no solvent to measure (method ``"peak"``).
+
+    ``mean`` is the ``background`` (a masked map's constant), ``std`` puts the map's peak
+    (:data:`PEAK_QUANTILE`) at :data:`TARGET_PEAK_SIGMAS`, the middle of the range the network
+    was trained on; the solvent-cube test then takes :data:`ZONE_NOISE_FRACTION` of the peak as
+    its noise std, so only cubes (nearly) empty of density are skipped.
+    """
+    sample = _sample(np.asarray(volume), PEAK_SAMPLE_VOXELS)
+    height = float(np.quantile(sample, PEAK_QUANTILE)) - background
+    if not height > 0:  # density below the background (inverted contrast)
+        height = float(np.quantile(np.abs(sample - np.float32(background)), PEAK_QUANTILE))
+    height = _positive(height, "map: peak above the background")
+    return NoiseStats(float(background), height / TARGET_PEAK_SIGMAS, "peak", inside_fraction,
+                      solvent_std=ZONE_NOISE_FRACTION * height)
+
+
+def _background(volume: np.ndarray, value: np.float32, constant: np.ndarray | None,
+                particle: np.ndarray | None) -> float:
+    """The level of the empty box: the masked constant, else the median off the particle."""
+    if constant is not None:
+        return float(value)
+    outside = volume if particle is None or particle.all() else volume[~particle]
+    return float(np.median(_sample(outside)))
+
+
+def _inside_fraction(constant: np.ndarray | None, particle: np.ndarray | None) -> float:
+    inside = np.ones(1, bool) if constant is None else ~constant
+    if particle is not None:
+        inside = inside & particle
+    return float(inside.mean())
+
+
+def _mask_inside(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The particle of a user mask: at least half its maximum, dilated; checked."""
+    mask = np.asarray(mask)
+    if mask.shape != shape:
+        raise ValueError(f"mask: shape {mask.shape} (z, y, x) differs from the map "
+                         f"{shape}; make the mask on the map's grid")
+    peak = float(np.max(mask))
+    if not (math.isfinite(peak) and peak > 0):
+        raise ValueError("mask: has no voxel > 0; pass a mask that covers the particle")
+    return ndimage.binary_dilation(mask >= peak / 2, iterations=MASK_DILATION_VOXELS)
+
+
 # --------------------------------------------------------------------------- user mask
 
 
@@ -356,8 +595,10 @@ def mask_stats(volume: np.ndarray, mask: np.ndarray) -> NoiseStats:
     Returns
     -------
     NoiseStats
-        ``mean`` the median, ``std`` the inter-quantile range, ``method="mask"`` and
-        ``solvent_fraction`` the fraction of the box inside the dilated mask.
+        ``mean`` the median, ``std`` the inter-quantile range, ``method="mask"``,
+        ``solvent_fraction`` the fraction of the box inside the dilated mask, and
+        ``solvent_std`` :data:`ZONE_NOISE_FRACTION` of the peak above the median (no noise
+        is measured, so the solvent-cube test skips only cubes nearly empty of density).
     """
     volume = _checked_volume(volume)
     mask = np.asarray(mask)
@@ -375,4 +616,8 @@ def mask_stats(volume: np.ndarray, mask: np.ndarray) -> NoiseStats:
     if not spread > 0:
         raise ValueError("mask: the density inside the mask is constant; pass a mask that "
                          "covers the particle, or --noise-stats MEAN,STD")
-    return NoiseStats(float(np.median(values)), spread, "mask", float(inside.mean()))
+    # No noise is measured: only cubes (nearly) empty of density count as solvent.
+    median = float(np.median(values))
+    height = float(np.quantile(values, PEAK_QUANTILE)) - median
+    return NoiseStats(median, spread, "mask", float(inside.mean()),
+                      solvent_std=ZONE_NOISE_FRACTION * (height if height > 0 else spread))
