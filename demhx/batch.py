@@ -11,6 +11,7 @@ refused input, existing output, ...) is reported in its result and the next map 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -123,9 +124,29 @@ def preview_paths(preview: str | Path, sources: Sequence[Path], outputs: Sequenc
 
 
 def create_folders(paths: Sequence[Path]) -> None:
-    """Create the folders that will hold ``paths`` (output and preview folders)."""
+    """Create the folders that will hold ``paths`` (output and preview folders).
+
+    Raises
+    ------
+    PermissionError
+        A folder cannot be created or written (read-only file system, permissions): a usage
+        error, as for the output folder of one map.
+    NotADirectoryError
+        A path on the way is a file.
+    """
     for folder in sorted({path.parent for path in paths}):
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise NotADirectoryError(f"{folder}: is a file (or lies under one), not a folder; "
+                                     "choose another --out-dir") from None
+        except OSError as error:
+            raise PermissionError(f"{folder}: output folder cannot be created "
+                                  f"({(error.strerror or str(error)).lower()}); choose another "
+                                  "--out-dir or check its permissions") from None
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder}: output folder is not writable; check its "
+                                  "permissions or choose another --out-dir")
 
 
 def enhance_many(enhancer: Enhancer, sources: Sequence[str | Path],

@@ -2,9 +2,13 @@
 
 Exit status: 0 on success, 2 for usage and input errors (bad option, missing or invalid
 file, existing output, unknown model, CUDA unavailable), 1 for failures while running,
-130 when interrupted. Errors are one line on stderr, ``demhx: error: <message>``; the
-traceback is shown only with ``--debug``. Progress, the device line and the summary go to
-stderr too (hidden by ``--quiet``); warnings always print as ``demhx: warning: <message>``.
+128 + the signal's number when stopped by a signal: 130 for Ctrl-C (SIGINT), 143 for
+SIGTERM, 129 for SIGHUP; every temporary file is removed and nothing is half-written.
+Errors are one line on stderr, ``demhx: error: <message>``; the traceback is shown only with
+``--debug``. Options are matched exactly (fire's prefix matching is not used; see
+:mod:`demhx._argv`), and DeepEMhancer's flags are accepted where they mean the same.
+Progress, the device line and the summary go to stderr too (hidden by ``--quiet``); warnings
+always print as ``demhx: warning: <message>``.
 
 Several maps (``demhx IN... --out-dir DIR`` or ``--suffix SUF``) run with one model load and
 go on past a map that fails; a table (one row per map) ends the run on stderr, and the exit
@@ -24,6 +28,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from demhx import _argv, _signals
+from demhx._argv import UsageError
 
 if TYPE_CHECKING:
     from demhx.batch import MapResult
@@ -84,10 +91,22 @@ options:
   --debug               show the traceback of errors
   --version             print the version and exit
   -h, --help            show this help and exit
+
+Options are matched exactly (no abbreviations); --batch_size style spellings work too.
+
+DeepEMhancer's options, with the same meaning:
+  -i, --inputMap IN     IN               -o, --outputMap OUT   OUT
+  -i2, --halfMap2 H2    --half2 H2       -s, --samplingRate A  --voxel-size A
+  --noiseStats M S      --noise-stats M,S
+  -m, --binaryMask PATH --mask PATH      -b, --batch_size N    --batch-size N
+  -g, --gpuIds ID       --device cuda:ID (-1: --device cpu; one GPU per run)
+  -p, --processingType tightTarget       --model tight (no wideTarget or highRes model is
+                        shipped: convert DeepEMhancer's file with demhx-export from-keras)
+  --deepLearningModelPath and --cleaningStrengh are refused with what to use instead.
+
+Exit status: 0 done, 2 usage or input error, 1 failure while running (or any of several
+maps failed), 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (nothing half-written is left behind).
 """
-_FLAGS = ("overwrite", "quiet", "debug", "version")
-_VALUED = ("half2", "model", "device", "batch_size", "threads", "tiling", "voxel_size",
-           "noise_stats", "mask", "out_dir", "suffix", "preview", "confidence", "tta")
 _USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
                  IsADirectoryError, NotADirectoryError)
 _ONE_MAP_ONLY = {
@@ -97,11 +116,6 @@ _ONE_MAP_ONLY = {
                     "(estimated per map) or run each map on its own"),
 }
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-class UsageError(ValueError):
-    """The command line itself is wrong (unknown option, missing argument, bad value)."""
 
 
 @dataclass(frozen=True)
@@ -147,7 +161,7 @@ class Arguments:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if any(arg in ("-h", "--help", "-help") for arg in args):
+    if any(arg in _argv.HELP_OPTIONS for arg in args):
         sys.stdout.write(HELP)
         return 0
     if "--version" in args:
@@ -156,13 +170,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(f"{PROGRAM} {__version__}\n")
         return 0
     debug = "--debug" in args
+    written: list[str] = []
+    with _signals.handled():  # SIGTERM and SIGHUP stop the run as Ctrl-C does
+        try:
+            return _run(parse_arguments(args), written)
+        except KeyboardInterrupt as interrupt:
+            return _interrupted(interrupt, written)
+        except Exception as error:  # every failure becomes one line and an exit status
+            return _report(error, debug)
+
+
+def _interrupted(interrupt: KeyboardInterrupt, written: list[str]) -> int:
+    """One line saying what stopped the run and what (if anything) was written."""
+    name = _signals.signal_name(interrupt)
+    what = "interrupted" if name == "SIGINT" else f"stopped by {name}"
+    done = ("no output written" if not written
+            else f"wrote {', '.join(written)} before; nothing else written")
+    _say(f"{chr(10) if name == 'SIGINT' else ''}{PROGRAM}: {what}; {done}\n")
+    return _signals.exit_status(interrupt)
+
+
+def _say(text: str) -> None:
+    """Write to stderr; a terminal that hung up (SIGHUP) cannot stop the clean-up."""
     try:
-        return _run(parse_arguments(args))
-    except KeyboardInterrupt:
-        sys.stderr.write(f"\n{PROGRAM}: interrupted; no output written\n")
-        return 130
-    except Exception as error:  # every failure becomes one line and an exit status
-        return _report(error, debug)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def parse_arguments(argv: Sequence[str]) -> Arguments:
@@ -173,7 +207,7 @@ def parse_arguments(argv: Sequence[str]) -> Arguments:
     captured: list[dict[str, Any]] = []
 
     @SetParseFn(str)  # the input and output paths (fire's *varargs) stay text
-    @SetParseFns(**{name: str for name in _VALUED})
+    @SetParseFns(**{name: str for name in _argv.VALUED})
     def command(*paths: str, half2: str | None = None, model: str | None = None,
                 device: str = "auto", batch_size: str | None = None, threads: str | None = None,
                 tiling: str = "default", voxel_size: str | None = None,
@@ -187,36 +221,12 @@ def parse_arguments(argv: Sequence[str]) -> Arguments:
     messages = io.StringIO()
     try:
         with contextlib.redirect_stdout(messages), contextlib.redirect_stderr(messages):
-            fire.Fire(command, command=_fire_argv(argv) + ["--"], name=PROGRAM)
+            fire.Fire(command, command=_argv.fire_argv(argv) + ["--"], name=PROGRAM)
     except fire.core.FireExit:
         raise UsageError(_fire_error(messages.getvalue())) from None
     if not captured:
         raise UsageError(f"could not read the arguments; see {PROGRAM} --help")
     return _convert(captured[0])
-
-
-def _fire_argv(argv: Sequence[str]) -> list[str]:
-    """Spell every option as ``--name=value`` so fire binds values like a usual command line.
-
-    Flags take no value (``--quiet``); ``--noise-stats MEAN STD`` is accepted as two values.
-    """
-    result: list[str] = []
-    queue = list(argv)
-    while queue:
-        arg = queue.pop(0)
-        name = arg[2:].replace("-", "_") if arg.startswith("--") and "=" not in arg else ""
-        if arg == "-q" or name in _FLAGS:
-            result.append(f"--{name or 'quiet'}=True")
-        elif name in _VALUED:
-            if not queue or queue[0].startswith("--"):
-                raise UsageError(f"{arg} needs a value; see {PROGRAM} --help")
-            value = queue.pop(0)
-            if name == "noise_stats" and "," not in value and queue and _NUMBER.match(queue[0]):
-                value += "," + queue.pop(0)
-            result.append(f"--{name}={value}")
-        else:
-            result.append(arg)
-    return result
 
 
 def _fire_error(text: str) -> str:
@@ -334,8 +344,11 @@ def _flag(name: str, value: Any) -> bool:
     raise UsageError(f"--{name} takes no value (got {value!r})")
 
 
-def _run(args: Arguments) -> int:
-    """Enhance IN into OUT, with progress and a summary on stderr unless quiet."""
+def _run(args: Arguments, written: list[str]) -> int:
+    """Enhance IN into OUT, with progress and a summary on stderr unless quiet.
+
+    ``written`` collects the files written so far (named if a signal stops the run).
+    """
     if args.batch:
         return _run_many(args)
     from demhx._progress import ProgressBar
@@ -353,6 +366,7 @@ def _run(args: Arguments) -> int:
                 confidence=args.confidence, tta=args.tta)
         finally:
             bar.close()
+        written += [str(path) for path in (summary.confidence, summary.output) if path]
         logging.getLogger(PROGRAM).info(summary.line())
         if picture is not None:
             from demhx.preview import write_file_preview
@@ -403,14 +417,15 @@ def _run_many(args: Arguments) -> int:
     with _console(args.quiet):
         enhancer.runtime  # noqa: B018 -- loads the model; its errors stop the run here
         batch.create_folders(outputs + (previews or []))
-        results = _enhance_many(args, enhancer, sources, outputs, previews)
+        results, interrupt = _enhance_many(args, enhancer, sources, outputs, previews)
     failed = sum(result.status != batch.OK for result in results)
-    interrupted = len(results) > 0 and results[-1].status == batch.NOT_RUN
     if failed or not args.quiet:
-        sys.stderr.write(batch.summary_table(results, describe_error))
-    if interrupted:
-        sys.stderr.write(f"{PROGRAM}: interrupted; only the maps marked ok were written\n")
-        return 130
+        _say(batch.summary_table(results, describe_error))
+    if interrupt is not None:
+        name = _signals.signal_name(interrupt)
+        what = "interrupted" if name == "SIGINT" else f"stopped by {name}"
+        _say(f"{PROGRAM}: {what}; only the maps marked ok were written\n")
+        return _signals.exit_status(interrupt)
     if failed:
         sys.stderr.write(f"{PROGRAM}: error: {failed} of {len(results)} maps failed; see the "
                          "table above\n")
@@ -418,8 +433,10 @@ def _run_many(args: Arguments) -> int:
 
 
 def _enhance_many(args: Arguments, enhancer: Enhancer, sources: list[Path],
-                  outputs: list[Path], previews: list[Path] | None) -> list[MapResult]:
-    """Run the maps one by one (progress bar, one line each); maps not reached on Ctrl-C."""
+                  outputs: list[Path], previews: list[Path] | None
+                  ) -> tuple[list[MapResult], KeyboardInterrupt | None]:
+    """Run the maps one by one (progress bar, one line each); maps not reached on Ctrl-C
+    (or SIGTERM, SIGHUP) are marked not run, and the interruption is returned."""
     from demhx import batch
     from demhx._progress import ProgressBar
 
@@ -437,12 +454,13 @@ def _enhance_many(args: Arguments, enhancer: Enhancer, sources: list[Path],
                 log.info(f"failed: {describe_error(result.error)}")
             elif result.summary is not None:
                 log.info(result.summary.line())
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         bar.close()
         done = len(results)
         results += [batch.MapResult(source, output, batch.NOT_RUN)
                     for source, output in zip(sources[done:], outputs[done:], strict=True)]
-    return results
+        return results, interrupt
+    return results, None
 
 
 @contextlib.contextmanager

@@ -27,9 +27,13 @@ Writing
     ``voxel_size * m`` per axis (and an ``mx/my/mz`` of zero is set to the number of voxels
     along that axis first). Every other field is kept.
 
-    The file is written to a temporary file in the destination folder and moved into place
-    with :func:`os.replace`; on any failure, ``KeyboardInterrupt`` included, the temporary file
-    is removed and the destination is untouched. ``.gz`` destinations are gzip-compressed.
+    The file is written to a temporary file in the destination folder
+    (``.<name>.demhx-<machine>-<pid>-<random>.tmp``) and moved into place with
+    :func:`os.replace`; on any failure, ``KeyboardInterrupt`` included, the temporary file is
+    removed and the destination is untouched. :func:`write_maps` writes several maps (an
+    output and its confidence map) all or none. A temporary file left by a killed run is
+    removed by the next run in that folder (:func:`clean_stale_temporaries`). A full disk is
+    an ``OSError`` naming the output. ``.gz`` destinations are gzip-compressed.
 
 Errors are built-in exceptions (``FileNotFoundError``, ``IsADirectoryError``,
 ``PermissionError``, ``FileExistsError``, ``ValueError``) whose one-line message names the
@@ -39,12 +43,18 @@ file, the problem and the fix.
 from __future__ import annotations
 
 import bz2
+import errno
 import gzip
+import hashlib
 import math
 import os
+import re
 import secrets
+import socket
+import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+import zlib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +63,8 @@ from typing import Any
 import mrcfile
 import numpy as np
 from mrcfile.utils import data_dtype_from_header
+
+from demhx import _signals, validate
 
 HEADER_BYTES = 1024  # fixed size of the MRC header
 LABEL_BYTES = 80  # size of one header label
@@ -124,7 +136,12 @@ def read_map(path: str | Path, voxel_size: VoxelSizeLike | None = None) -> MrcMa
     header, extended_header = _read_header(path)
     _check_header(path, header)
     _check_data_size(path, header, compression)
+    validate.check_grid((int(header.nz), int(header.ny), int(header.nx)),
+                        f"{path}: header dimensions", "crop or bin the map")
     voxel = override if override is not None else _checked_header_voxel_size(path, header)
+    if override is not None:
+        validate.check_voxel_size(override, f"{path}: --voxel-size",
+                                  "give the voxel size in Å (1 nm = 10 Å)")
     # Read the stored array and bring it to canonical (z, y, x) order in one float32 copy.
     data = _read_canonical(path, header, compression)
     _check_finite(path, data)
@@ -137,6 +154,9 @@ def _check_input_file(path: Path) -> str | None:
         raise FileNotFoundError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a folder, not a map file; pass an .mrc/.map file")
+    if not path.is_file():
+        raise ValueError(f"{path}: is not a regular file (a named pipe, device or socket); "
+                         "save the map to a file and pass that")
     if not os.access(path, os.R_OK):
         raise PermissionError(f"{path}: cannot be read (permission denied); check the "
                               "file's permissions")
@@ -188,7 +208,7 @@ def _mrcfile_errors(path: Path) -> Iterator[None]:
             yield
         except (PermissionError, FileNotFoundError):
             raise
-        except (ValueError, OSError, EOFError) as error:
+        except (ValueError, OSError, EOFError, zlib.error) as error:
             raise ValueError(f"{path}: {_explain(str(error))}") from None
     problems = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     if problems:
@@ -207,6 +227,16 @@ def _explain(reason: str) -> str:
         return "shorter than an MRC header (1024 bytes); not an MRC map, check the file"
     if "extended header" in reason:
         return f"{reason}; the file is truncated, re-download or re-export it"
+    if "negative count" in reason:
+        return ("header extended-header size (nsymbt) is negative; the header is corrupt, "
+                "re-export the map")
+    if "ended before the end-of-stream marker" in reason:
+        return ("the compressed file is truncated (it ends before its end-of-stream marker); "
+                "re-download the file")
+    if any(word in reason for word in ("decompress", "gzip", "CRC", "invalid data stream",
+                                       "compressed")):
+        return (f"compressed data are corrupt ({reason}); re-download the file or "
+                "decompress and re-compress it")
     return f"not a readable MRC/CCP4 map ({reason}); check the file or re-export it"
 
 
@@ -216,9 +246,11 @@ def _check_header(path: Path, header: np.recarray) -> None:
     if min(nx, ny, nz) < 1:
         raise ValueError(f"{path}: header dimensions {nx}×{ny}×{nz} are not positive; the "
                          "header is corrupt, re-export the map")
-    if min(nx, ny, nz) == 1:
-        raise ValueError(f"{path}: is a 2-D image ({nx}×{ny}×{nz}), not a 3-D map; pass a "
-                         "3-D density map")
+    flat = [nx, ny, nz].count(1)
+    if flat:
+        kind = {1: "a 2-D image", 2: "a 1-D line of voxels", 3: "a single voxel"}[flat]
+        raise ValueError(f"{path}: is {kind} ({nx}×{ny}×{nz}), not a 3-D map; pass a 3-D "
+                         "density map")
     ispg, mz = int(header.ispg), int(header.mz)
     if ispg == IMAGE_STACK_SPACE_GROUP and mz == 1:
         raise ValueError(f"{path}: is a stack of {nz} 2-D images (space group 0, mz = 1), "
@@ -318,6 +350,8 @@ def _checked_header_voxel_size(path: Path, header: np.recarray) -> tuple[float, 
         text = "/".join(f"{v:.4g}" for v in voxel)
         raise ValueError(f"{path}: header voxel size is {text} Å (z/y/x; from cella and "
                          "mx/my/mz), not positive; pass --voxel-size")
+    validate.check_voxel_size(voxel, f"{path}: header voxel size (z/y/x)",
+                              "if the header is wrong, pass the true size in Å with --voxel-size")
     return voxel
 
 
@@ -379,8 +413,11 @@ def check_output_path(path: str | Path, inputs: Sequence[Path], overwrite: bool)
                               "permissions or choose another output path")
     if path.is_dir():
         raise IsADirectoryError(f"{path}: output is a folder; give a file name ending .mrc")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path}: output exists and is not a regular file (a named pipe, "
+                         "device or socket); choose an ordinary file name")
     for source in inputs:
-        if _same_file(path, Path(source)):
+        if same_file(path, Path(source)):
             raise ValueError(f"{path}: output is the input {source}; inputs are never "
                              "overwritten, choose another output path")
     if path.exists() and not overwrite:
@@ -397,7 +434,7 @@ def _check_output_suffix(path: Path) -> None:
                          ".gz); choose an MRC file name")
 
 
-def _same_file(first: Path, second: Path) -> bool:
+def same_file(first: Path, second: Path) -> bool:
     """Whether two paths name one file (resolved paths, or the same inode)."""
     if first.resolve() == second.resolve():
         return True
@@ -425,13 +462,43 @@ def write_map(path: str | Path, data: np.ndarray, template: MrcMap, label: str,
     A voxel-size override given to :func:`read_map` is written to the output (``cella``
     updated, see the module docstring); every other header field is kept.
     """
-    path = check_output_path(path, [template.path], overwrite)
-    # Check the data, and bring it back to the template's stored layout.
-    stored = _stored_layout(path, data, template)
-    compression = "gzip" if path.name.lower().endswith(".gz") else None
-    # Write a temporary file next to the destination, then move it into place.
-    _write_atomically(path, overwrite, lambda temporary: _write_mrc(
-        temporary, stored, template, label, compression))
+    write_maps([(path, data, label)], template, overwrite=overwrite)
+
+
+def write_maps(items: Sequence[tuple[str | Path, np.ndarray, str]], template: MrcMap,
+               overwrite: bool = False) -> None:
+    """Write several maps with ``template``'s header: all of them or none.
+
+    Each ``(path, data, label)`` is written as :func:`write_map` writes one, to a temporary
+    file beside its destination; only when every temporary file is complete are they moved
+    into place, one after the other with termination signals held back (see
+    :func:`demhx._signals.deferred`). On any failure or interruption the temporary files and
+    the outputs this call created are removed (an output it replaced stays replaced).
+
+    Raises
+    ------
+    OSError
+        Writing failed (disk full, I/O error); the message names the file and what to do.
+    """
+    paths = [check_output_path(path, [template.path], overwrite) for path, _, _ in items]
+    temporaries: list[Path] = []
+    created: list[Path] = []
+    try:
+        # Write every map to its temporary file (one stored copy alive at a time) ...
+        for path, (_, data, label) in zip(paths, items, strict=True):
+            stored = _stored_layout(path, data, template)
+            temporaries.append(_new_temporary_for_writing(path))
+            _write_temporary(path, temporaries[-1], stored, template, label)
+            del stored
+        # ... then move them all into place, uninterrupted.
+        with _signals.deferred():
+            _commit(paths, temporaries, overwrite, created)
+    except BaseException:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def _stored_layout(path: Path, data: np.ndarray, template: MrcMap) -> np.ndarray:
@@ -450,30 +517,148 @@ def _stored_layout(path: Path, data: np.ndarray, template: MrcMap) -> np.ndarray
     return np.ascontiguousarray(array.transpose(inverse), dtype=np.float32)
 
 
-def _write_atomically(path: Path, overwrite: bool, write: Callable[[Path], None]) -> None:
-    """Call ``write(temporary)`` then move the temporary file to ``path``; clean up on error."""
-    temporary = new_temporary(path)
-    try:
-        write(temporary)
+def _commit(paths: Sequence[Path], temporaries: Sequence[Path], overwrite: bool,
+            created: list[Path]) -> None:
+    """Move each temporary file to its path; ``created`` collects paths that were new."""
+    for path in paths:
         if not overwrite and path.exists():
             raise FileExistsError(f"{path}: output appeared while writing; pass --overwrite "
                                   "to replace it or choose another output path")
+    for path, temporary in zip(paths, temporaries, strict=True):
+        existed = path.exists()
         os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+        if not existed:
+            created.append(path)
+
+
+def _new_temporary_for_writing(path: Path) -> Path:
+    try:
+        return new_temporary(path)
+    except OSError as error:
+        if isinstance(error, FileExistsError):
+            raise
+        raise _write_error(path, error) from None
+
+
+def _write_temporary(path: Path, temporary: Path, stored: np.ndarray, template: MrcMap,
+                     label: str) -> None:
+    """Write ``path``'s content to ``temporary``; OSError naming ``path`` when that fails."""
+    compression = "gzip" if path.name.lower().endswith(".gz") else None
+    try:
+        _write_mrc(temporary, stored, template, label, compression)
+    except OSError as error:
+        raise _write_error(path, error) from None
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _write_error(path: Path, error: OSError) -> OSError:
+    """An OSError naming the output and what to do (its errno kept, so its class too)."""
+    if error.errno in _NO_SPACE:
+        reason = ("no space left on the device (disk full or over quota); nothing written, "
+                  "free some space there or choose another output folder")
+    else:
+        reason = (f"cannot be written ({error.strerror or error}); nothing written, check the "
+                  "output folder or choose another one")
+    return OSError(error.errno, reason, str(path))
+
+
+# --------------------------------------------------------------------------- temporary files
+
+TEMPORARY_PATTERN = re.compile(
+    r"^\.(?P<name>.+)\.demhx-(?P<owner>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+"""Name of demhx's temporary files: ``.<output name>.demhx-<owner>-<pid>-<random>.tmp``."""
+STALE_AFTER_SECONDS = 3600.0  # a temporary file of another machine this old is named
+_reported: set[Path] = set()
+
+
+def _owner() -> str:
+    """8 hex digits naming this machine and PID namespace (container), for temporary files."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}|{namespace}".encode()).hexdigest()[:8]
 
 
 def new_temporary(path: Path) -> Path:
-    """Create an empty, uniquely named file in ``path``'s folder (umask-respecting mode)."""
+    """Create an empty, uniquely named file in ``path``'s folder (umask-respecting mode).
+
+    The name (:data:`TEMPORARY_PATTERN`) carries this machine and process, so that a file
+    left by a killed run is recognised and removed by the next (:func:`clean_stale_temporaries`).
+    """
+    prefix = f".{path.name}.demhx-{_owner()}-{os.getpid()}"
     for _ in range(100):
-        temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        temporary = path.with_name(f"{prefix}-{secrets.token_hex(4)}.tmp")
         try:
             os.close(os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         except FileExistsError:
             continue
         return temporary
     raise FileExistsError(f"{path.parent}: cannot create a temporary file; clean the folder")
+
+
+def _process_running(pid: int) -> bool | None:
+    """Whether a process of this PID namespace runs (None: cannot tell on this system)."""
+    if os.name != "posix":
+        return None  # os.kill would end the process on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except OSError:
+        return None
+    return True
+
+
+def clean_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary files that killed demhx runs left in ``folder``; name the others.
+
+    A temporary file (:data:`TEMPORARY_PATTERN`) whose writer ran on this machine and in this
+    PID namespace and is no longer running is removed, with a warning naming it. One from
+    another machine or container (or whose PID is running again) is only named, once it is
+    older than :data:`STALE_AFTER_SECONDS`: a run elsewhere may still be writing it. Each
+    file is named once per process. Returns the files removed.
+    """
+    from demhx.session import DemhxWarning
+
+    removed = []
+    owner, now = _owner(), time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        found = TEMPORARY_PATTERN.match(entry.name)
+        path = Path(entry.path)
+        if found is None or path in _reported or not entry.is_file(follow_symlinks=False):
+            continue
+        pid = int(found["pid"])
+        if found["owner"] == owner and pid != os.getpid() and _process_running(pid) is False:
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            removed.append(path)
+            _reported.add(path)
+            warnings.warn(f"{path}: removed a temporary file left by an interrupted demhx run "
+                          f"(PID {pid}, no longer running)", DemhxWarning, stacklevel=2)
+        elif now - _mtime(entry) > STALE_AFTER_SECONDS and pid != os.getpid():
+            _reported.add(path)
+            warnings.warn(f"{path}: a temporary file of a demhx run (PID {pid}) on another "
+                          "machine or container, or of a run that was killed; remove it if no "
+                          "demhx run is writing to this folder", DemhxWarning, stacklevel=2)
+    return removed
+
+
+def _mtime(entry: os.DirEntry[str]) -> float:
+    try:
+        return entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return time.time()
 
 
 def _write_mrc(temporary: Path, stored: np.ndarray, template: MrcMap, label: str,

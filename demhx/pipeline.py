@@ -34,7 +34,7 @@ from typing import Literal, overload
 
 import numpy as np
 
-from demhx import augment, mrcio, normalise, resample, tiling
+from demhx import augment, mrcio, normalise, resample, tiling, validate
 from demhx._overlap_add import TileCounts, overlap_add, overlap_add_augmented
 from demhx.normalise import NoiseStats
 from demhx.session import DemhxWarning, Runtime, check_positive, load_runtime, parse_device
@@ -44,7 +44,10 @@ LOG = logging.getLogger("demhx")
 Progress = Callable[[int, int], None]
 NoiseStatsLike = NoiseStats | Sequence[float] | None
 VoxelSize = float | Sequence[float]
-_VOXEL_MATCH = 1e-4  # relative tolerance for two half-maps' voxel sizes
+_VOXEL_MATCH = 1e-4  # relative tolerance for two half-maps' voxel sizes (and cells)
+_ORIGIN_MATCH = 1e-3  # Å: two half-maps' origins agree within this
+_RIGHT_ANGLE = 90.0
+_ANGLE_MATCH = 0.01  # degrees: a cell angle this close to 90° is a right angle
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class RunInfo:
     tiling: str
     seconds: float
     augmentations: int = 1
+    input_peak: float = math.nan  # largest |input - noise mean|, the map's units
 
 
 @dataclass(frozen=True)
@@ -225,18 +229,23 @@ class Enhancer:
         _check_tiling(tiling)
         rotations = _rotations(confidence, tta)
         voxel = voxel_triplet(voxel_size)
+        validate.check_voxel_size(voxel, f"{name}: voxel size (z/y/x)",
+                                  "give the voxel size in Å (--voxel-size; 1 nm = 10 Å)")
         user_stats = _user_stats(noise_stats)
         volume = check_volume(volume, name)
         if half2 is not None:
             volume = average_half_maps(volume, check_volume(half2, "half2"))
+        volume = validate.clip_extreme_voxels(volume, name)
         if mask is not None:
             mask = _check_mask(mask, volume.shape)
         runtime = self.runtime
+        _check_model_grid(volume.shape, voxel, runtime, name)
         # Normalise on the input grid.
         stats = noise_statistics(volume, voxel, runtime, user_stats, mask, name)
         LOG.info(runtime.description)
         LOG.info(_describe_stats(stats))
         shape: tuple[int, int, int] = volume.shape
+        peak = max(float(volume.max()) - stats.mean, stats.mean - float(volume.min()))
         # Enhance on the model's grid (the normalised copy is freed once resampled) ...
         prediction, spread, cubes, model_shape = _enhance_normalised(
             _normalised(volume, stats, runtime, mask), voxel, runtime, tiling, progress,
@@ -249,7 +258,8 @@ class Enhancer:
             spread = _spread_on_input_grid(spread, shape, stats, runtime) if confidence else None
         info = RunInfo(shape, model_shape, stats, cubes, runtime.device,
                        _scheme_name(tiling), time.perf_counter() - start,
-                       len(rotations) if rotations else 1)
+                       len(rotations) if rotations else 1, peak)
+        _check_finite_output(result, spread, runtime)
         return np.ascontiguousarray(result, dtype=np.float32), spread, info
 
     def enhance_file(self, source: str | Path, output: str | Path, *,
@@ -266,19 +276,23 @@ class Enhancer:
         spread_path = _check_confidence_path(confidence, output, inputs, overwrite)
         _check_tiling(tiling)
         _rotations(spread_path is not None, tta)
+        _check_half2_path(Path(source), half2)
+        for folder in {path.parent for path in (output, spread_path) if path is not None}:
+            mrcio.clean_stale_temporaries(folder)
         # Read the map (averaging half-maps in place) and the mask.
         template = _read_input(Path(source), half2, voxel_size)
         mask_data = _read_mask(Path(mask), template) if mask is not None else None
-        # Enhance and write atomically: nothing is written if anything above fails.
+        # Enhance, check the result, and write atomically: nothing is written if anything
+        # above fails.
         result, spread, info = self._run(template.data, template.voxel_size, None, noise_stats,
                                          mask_data, tiling, progress, str(source),
                                          spread_path is not None, tta)
+        _check_output(result, info, self.runtime, output)
         label = _label(self.runtime, info.tiling, info.augmentations)
+        items = [(output, result, label)]
         if spread_path is not None and spread is not None:
-            _write_with_confidence(output, result, spread_path, spread, template, label,
-                                   overwrite)
-        else:
-            mrcio.write_map(output, result, template, label, overwrite=overwrite)
+            items.insert(0, (spread_path, spread, f"{label}, confidence: std"[:80]))
+        mrcio.write_maps(items, template, overwrite=overwrite)
         return EnhanceSummary(Path(source), None if half2 is None else Path(half2), output,
                               info.shape, template.voxel_size, self.runtime.spec.label, info,
                               time.perf_counter() - start, spread_path)
@@ -303,31 +317,25 @@ def _check_confidence_path(confidence: str | Path | None, output: Path, inputs: 
     return path
 
 
-def _write_with_confidence(output: Path, result: np.ndarray, spread_path: Path,
-                           spread: np.ndarray, template: mrcio.MrcMap, label: str,
-                           overwrite: bool) -> None:
-    """Write the confidence map, then the output; if the output fails, remove the former."""
-    existed = spread_path.exists()
-    mrcio.write_map(spread_path, spread, template, f"{label}, confidence: std"[:80],
-                    overwrite=overwrite)
-    try:
-        mrcio.write_map(output, result, template, label, overwrite=overwrite)
-    except BaseException:
-        if not existed:
-            spread_path.unlink(missing_ok=True)
-        raise
-
-
 def _read_input(source: Path, half2: str | Path | None, voxel_size: VoxelSize | None
                 ) -> mrcio.MrcMap:
     """The map, or the first half-map with the average of both in its (private) data."""
     first = mrcio.read_map(source, voxel_size)
+    _warn_oblique_cell(first)
     if half2 is None:
         return first
     second = mrcio.read_map(Path(half2), voxel_size)
     _check_same_voxel_size(first, second)
+    _check_same_grid(first, second, compare_cell=voxel_size is None)
     average_half_maps(first.data, second.data, (str(source), str(half2)), out=first.data)
     return first
+
+
+def _check_half2_path(source: Path, half2: str | Path | None) -> None:
+    """ValueError when ``--half2`` names the input map itself."""
+    if half2 is not None and mrcio.same_file(Path(half2), source):
+        raise ValueError(f"{half2}: --half2 is the input map {source} itself; pass the other "
+                         "half-map of the reconstruction, or leave --half2 out")
 
 
 def _check_same_voxel_size(first: mrcio.MrcMap, second: mrcio.MrcMap) -> None:
@@ -336,6 +344,84 @@ def _check_same_voxel_size(first: mrcio.MrcMap, second: mrcio.MrcMap) -> None:
         raise ValueError(f"{second.path}: voxel size {sizes[1]} Å (z/y/x) differs from "
                          f"{first.path} {sizes[0]} Å; pass the two half-maps of one "
                          "reconstruction, or --voxel-size if a header is wrong")
+
+
+def _check_same_grid(first: mrcio.MrcMap, second: mrcio.MrcMap, compare_cell: bool) -> None:
+    """ValueError when two half-maps' shape, nstart, origin or cell differ."""
+    def fields(item: mrcio.MrcMap) -> dict[str, tuple[float, ...]]:
+        header = item.header
+        values = {"shape (z, y, x)": tuple(float(n) for n in item.data.shape),
+                  "nstart (x, y, z)": (float(header.nxstart), float(header.nystart),
+                                       float(header.nzstart)),
+                  "origin (x, y, z)": tuple(float(header.origin[a]) for a in "xyz")}
+        if compare_cell:
+            values["cell (x, y, z)"] = tuple(float(header.cella[a]) for a in "xyz")
+        return values
+
+    tolerance = {"origin (x, y, z)": (0.0, _ORIGIN_MATCH), "cell (x, y, z)": (_VOXEL_MATCH, 0.0)}
+    ours, theirs = fields(first), fields(second)
+    for what, values in ours.items():
+        rtol, atol = tolerance.get(what, (0.0, 0.0))
+        if not np.allclose(values, theirs[what], rtol=rtol, atol=atol, equal_nan=True):
+            show = [",".join(f"{v:g}" for v in item) for item in (theirs[what], values)]
+            raise ValueError(f"{second.path}: {what} {show[0]} differs from {first.path} "
+                             f"{show[1]}; the two half-maps must share one grid: pass the two "
+                             "half-maps of one reconstruction, or fix the header that is wrong")
+
+
+def _warn_oblique_cell(item: mrcio.MrcMap) -> None:
+    """Warn when the cell angles are not 90° (0° everywhere counts as unset)."""
+    angles = [float(item.header.cellb[a]) for a in ("alpha", "beta", "gamma")]
+    if all(angle == 0 for angle in angles) or all(
+            abs(angle - _RIGHT_ANGLE) <= _ANGLE_MATCH for angle in angles):
+        return
+    text = "/".join(f"{angle:g}" for angle in angles)
+    warnings.warn(f"{item.path}: cell angles {text}° (alpha/beta/gamma) are not all 90°; "
+                  "demhx and the network treat the grid as orthogonal, so the density is "
+                  "processed slightly sheared (the output keeps the input's cell); for an "
+                  "exact result resample the map onto an orthogonal grid first",
+                  DemhxWarning, stacklevel=3)
+
+
+def _check_model_grid(shape: tuple[int, ...], voxel: tuple[float, float, float],
+                      runtime: Runtime, name: str) -> None:
+    """ValueError, before any allocation, when the model grid would be too large."""
+    model_voxel = runtime.spec.voxel_size
+    model_shape = resample.target_shape((shape[0], shape[1], shape[2]), voxel, model_voxel)
+    validate.check_grid(model_shape, f"{name}: resampled to the model's {model_voxel:g} Å "
+                        "voxels the map would have", "check the voxel size (pass --voxel-size "
+                        "if the header is wrong) or crop the map")
+
+
+def _check_finite_output(result: np.ndarray, spread: np.ndarray | None,
+                         runtime: Runtime) -> None:
+    """RuntimeError blaming the model when the output (or the spread) is not finite."""
+    for values in (result,) if spread is None else (result, spread):
+        finite = np.isfinite(values)
+        if not finite.all():
+            bad = int(values.size - np.count_nonzero(finite))
+            raise RuntimeError(f"{_model_cause(runtime)} produced {bad} NaN or infinite "
+                               "voxels; nothing written; check the model file, or try "
+                               "--device cpu")
+
+
+def _model_cause(runtime: Runtime) -> str:
+    return f"model {runtime.spec.label} [{runtime.model_file.name}] on {runtime.device}"
+
+
+def _check_output(result: np.ndarray, info: RunInfo, runtime: Runtime, output: Path) -> None:
+    """The output gate: RuntimeError naming the cause for an all-zero or absurd output."""
+    cubes = info.cubes
+    if cubes.run == 0:
+        zero_cause = (f"all {cubes.skipped} cubes were skipped as solvent: the normalised map "
+                      f"never rises above solvent noise (noise std {info.noise.std:.4g}, "
+                      f"{info.noise.method}); check the voxel size and the noise statistics "
+                      "(--noise-stats, --mask), or run --tiling reference")
+    else:
+        zero_cause = (f"{_model_cause(runtime)} returned zeros for all {cubes.run} cubes it "
+                      "ran; check the model (--model)")
+    validate.check_output(result, info.input_peak, str(output), _model_cause(runtime),
+                          zero_cause)
 
 
 def _read_mask(path: Path, template: mrcio.MrcMap) -> np.ndarray:

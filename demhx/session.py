@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
+import os
 import shutil
 import subprocess
 import warnings
@@ -222,7 +223,20 @@ class Runtime:
             first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
             raise RuntimeError(f"{self.model_file}: inference failed on {self.device} ({first});"
                                " try a smaller --batch-size or --device cpu") from error
-        return np.asarray(result, dtype=np.float32)
+        output = np.asarray(result, dtype=np.float32)
+        if not np.isfinite(output).all():
+            raise RuntimeError(self._non_finite(output, feed))
+        return output
+
+    def _non_finite(self, output: np.ndarray, feed: np.ndarray) -> str:
+        """Why a batch came back with NaN or infinite values: the model, named."""
+        bad = int(output.size - np.count_nonzero(np.isfinite(output)))
+        fix = ("its float16 twin may overflow: try --device cpu"
+               if self.io.input_dtype is np.float16 else "check the model file or re-export it")
+        if not np.isfinite(feed).all():
+            fix = "the normalised input overflowed float16: try --device cpu"
+        return (f"{self.model_file}: model {self.spec.label} on {self.device} produced {bad} "
+                f"NaN or infinite values for a batch of cubes; nothing written; {fix}")
 
     def _run_bound(self, feed: np.ndarray) -> np.ndarray:
         kind, _, index = self.device.partition(":")
@@ -242,6 +256,28 @@ def check_positive(option: str, value: Any) -> int | None:
     return int(value)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the system has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def bounded_threads(threads: int | None) -> int | None:
+    """``threads`` limited to :func:`available_cores`, with a warning when it asks for more.
+
+    More inference threads than cores only make them wait for each other (a 2-core machine
+    given 2000 threads stalls, 100000 crash ONNX Runtime).
+    """
+    cores = available_cores()
+    if threads is None or threads <= cores:
+        return threads
+    warnings.warn(f"--threads {threads} is more than the {cores} CPU cores available; using "
+                  f"{cores}", DemhxWarning, stacklevel=3)
+    return cores
+
+
 def load_runtime(model: str | Path | None = None, *, device: str = "auto",
                  batch_size: int | None = None, threads: int | None = None) -> Runtime:
     """Load a model once and decide where it runs.
@@ -251,7 +287,8 @@ def load_runtime(model: str | Path | None = None, *, device: str = "auto",
     model : a registered model name, a path to an ONNX file, or None for the default model.
     device : ``"auto"`` (CUDA when usable, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     batch_size : cubes per inference call; None picks one for the device.
-    threads : CPU intra-op threads; None lets ONNX Runtime use the physical cores.
+    threads : CPU intra-op threads; None lets ONNX Runtime use the physical cores; more
+        than the cores available are reduced to them, with a warning.
 
     Raises
     ------
@@ -263,7 +300,7 @@ def load_runtime(model: str | Path | None = None, *, device: str = "auto",
     # Validate the options before touching the model.
     request = parse_device(device)
     batch_size = check_positive("--batch-size", batch_size)
-    threads = check_positive("--threads", threads)
+    threads = bounded_threads(check_positive("--threads", threads))
     ort = import_onnxruntime()
     # Resolve the model file and check its sha256 against the registry.
     path, expected = model_contract.resolve_model(model)
