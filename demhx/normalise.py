@@ -6,9 +6,11 @@ deviation ``noise_std`` (0.1 in the paper), so a map is normalised as
 and the prediction is brought back to the map's units with ``prediction * std / noise_std``
 (the solvent background stays 0, where the network puts it).
 
-The statistics come from one of three places (:class:`NoiseStats` ``method``):
+The statistics come from :func:`choose_stats`, the one function that picks them for any map
+(the runtime and the training data both call it), or from the user (:class:`NoiseStats`
+``method``):
 
-``"auto"`` — :func:`estimate_noise`
+``"auto"`` — :func:`estimate_noise`, for unmasked maps
     The solvent is found from local statistics, with no assumption on where the particle is:
     the mean and standard deviation of the density in a window of about
     :data:`WINDOW_VOXELS` voxels around every voxel are computed (box filters), and
@@ -34,15 +36,35 @@ The statistics come from one of three places (:class:`NoiseStats` ``method``):
     1.5 voxels, 0.04 std and 5 %. Limit: a particle filling about half the box with noise
     correlated over 2 voxels gives +0.3 std and +23 % (solvent and density no longer separate
     in 7-voxel windows); pass ``--noise-stats`` or ``--mask`` for such maps.
+``"auto-masked"`` — masked maps and user masks
+    A map is masked when a coherent region of one exact value (runs of it, see
+    :func:`_constant_region`) covers :data:`MIN_MASK_FRACTION` of the box or more. The same
+    estimator then runs on the voxels inside the map's mask only, leaving out the band along
+    the mask's edge where a soft edge attenuates the noise (:func:`edge_band`: the band ends
+    where the noise level stops rising; box faces holding masked voxels count as edges) and,
+    with a user mask, the particle it marks (the mask at half its maximum or more, dilated by
+    :data:`MASK_DILATION_VOXELS`). The result is kept when it looks like solvent
+    (:func:`_looks_like_solvent`): :data:`MIN_MASKED_SOLVENT_FRACTION` of the inside or more,
+    a lower tail as noise has, a peak of :data:`MIN_SOLVENT_PEAK_SIGMAS` or more, and a mean
+    at most :data:`MAX_SOLVENT_OFFSET_SIGMAS` stds above the masked value. On the synthetic
+    particles masked with hard or soft spheres the std is within 1.5 % of the unmasked
+    estimate (stationary noise, white or correlated), 6-10 % high for a hollow shell whose
+    solvent inside the mask is a minority.
+``"peak"`` — :func:`peak_stats`, zones without solvent
+    Tight zones around a chain, crops and thresholded segments have no solvent to measure:
+    the mean is the masked value and the std puts the map's peak at
+    :data:`TARGET_PEAK_SIGMAS` (the middle of the training inputs' 6.5-22). No noise was
+    measured, so the solvent-cube test of the tiling takes :data:`ZONE_NOISE_FRACTION` of
+    the peak as its noise std (``solvent_std``): only cubes below 1 % of the peak, in
+    practice those in the masked region, are skipped, and a zone is never blanked.
 ``"user"`` — :func:`user_stats`
     The user's mean and std (``--noise-stats MEAN,STD``).
-``"mask"`` — :func:`mask_stats`
+``"mask"`` — :func:`mask_stats`, for models with ``normalisation = mask``
     The paper's mode 2: the median and the 10–95 % inter-quantile range of the density inside
-    a (dilated) user mask.
+    a (dilated) user mask, with the solvent-cube test of ``"peak"``.
 
-An already-masked map (a large part of it exactly one constant) has no solvent noise to
-measure; :func:`check_not_masked` refuses it with a message suggesting ``--mask`` or
-``--noise-stats``.
+:func:`estimate_noise` itself still refuses a masked map (:func:`check_not_masked`);
+:func:`choose_stats` routes masked maps around it.
 
 Dynamic range (:func:`limit_peak`): the network only knows maps whose density stays within a
 few tens of noise stds — on the synthetic training inputs the 99.99th percentile of the
@@ -69,7 +91,7 @@ WINDOW_VOXELS = 7  # edge of the local-statistics window along the finest axis, 
 SEED_FRACTION = 0.2  # fraction of the low-density voxels taken as the first solvent guess
 CLIP_SIGMAS = 3.0  # solvent: local mean and std within this many robust stds of the solvent's
 ITERATIONS = 3  # refinements of the solvent set
-MASKED_FRACTION = 0.2  # a map with this fraction of exactly-constant voxels counts as masked
+MASKED_FRACTION = 0.2  # estimate_noise refuses a map with this fraction of one exact value
 MIN_MASK_FRACTION = 0.01  # a coherent constant region this large makes a map masked too
 MASK_COHERENCE = 0.25  # coherent: this fraction of the region survives a one-voxel erosion
 MIN_SOLVENT_FRACTION = 0.02  # fewer solvent voxels than this: estimation refused

@@ -16,8 +16,11 @@ Three schemes are built in (:func:`scheme_for`):
     skipping, against 13³ = 2197. A cube is skipped when its largest ``|value|`` is below
     ``DEFAULT_SKIP_THRESHOLD`` (5) solvent-noise standard deviations: the largest of 64³
     samples of white Gaussian noise is about 4.7 σ, and the 16 lowest cube maxima of emd_5168
-    (solvent, correlated noise) are 3.3–4.8 σ. A skipped cube contributes nothing; voxels that
-    no run cube covers get the model's background. The default is adaptive
+    (solvent, correlated noise) are 3.3–4.8 σ. Where no noise was measured (zones without
+    solvent normalised by their peak, mask-normalised models), the pipeline passes a threshold
+    of 1 % of the map's peak instead (``NoiseStats.noise_fraction``), so only cubes in the
+    masked-out region are skipped and a zone is never blanked. A skipped cube contributes
+    nothing; voxels that no run cube covers get the model's background. The default is adaptive
     (``target_cc`` = :data:`DEFAULT_TARGET_CC`): once its cubes have run, the CC of its
     output to the reference output is predicted from how overlapping predictions disagree
     (:func:`demhx._overlap_add.predicted_cc`), and while the prediction falls short, the
