@@ -136,8 +136,8 @@ def read_map(path: str | Path, voxel_size: VoxelSizeLike | None = None) -> MrcMa
     header, extended_header = _read_header(path)
     _check_header(path, header)
     _check_data_size(path, header, compression)
-    validate.check_grid((int(header.nz), int(header.ny), int(header.nx)),
-                        f"{path}: header dimensions", "crop or bin the map")
+    validate.check_grid((int(header.nx), int(header.ny), int(header.nz)),
+                        f"{path}: header dimensions (x×y×z)", "crop or bin the map")
     voxel = override if override is not None else _checked_header_voxel_size(path, header)
     if override is not None:
         validate.check_voxel_size(override, f"{path}: --voxel-size",
@@ -628,7 +628,7 @@ def clean_stale_temporaries(folder: str | Path) -> list[Path]:
     removed = []
     owner, now = _owner(), time.time()
     try:
-        entries = list(os.scandir(folder))
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
     except OSError:
         return removed
     for entry in entries:

@@ -210,3 +210,103 @@ def test_unknown_tta_count_is_a_usage_error(source: Path, model: Path,
     err = capsys.readouterr().err
     assert err.startswith("demhx: error: --tta 5") and "3, 4, 6, 12, 24" in err
     assert sorted(p.name for p in source.parent.iterdir() if p.suffix == ".mrc") == ["in.mrc"]
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["-i", "a", "-o", "b"], {}),
+    (["--inputMap", "a", "--outputMap", "b"], {}),
+    (["a", "-o", "b"], {}),
+    (["-o", "b", "-i", "a"], {}),
+    (["a", "b", "-s", "1.742"], {"voxel_size": (1.742, 1.742, 1.742)}),
+    (["a", "b", "--samplingRate", "0.9"], {"voxel_size": (0.9, 0.9, 0.9)}),
+    (["a", "b", "-i2", "h2"], {"half2": "h2"}),
+    (["a", "b", "--halfMap2", "h2"], {"half2": "h2"}),
+    (["a", "b", "--noiseStats", "0.1", "0.02"], {"noise_stats": (0.1, 0.02)}),
+    (["a", "b", "-m", "m.mrc"], {"mask": "m.mrc"}),
+    (["a", "b", "--binaryMask", "m.mrc"], {"mask": "m.mrc"}),
+    (["a", "b", "-b", "4"], {"batch_size": 4}),
+    (["a", "b", "-g", "1"], {"device": "cuda:1"}),
+    (["a", "b", "--gpuIds", "-1"], {"device": "cpu"}),
+    (["a", "b", "-p", "tightTarget"], {"model": "tight"}),
+    (["a", "b", "--processingType", "tightTarget"], {"model": "tight"}),
+    (["a", "--", "-b.mrc"], {"output": "./-b.mrc"}),
+])
+def test_deepemhancer_flags(argv: list[str], expected: dict) -> None:
+    values = {"input": "a", "output": "b", **expected}
+    assert cli.parse_arguments(argv) == cli.Arguments(**values)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["a", "b", "-s", "1.742"], None),  # fire would take -s for --suffix
+    (["a", "b", "--s", "1.742"], "unknown option --s"),
+    (["a", "b", "--suffix"], "--suffix needs a value"),
+    (["a", "b", "--over"], "unknown option --over"),
+    (["a", "b", "--overwrit"], "did you mean --overwrite?"),
+    (["a", "b", "--out", "d"], "unknown option --out"),
+    (["a", "b", "--pre", "x.png"], "unknown option --pre"),
+    (["a", "b", "--noise", "0,1"], "unknown option --noise"),
+    (["a", "b", "-model", "x"], "unknown option -model"),
+    (["a", "b", "--Model", "x"], "unknown option --Model"),
+    (["a", "b", "--quiet", "--quiet"], "--quiet is given twice"),
+    (["a", "b", "-q", "--quiet"], "--quiet is given twice (also as -q)"),
+    (["a", "b", "-g", "0", "--device", "cpu"], "both choose the device"),
+    (["a", "b", "-p", "tightTarget", "--model", "tight"], "both choose the model"),
+    (["a", "b", "-p", "wideTarget"], "-p wideTarget: demhx ships no wideTarget model"),
+    (["a", "b", "-p", "highRes"], "demhx-export from-keras"),
+    (["a", "b", "-p", "tight"], "-p 'tight': not a DeepEMhancer processing type"),
+    (["a", "b", "-g", "0,1"], "demhx runs on one GPU"),
+    (["a", "b", "-g", "gpu0"], "expected a GPU id"),
+    (["a", "--out-dir", "d", "-o", "x"], "-o names OUT of the one-map form"),
+    (["-o", "b"], "IN is missing"),
+    (["a", "b", "--deepLearningModelPath", "p"], "--deepLearningModelPath (DeepEMhancer) is "
+                                                 "not supported"),
+    (["a", "b", "--cleaningStrengh", "0.2"], "no small-component clean-up"),
+    (["-", "b"], "standard input is not supported"),
+    (["a", "b", "--version=1"], "--version takes no value"),
+])
+def test_options_are_matched_exactly(argv: list[str], message: str | None,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    if message is None:
+        assert cli.parse_arguments(argv).suffix is None
+        return
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("demhx: error: ")
+    assert message in err
+
+
+def test_unknown_option_lists_the_valid_ones_in_cli_spelling(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["a", "b", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    for option in ("--half2", "--batch-size", "--voxel-size", "--noise-stats", "--out-dir",
+                   "--overwrite", "--confidence", "--tta", "-i", "-o", "-s", "--noiseStats"):
+        assert option in err
+    assert "batch_size" not in err and "noise_stats" not in err and len(err) < 500
+
+
+def test_help_lists_the_deepemhancer_flags_and_exit_statuses() -> None:
+    for text in ("-i, --inputMap", "-i2, --halfMap2", "-s, --samplingRate", "--noiseStats",
+                 "-m, --binaryMask", "-b, --batch_size", "-g, --gpuIds", "tightTarget",
+                 "143 SIGTERM", "129 SIGHUP", "130 Ctrl-C"):
+        assert text in cli.HELP
+
+
+def test_sigterm_in_a_real_process(source: Path, model: Path, tmp_path: Path) -> None:
+    """A separate process stopped by SIGTERM: exit 143, one line, nothing written."""
+    script = (
+        "import os, signal, sys\n"
+        "from demhx import cli\n"
+        "from demhx._progress import ProgressBar\n"
+        "ProgressBar.__call__ = lambda self, done, total: (done and os.kill(os.getpid(), "
+        "signal.SIGTERM))\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n")
+    output = tmp_path / "out" / "o.mrc"
+    output.parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", script, str(source), str(output), "--model",
+                             str(model), "--threads", "1", "--tiling", "reference", "-q"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 143, result.stderr
+    assert result.stderr == "demhx: stopped by SIGTERM; no output written\n"
+    assert list(output.parent.iterdir()) == []

@@ -262,3 +262,418 @@ def test_bad_voxel_size_in_header(case: dict, capsys: pytest.CaptureFixture[str]
     with mrcfile.open(bad, mode="r+") as stream:
         stream.header.cella = (voxel_size * 24, voxel_size * 22, voxel_size * 20)
     _fails(case, [str(bad), str(case["output"])], 2, "--voxel-size", capsys)
+
+
+# --------------------------------------------------------------------------- issue 14 classes
+# Every class of bad input or fault below ends in a trustworthy map or a one-line refusal,
+# with nothing left behind and the inputs untouched.
+
+
+def _succeeds(case: dict[str, Path], argv: list[str], capsys: pytest.CaptureFixture[str]
+              ) -> list[str]:
+    """Run, expect exit 0 and the output written; the warning lines printed."""
+    case["out"].mkdir(exist_ok=True)
+    before = _digest(case["inputs"])
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and case["output"].is_file()
+    assert _digest(case["inputs"]) == before
+    assert not list(case["out"].glob(f".{case['output'].name}.*"))  # no temporary file
+    return [line for line in err.splitlines() if line.startswith("demhx: warning: ")]
+
+
+def _write_volume(path: Path, data: np.ndarray, voxel_size: float = 1.0,
+                  **header: object) -> Path:
+    with mrcfile.new(path, overwrite=True) as stream:
+        stream.set_data(np.asarray(data, np.float32))
+        stream.voxel_size = voxel_size
+        for name, value in header.items():
+            setattr(stream.header, name, value)
+    return path
+
+
+def _volume(seed: int = 1) -> np.ndarray:
+    data = np.random.default_rng(seed).standard_normal((20, 22, 24)).astype(np.float32) * 0.1
+    data[8:12, 8:12, 8:12] += 2.0
+    return data
+
+
+# Output gate: an all-zero, non-finite or absurd output is a runtime failure naming the cause.
+
+@pytest.mark.parametrize(("factor", "message"), [
+    (0.0, "the output is all zero (model fixture 0.1 [zero.onnx] on cpu returned zeros"),
+    (float("nan"), "nan.onnx: model fixture 0.1 on cpu produced"),
+    (1e7, "[big.onnx] on cpu produced values up to"),
+])
+def test_output_gate_blames_the_model(case: dict, capsys: pytest.CaptureFixture[str],
+                                      factor: float, message: str) -> None:
+    name = {0.0: "zero.onnx", 1e7: "big.onnx"}.get(factor, "nan.onnx")
+    path = write_model(case["inputs"], name, scale_model(factor))
+    line = _fails(case, _argv(case, "--model", str(path), "-q"), 1, message, capsys)
+    assert "nothing written" in line and "result.mrc: data contain" not in line
+
+
+def test_output_gate_all_cubes_skipped(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    noise = case["inputs"] / "noise.mrc"
+    _write_volume(noise, np.random.default_rng(4).standard_normal((30, 32, 34)))
+    line = _fails(case, [str(noise), str(case["output"]), "-q"], 1, "the output is all zero",
+                  capsys)
+    assert "skipped as solvent" in line and "--noise-stats" in line
+
+
+def test_nan_from_the_model_in_the_python_api(case: dict) -> None:
+    import demhx
+
+    path = write_model(case["inputs"], "nan.onnx", scale_model(float("nan")))
+    with pytest.raises(RuntimeError, match="nan.onnx: model fixture 0.1 on cpu produced"):
+        demhx.enhance(_volume(), 1.0, model=path, device="cpu", threads=1)
+
+
+# Voxel size: refused outside 0.2-20 Å with the fix.
+
+@pytest.mark.parametrize("voxel_size", [0.001, 0.1, 25.0, 1e6])
+def test_implausible_header_voxel_size(case: dict, capsys: pytest.CaptureFixture[str],
+                                       voxel_size: float) -> None:
+    bad = _write_volume(case["inputs"] / "bad.mrc", _volume(), voxel_size)
+    line = _fails(case, [str(bad), str(case["output"])], 2, "bad.mrc: header voxel size",
+                  capsys)
+    assert "outside the range demhx accepts (0.2–20 Å)" in line and "--voxel-size" in line
+
+
+@pytest.mark.parametrize("value", ["0.1", "0.001", "1e6", "0.5,0.5,30"])
+def test_implausible_voxel_size_option(case: dict, capsys: pytest.CaptureFixture[str],
+                                       value: str) -> None:
+    line = _fails(case, _argv(case, "--voxel-size", value), 2, "--voxel-size", capsys)
+    assert "outside the range" in line and "1 nm = 10 Å" in line
+
+
+def test_voxel_size_at_the_limits_runs(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _succeeds(case, _argv(case, "--voxel-size", "0.2", "-q"), capsys) == []
+    case["output"].unlink()
+    assert _succeeds(case, _argv(case, "--voxel-size", "20", "-q"), capsys) == []
+
+
+# Grid sizes: bounded before any allocation, on the input grid and on the model grid.
+
+def test_model_grid_too_large(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    big = _write_volume(case["inputs"] / "big.mrc", np.zeros((70, 70, 70)) + _volume()[0, 0, 0],
+                        20.0)
+    line = _fails(case, [str(big), str(case["output"])], 2, "big.mrc: resampled to the model's",
+                  capsys)
+    assert "1400×1400×1400" in line and "--voxel-size" in line
+
+
+def test_input_grid_too_large(case: dict, capsys: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from demhx import validate
+
+    monkeypatch.setattr(validate, "MAX_GRID_VOXELS", 1000)
+    _fails(case, _argv(case), 2, "in.mrc: header dimensions (x×y×z) 24×22×20", capsys)
+
+
+# Extreme voxels: a few absurd voxels are clipped with a warning; an absurd scale is refused.
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # mrcfile's statistics of the bad file
+def test_one_absurd_voxel_is_clipped_with_a_warning(case: dict,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    clean = _volume()
+    spiked = clean.copy()
+    spiked[3, 4, 5] = 1e30
+    path = _write_volume(case["inputs"] / "spiked.mrc", spiked)
+    warned = _succeeds(case, [str(path), str(case["output"]), "--noise-stats", "0,0.1"], capsys)
+    assert len(warned) == 1 and "spiked.mrc: 1 voxel(s) lie far outside" in warned[0]
+    assert "1e+30" in warned[0] and "clipped" in warned[0].lower()
+    with mrcfile.open(case["output"]) as stream:
+        result = np.array(stream.data)
+    # The identity model returns the input: every other voxel is untouched, the spike is
+    # clipped to the largest ordinary voxel.
+    others = np.ones(clean.shape, bool)
+    others[3, 4, 5] = False
+    np.testing.assert_allclose(result[others], clean[others], rtol=1e-5, atol=1e-5)
+    assert result[3, 4, 5] == pytest.approx(float(clean.max()), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # mrcfile's statistics of the bad file
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_map_of_absurd_scale_is_refused(case: dict, capsys: pytest.CaptureFixture[str],
+                                        scale: float) -> None:
+    path = _write_volume(case["inputs"] / "scaled.mrc", _volume() * np.float32(scale))
+    line = _fails(case, [str(path), str(case["output"])], 2, "scaled.mrc: typical density",
+                  capsys)
+    assert "scale is wrong" in line
+
+
+# Half-maps: one grid, and not the same file.
+
+@pytest.mark.parametrize(("header", "what"), [
+    ({"origin": (5.0, 0.0, 0.0)}, "origin (x, y, z) 5,0,0 differs"),
+    ({"nxstart": 3}, "nstart (x, y, z) 3,0,0 differs"),
+])
+def test_half_maps_on_different_grids(case: dict, capsys: pytest.CaptureFixture[str],
+                                      header: dict, what: str) -> None:
+    other = _write_volume(case["inputs"] / "h2.mrc", _volume(2), **header)
+    _fails(case, _argv(case, "--half2", str(other)), 2, f"h2.mrc: {what}", capsys)
+
+
+def test_half_maps_with_different_cells(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    other = _write_volume(case["inputs"] / "h2.mrc", _volume(2))
+    with mrcfile.open(other, mode="r+") as stream:  # same voxel size, another sampling
+        stream.header.mx, stream.header.cella.x = 48, 48.0
+    _fails(case, _argv(case, "--half2", str(other)), 2, "h2.mrc: cell (x, y, z) 48,22,20",
+           capsys)
+
+
+def test_half2_equal_to_input(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    _fails(case, _argv(case, "--half2", str(case["map"])), 2, "--half2 is the input map",
+           capsys)
+    link = case["inputs"] / "link.mrc"
+    link.symlink_to(case["map"])
+    _fails(case, _argv(case, "--half2", str(link)), 2, "--half2 is the input map", capsys)
+
+
+def test_oblique_cell_warns(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write_volume(case["inputs"] / "oblique.mrc", _volume(), cellb=(90.0, 94.3, 90.0))
+    warned = _succeeds(case, [str(path), str(case["output"]), "-q"], capsys)
+    assert len(warned) == 1 and "oblique.mrc: cell angles 90/94.3/90°" in warned[0]
+
+
+# Options: exact matching; DeepEMhancer's flags translated or refused, never taken for others.
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["-s", "1.742", "--out"], "unknown option --out"),
+    (["--over"], "unknown option --over (did you mean --overwrite?)"),
+    (["--suf", "_x"], "unknown option --suf"),
+    (["--prev", "p.png"], "unknown option --prev"),
+    (["-x"], "unknown option -x; options are --half2, --model"),
+    (["-p", "wideTarget"], "-p wideTarget: demhx ships no wideTarget model"),
+    (["--processingType", "highRes"], "demhx ships no highRes model"),
+    (["-g", "0,1"], "demhx runs on one GPU"),
+    (["--deepLearningModelPath", "models/"], "demhx-export from-keras"),
+    (["--cleaningStrengh", "0.1"], "no small-component clean-up"),
+    (["-o", "other.mrc"], "OUT is already given"),
+    (["-s", "1", "--voxel-size", "1"], "--voxel-size is given twice (also as -s)"),
+])
+def test_options_matched_exactly(case: dict, capsys: pytest.CaptureFixture[str],
+                                 extra: list[str], message: str) -> None:
+    _fails(case, _argv(case, *extra), 2, message, capsys)
+    assert not list(case["inputs"].glob("*_x*")) and not list(case["out"].iterdir())
+
+
+def test_deepemhancer_command_line_runs(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["-i", str(case["map"]), "-o", str(case["output"]), "-s", "1.0", "-g", "-1",
+            "-b", "2", "--noiseStats", "0", "0.1", "-i2", str(case["map"].with_name("h2.mrc"))]
+    _write_volume(case["map"].with_name("h2.mrc"), _volume(5))
+    assert _succeeds(case, argv + ["-q"], capsys) == []
+    assert sorted(p.name for p in case["out"].iterdir()) == ["result.mrc"]
+    assert sorted(p.name for p in case["inputs"].iterdir()) == ["h2.mrc", "in.mrc"]
+
+
+# Signals: SIGTERM and SIGHUP stop like Ctrl-C, nothing is left behind.
+
+def _signal_at(where: str, signum: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal  # noqa: F401 - the numbers are passed in
+
+    from demhx import mrcio
+
+    def send() -> None:
+        os.kill(os.getpid(), signum)
+
+    if where == "inference":
+        def progress(self: ProgressBar, done: int, total: int) -> None:
+            if done > 0:
+                send()
+
+        monkeypatch.setattr(ProgressBar, "__call__", progress)
+    elif where == "writing":
+        original = mrcio._write_mrc
+
+        def write(*args: object) -> None:
+            original(*args)  # type: ignore[arg-type]
+            send()
+
+        monkeypatch.setattr(mrcio, "_write_mrc", write)
+    else:  # between moving the confidence map and OUT into place
+        replace = mrcio.os.replace
+
+        def move(source: object, target: object) -> None:
+            replace(source, target)  # type: ignore[arg-type]
+            send()
+
+        monkeypatch.setattr(mrcio.os, "replace", move)
+
+
+@pytest.mark.parametrize("where", ["inference", "writing", "moving"])
+@pytest.mark.parametrize(("signum", "status", "words"), [
+    (15, 143, "stopped by SIGTERM; no output written"),
+    (1, 129, "stopped by SIGHUP; no output written"),
+    (2, 130, "interrupted; no output written"),
+])
+def test_signals_leave_nothing(case: dict, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch, where: str, signum: int,
+                               status: int, words: str) -> None:
+    import signal
+
+    before = {number: signal.getsignal(number) for number in (1, 2, 15)}
+    _signal_at(where, signum, monkeypatch)
+    case["out"].mkdir()
+    spread = case["out"] / "spread.mrc"
+    assert cli.main(_argv(case, "--confidence", str(spread), "--tta", "3", "-q")) == status
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"demhx: {words}"]
+    assert list(case["out"].iterdir()) == []  # neither OUT nor its confidence map, no temporary
+    assert {number: signal.getsignal(number) for number in (1, 2, 15)} == before
+
+
+def test_stale_temporary_files_are_named(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from demhx import mrcio
+
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    case["out"].mkdir()
+    owner = mrcio._owner()
+    dead = case["out"] / f".old.mrc.demhx-{owner}-{finished.pid}-0123abcd.tmp"
+    foreign = case["out"] / ".old.mrc.demhx-ffffffff-1-0123abcd.tmp"
+    young = case["out"] / ".old.mrc.demhx-ffffffff-2-0123abcd.tmp"
+    for path in (dead, foreign, young):
+        path.write_bytes(b"partial")
+    os.utime(foreign, (1.0, 1.0))
+    warned = _succeeds(case, _argv(case, "-q"), capsys)
+    assert not dead.exists() and foreign.exists() and young.exists()
+    assert len(warned) == 2
+    assert any(f"{dead}: removed a temporary file left by an interrupted demhx run" in line
+               for line in warned)
+    assert any(f"{foreign}: a temporary file of a demhx run (PID 1)" in line for line in warned)
+
+
+# Threads: bounded by the cores, with a warning.
+
+def test_threads_beyond_the_cores(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    cores = session.available_cores()
+    warned = _succeeds(case, _argv(case, "--threads", "100000", "-q"), capsys)
+    assert warned == [f"demhx: warning: --threads 100000 is more than the {cores} CPU cores "
+                      f"available; using {cores}"]
+
+
+# Messages: the file, the problem, the fix; exit 2 for input errors, 1 for runtime failures.
+
+def test_corrupt_gzip_names_the_file(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    import gzip
+
+    packed = bytearray(gzip.compress(case["map"].read_bytes()))
+    packed[200:260] = b"x" * 60
+    bad = case["inputs"] / "bad.mrc.gz"
+    bad.write_bytes(bytes(packed))
+    _fails(case, [str(bad), str(case["output"])], 2, "bad.mrc.gz: compressed data are corrupt",
+           capsys)
+    cut = case["inputs"] / "cut.mrc.gz"
+    cut.write_bytes(gzip.compress(case["map"].read_bytes())[:3000])
+    _fails(case, [str(cut), str(case["output"])], 2, "cut.mrc.gz: the compressed file is "
+           "truncated", capsys)
+
+
+@pytest.mark.parametrize("code", [28, 5])  # ENOSPC, EIO
+def test_disk_full_names_the_file(case: dict, capsys: pytest.CaptureFixture[str],
+                                  monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    import os
+
+    from demhx import mrcio
+
+    def full(*args: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(mrcio, "_write_mrc", full)
+    line = _fails(case, _argv(case, "-q"), 1, f"{case['output']}: ", capsys)
+    assert "nothing written" in line
+    if code == 28:
+        assert "no space left on the device" in line and "free some space" in line
+
+
+def test_unwritable_output_folder_is_exit_2_in_both_forms(
+        case: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    real_access = os.access
+    folder = case["out"]
+
+    def access(path: object, mode: int, **kwargs: object) -> bool:
+        if Path(str(path)) == folder and mode & os.W_OK:
+            return False  # a read-only mount (tests may run as root, where chmod does not bite)
+        return real_access(path, mode, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "access", access)
+    _fails(case, _argv(case), 2, "output folder is not writable", capsys)
+    _fails(case, [str(case["map"]), "--out-dir", str(folder)], 2,
+           "output folder is not writable", capsys)
+
+
+def test_uncreatable_out_dir_is_exit_2(case: dict, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    mkdir = Path.mkdir
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> None:
+        if self.name != "new":
+            return mkdir(self, *args, **kwargs)  # type: ignore[arg-type]
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    target = case["inputs"] / "new"
+    line = _fails(case, [str(case["map"]), "--out-dir", str(target)], 2,
+                  "new: output folder cannot be created (read-only file system)", capsys)
+    assert "--out-dir" in line
+
+
+def _raw_header_variant(good: bytes, kind: str) -> bytes:
+    data = bytearray(good)
+    if kind == "negative extended header":
+        data[92:96] = np.array([-100], dtype="<i4").tobytes()
+    return bytes(data)
+
+
+@pytest.mark.parametrize(("shape", "message"), [
+    ((1, 1, 1), "a single voxel (1×1×1)"),
+    ((1, 1, 7), "a 1-D line of voxels (7×1×1)"),
+    ((1, 6, 7), "a 2-D image (7×6×1)"),
+])
+def test_degenerate_shapes_are_named(case: dict, capsys: pytest.CaptureFixture[str],
+                                     shape: tuple[int, int, int], message: str) -> None:
+    bad = _write_volume(case["inputs"] / "bad.mrc", np.ones(shape))
+    _fails(case, [str(bad), str(case["output"])], 2, f"bad.mrc: is {message}", capsys)
+
+
+def test_fifo_and_devices_are_not_maps(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    fifo = case["inputs"] / "pipe.mrc"
+    os.mkfifo(fifo)
+    line = _fails(case, [str(fifo), str(case["output"])], 2, "pipe.mrc: is not a regular file",
+                  capsys)
+    assert "empty" not in line
+    if Path("/dev/zero").exists():
+        _fails(case, ["/dev/zero", str(case["output"])], 2, "/dev/zero: is not a regular file",
+               capsys)
+    _fails(case, _argv(case, "--half2", str(fifo)), 2, "pipe.mrc: is not a regular file", capsys)
+
+
+def test_output_that_is_a_fifo(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+
+    case["out"].mkdir()
+    os.mkfifo(case["output"])
+    assert cli.main(_argv(case, "--overwrite")) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+    assert case["output"].exists() and not case["output"].is_file()
+
+
+def test_negative_extended_header_size(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = case["inputs"] / "bad.mrc"
+    bad.write_bytes(_raw_header_variant(case["map"].read_bytes(), "negative extended header"))
+    line = _fails(case, [str(bad), str(case["output"])], 2, "bad.mrc: header extended-header "
+                  "size (nsymbt) is negative", capsys)
+    assert "negative count" not in line

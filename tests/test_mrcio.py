@@ -7,6 +7,7 @@ import itertools
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import mrcfile
@@ -381,3 +382,130 @@ def test_integer_and_half_modes_read_as_float32(tmp_path: Path, dtype: str) -> N
     read = mrcio.read_map(path)
     assert read.data.dtype == np.float32
     np.testing.assert_array_equal(read.data, np.abs(canonical).astype(dtype).astype(np.float32))
+
+
+# --------------------------------------------------------------------------- plausibility
+
+
+@pytest.mark.parametrize("voxel_size", [0.001, 0.19, 20.5, 1e6])
+def test_implausible_voxel_sizes_refused(tmp_path: Path, voxel_size: float) -> None:
+    source = write_mrc(tmp_path / "in.mrc", _canonical((4, 5, 6)), voxel_size=(voxel_size,) * 3)
+    with pytest.raises(ValueError, match=r"in\.mrc: header voxel size .* outside the range "
+                       r"demhx accepts .*--voxel-size"):
+        mrcio.read_map(source)
+    assert mrcio.read_map(source, voxel_size=1.0).voxel_size == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"ok\.mrc: --voxel-size .*\(1 nm = 10 Å\)"):
+        mrcio.read_map(write_mrc(tmp_path / "ok.mrc", _canonical((4, 5, 6))),
+                       voxel_size=voxel_size)
+
+
+@pytest.mark.parametrize(("shape", "words"), [((1, 1, 1), "a single voxel"),
+                                              ((1, 1, 5), "a 1-D line of voxels"),
+                                              ((1, 4, 5), "a 2-D image")])
+def test_degenerate_shapes_named(tmp_path: Path, shape: tuple[int, int, int], words: str
+                                 ) -> None:
+    source = write_mrc(tmp_path / "in.mrc", np.ones(shape, np.float32))
+    with pytest.raises(ValueError, match=f"in.mrc: is {words}"):
+        mrcio.read_map(source)
+
+
+def test_non_regular_files_refused(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.mrc"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"pipe\.mrc: is not a regular file"):
+        mrcio.read_map(fifo)
+    with pytest.raises(ValueError, match=r"pipe\.mrc: output exists and is not a regular file"):
+        mrcio.check_output_path(fifo, [], overwrite=True)
+
+
+def test_negative_extended_header_and_corrupt_gzip(tmp_path: Path) -> None:
+    content = bytearray(_valid_bytes(tmp_path))
+    content[92:96] = np.array([-8], dtype="<i4").tobytes()
+    (tmp_path / "neg.mrc").write_bytes(bytes(content))
+    with pytest.raises(ValueError, match=r"neg\.mrc: header extended-header size \(nsymbt\) is "
+                       "negative"):
+        mrcio.read_map(tmp_path / "neg.mrc")
+    packed = bytearray(gzip.compress(_valid_bytes(tmp_path, (40, 40, 40))))
+    packed[-8:-4] = bytes(b ^ 0xFF for b in packed[-8:-4])
+    (tmp_path / "bad.mrc.gz").write_bytes(bytes(packed))  # its CRC no longer matches
+    with pytest.raises(ValueError, match=r"bad\.mrc\.gz: compressed data are corrupt"):
+        mrcio.read_map(tmp_path / "bad.mrc.gz")
+
+
+# --------------------------------------------------------------------------- writing together
+
+
+def test_write_maps_all_or_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    read = mrcio.read_map(write_mrc(tmp_path / "in.mrc", _canonical((4, 5, 6))))
+    real_write, calls = mrcio._write_mrc, []
+
+    def second_fails(temporary: Path, *args: object) -> None:
+        calls.append(temporary)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_write(temporary, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mrcio, "_write_mrc", second_fails)
+    items = [(tmp_path / "a.mrc", read.data, "a"), (tmp_path / "b.mrc", read.data * 2, "b")]
+    with pytest.raises(OSError, match="no space left on the device") as caught:
+        mrcio.write_maps(items, read)
+    assert caught.value.filename == str(tmp_path / "b.mrc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mrc"]
+    monkeypatch.setattr(mrcio, "_write_mrc", real_write)
+    mrcio.write_maps(items, read)
+    assert mrcio.read_map(tmp_path / "b.mrc").data == pytest.approx(read.data * 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mrc", "b.mrc", "in.mrc"]
+
+
+def test_a_failed_move_removes_the_maps_already_moved(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    read = mrcio.read_map(write_mrc(tmp_path / "in.mrc", _canonical((4, 5, 6))))
+    real_replace, moves = os.replace, []
+
+    def second_fails(source: Path, target: Path) -> None:
+        moves.append(target)
+        if len(moves) == 2:
+            raise OSError(5, "Input/output error")
+        real_replace(source, target)
+
+    monkeypatch.setattr(mrcio.os, "replace", second_fails)
+    items = [(tmp_path / "a.mrc", read.data, "a"), (tmp_path / "b.mrc", read.data, "b")]
+    with pytest.raises(OSError):
+        mrcio.write_maps(items, read)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mrc"]
+
+
+# --------------------------------------------------------------------------- temporary files
+
+
+def test_temporary_names_carry_machine_and_process(tmp_path: Path) -> None:
+    temporary = mrcio.new_temporary(tmp_path / "out.mrc")
+    found = mrcio.TEMPORARY_PATTERN.match(temporary.name)
+    assert found is not None and found["name"] == "out.mrc"
+    assert found["owner"] == mrcio._owner() and int(found["pid"]) == os.getpid()
+
+
+def test_stale_temporaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(mrcio, "_reported", set())
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    owner = mrcio._owner()
+    dead = tmp_path / f".a.mrc.demhx-{owner}-{finished.pid}-00000000.tmp"
+    alive = tmp_path / f".a.mrc.demhx-{owner}-{os.getppid()}-00000000.tmp"
+    mine = mrcio.new_temporary(tmp_path / "a.mrc")
+    foreign = tmp_path / ".a.mrc.demhx-00000000-7-00000000.tmp"
+    unrelated = tmp_path / ".a.mrc.12345678.tmp"
+    for path in (dead, alive, foreign, unrelated):
+        path.write_bytes(b"x")
+    os.utime(foreign, (0.0, 0.0))
+    with pytest.warns(UserWarning) as caught:
+        assert mrcio.clean_stale_temporaries(tmp_path) == [dead]
+    assert [str(w.message).split(":")[0] for w in caught] == [str(foreign), str(dead)]
+    assert alive.exists() and mine.exists() and foreign.exists() and unrelated.exists()
+    with warnings.catch_warnings(record=True) as again:  # each file is named once
+        warnings.simplefilter("always")
+        assert mrcio.clean_stale_temporaries(tmp_path) == []
+    assert again == []

@@ -241,7 +241,9 @@ def _real_map_roundtrip(tmp_path: Path, name: str, models: dict[str, Path]) -> N
 
 def test_real_map_with_axis_order_312_and_anisotropic_voxels(tmp_path: Path,
                                                              models: dict[str, Path]) -> None:
-    _real_map_roundtrip(tmp_path, "EMD-3001.map", models)
+    # A MicroED crystal map: its monoclinic cell (beta 94.3°) is processed, with a warning.
+    with pytest.warns(DemhxWarning, match=r"EMD-3001\.map: cell angles 90/94\.326/90°"):
+        _real_map_roundtrip(tmp_path, "EMD-3001.map", models)
 
 
 def test_real_map_with_negative_nstart(tmp_path: Path, models: dict[str, Path]) -> None:
@@ -446,3 +448,74 @@ def test_summary_names_the_cubes_the_self_check_added() -> None:
     assert ("100 cubes run, 0 skipped as solvent, 36 added by the self-check (default tiling)"
             in summary(TileCounts(100, 100, 0, 36)))
     assert "64 cubes run, 0 skipped as solvent (default tiling)" in summary(TileCounts(64, 64, 0))
+
+
+# --------------------------------------------------------------------------- plausibility
+
+
+def test_an_absurd_voxel_is_clipped_not_spread(identity: pipeline.Enhancer) -> None:
+    volume = _blobby((24, 26, 28))
+    spiked = volume.copy()
+    spiked[5, 6, 7] = 1e30
+    with pytest.warns(DemhxWarning, match=r"volume: 1 voxel\(s\) lie far outside"):
+        result = identity.enhance(spiked, 1.0, noise_stats=(0.0, 0.1), tiling="reference")
+    assert np.isfinite(result).all()
+    others = np.ones(volume.shape, bool)
+    others[5, 6, 7] = False
+    np.testing.assert_allclose(result[others], volume[others], rtol=1e-5, atol=1e-5)
+    assert spiked[5, 6, 7] == np.float32(1e30)  # the caller's array is not modified
+
+
+@pytest.mark.parametrize("voxel_size", [0.05, (1.0, 1.0, 25.0), 1e6])
+def test_implausible_voxel_size_in_the_api(identity: pipeline.Enhancer,
+                                           voxel_size: object) -> None:
+    with pytest.raises(ValueError, match=r"volume: voxel size \(z/y/x\) .* outside the range"):
+        identity.enhance(_blobby((16, 16, 16)), voxel_size)  # type: ignore[arg-type]
+
+
+def test_model_grid_bounded_before_allocation(identity: pipeline.Enhancer,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from demhx import validate
+
+    monkeypatch.setattr(validate, "MAX_GRID_VOXELS", 30 ** 3)
+    monkeypatch.setattr(pipeline, "noise_statistics", _never)
+    with pytest.raises(ValueError, match=r"volume: resampled to the model's 1 Å voxels the map "
+                       r"would have \(x×y×z\) 40×40×40 voxels"):
+        identity.enhance(_blobby((20, 20, 20)), 2.0)
+
+
+def _never(*args: object) -> None:
+    raise AssertionError("the check must come before any work on the map")
+
+
+def test_gate_leaves_neither_output_nor_confidence(tmp_path: Path) -> None:
+    model = write_model(tmp_path, "zero.onnx", scale_model(0.0))
+    source = _write_mrc(tmp_path / "in.mrc", _blobby((20, 20, 20)))
+    with pytest.raises(RuntimeError, match=r"the output is all zero .*zero\.onnx.* nothing "
+                       "written"):
+        demhx.enhance_file(source, tmp_path / "out.mrc", confidence=tmp_path / "spread.mrc",
+                           tta=3, model=model, device="cpu", threads=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mrc", "zero.onnx"]
+
+
+def test_half_maps_must_share_the_grid(tmp_path: Path, models: dict[str, Path]) -> None:
+    half1 = _write_mrc(tmp_path / "h1.mrc", _blobby((20, 20, 20), 1))
+    half2 = _write_mrc(tmp_path / "h2.mrc", _blobby((20, 20, 20), 2))
+    with mrcfile.open(half2, mode="r+") as stream:
+        stream.header.origin = (1.5, -2.0, 9.0)
+    with pytest.raises(ValueError, match=r"h2\.mrc: origin \(x, y, z\) 1.5,-2,9 differs from "
+                       r".*h1\.mrc 1.5,-2,3.25"):
+        demhx.enhance_file(half1, tmp_path / "out.mrc", half2=half2, model=models["identity"],
+                           device="cpu")
+    with pytest.raises(ValueError, match="--half2 is the input map"):
+        demhx.enhance_file(half1, tmp_path / "out.mrc", half2=tmp_path / "." / "h1.mrc",
+                           model=models["identity"], device="cpu")
+    assert not (tmp_path / "out.mrc").exists()
+
+
+def test_runtime_refuses_non_finite_predictions(tmp_path: Path) -> None:
+    model = write_model(tmp_path, "nan.onnx", scale_model(float("inf")))
+    runner = pipeline.Enhancer(model, device="cpu", threads=1)
+    with pytest.raises(RuntimeError, match=r"nan\.onnx: model fixture 0\.1 on cpu produced "
+                       r"\d+ NaN or infinite values"):
+        runner.enhance(_blobby((16, 16, 16)), 1.0, noise_stats=(0.0, 0.1))

@@ -1,0 +1,52 @@
+"""SIGTERM and SIGHUP as Ctrl-C, and signals held back while outputs are moved into place."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from demhx import _signals
+
+
+def _handlers() -> dict[int, object]:
+    return {number: signal.getsignal(number) for number in _signals.SIGNALS}
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129),
+                                                (signal.SIGINT, 130)])
+def test_handled_signals_raise_interrupted(signum: int, status: int) -> None:
+    before = _handlers()
+    with pytest.raises(KeyboardInterrupt) as caught, _signals.handled():
+        os.kill(os.getpid(), signum)
+        for _ in range(1000):  # the handler runs between bytecodes
+            pass
+    assert isinstance(caught.value, _signals.Interrupted)
+    assert _signals.exit_status(caught.value) == status
+    assert _signals.signal_name(caught.value) == signal.Signals(signum).name
+    assert _handlers() == before
+
+
+def test_deferred_holds_a_signal_until_the_block_ends() -> None:
+    steps = []
+    with pytest.raises(_signals.Interrupted), _signals.handled():
+        with _signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+            steps.append("finished")  # not cut short
+        steps.append("after")  # the held signal is delivered at the end of the block
+    assert steps == ["finished"]
+
+
+def test_deferred_without_handlers_delivers_to_python_default() -> None:
+    with pytest.raises(KeyboardInterrupt), _signals.deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):
+            pass
+
+
+def test_plain_keyboard_interrupt_is_sigint() -> None:
+    assert _signals.exit_status(KeyboardInterrupt()) == 130
+    assert _signals.signal_name(KeyboardInterrupt()) == "SIGINT"

@@ -1,0 +1,108 @@
+"""Plausibility checks and the output gate, on small synthetic volumes and the real maps."""
+
+from __future__ import annotations
+
+import math
+
+import mrcfile
+import numpy as np
+import pytest
+from conftest import real_map
+
+from demhx import validate
+from demhx.session import DemhxWarning
+
+REAL_MAPS = ["emd_5168.map", "emd_5168_monomer.mrc", "2566_3J6B_9.mrc", "emd_21457_seg.mrc",
+             "EMD-3001.map", "6824.mrc"]
+
+
+def _map(seed: int = 0, shape: tuple[int, int, int] = (24, 26, 28)) -> np.ndarray:
+    volume = np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * 0.1
+    volume[8:14, 9:15, 10:16] += 3.0
+    return volume
+
+
+@pytest.mark.parametrize("name", REAL_MAPS)
+def test_real_maps_are_never_clipped(name: str) -> None:
+    with mrcfile.open(real_map(name), permissive=True) as stream:
+        volume = np.ascontiguousarray(stream.data, dtype=np.float32)
+    assert validate.clip_extreme_voxels(volume, name) is volume
+
+
+@pytest.mark.parametrize("value", [1e30, -1e30, 5e6])
+def test_isolated_extreme_voxels_are_clipped_to_the_others(value: float) -> None:
+    volume = _map()
+    spiked = volume.copy()
+    spiked[2, 3, 4] = value
+    spiked[20, 21, 22] = value
+    before = spiked.copy()
+    with pytest.warns(DemhxWarning, match=r"m\.mrc: 2 voxel\(s\) lie far outside"):
+        clipped = validate.clip_extreme_voxels(spiked, "m.mrc")
+    np.testing.assert_array_equal(spiked, before)  # the input is never modified
+    others = np.ones(volume.shape, bool)
+    others[2, 3, 4] = others[20, 21, 22] = False
+    np.testing.assert_array_equal(clipped[others], volume[others])
+    bound = volume.max() if value > 0 else volume.min()
+    assert clipped[2, 3, 4] == clipped[20, 21, 22] == bound
+
+
+def test_a_masked_map_with_a_spike_is_clipped() -> None:
+    volume = np.zeros((30, 30, 30), np.float32)
+    volume[10:20, 10:20, 10:20] = np.random.default_rng(1).uniform(1, 2, (10, 10, 10))
+    volume[0, 0, 0] = 1e20
+    with pytest.warns(DemhxWarning):
+        clipped = validate.clip_extreme_voxels(volume, "masked")
+    assert clipped.max() <= 2.0
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e20, 1e-20, 1e-30])
+def test_a_map_of_absurd_scale_is_refused(scale: float) -> None:
+    with pytest.raises(ValueError, match="scaled: typical density values are of order"):
+        validate.clip_extreme_voxels(_map() * np.float32(scale), "scaled")
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e-3, 1.0, 1e3, 1e9])
+def test_ordinary_scales_pass_unchanged(scale: float) -> None:
+    volume = _map() * np.float32(scale)
+    assert validate.clip_extreme_voxels(volume, "ok") is volume
+
+
+def test_constant_and_tiny_maps_are_left_to_the_normalisation() -> None:
+    constant = np.ones((10, 10, 10), np.float32)
+    assert validate.clip_extreme_voxels(constant, "c") is constant
+    tiny = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
+    assert validate.clip_extreme_voxels(tiny, "t") is tiny
+
+
+@pytest.mark.parametrize(("voxel", "ok"), [((0.2,) * 3, True), ((20.0,) * 3, True),
+                                           ((1.0, 1.0, 0.19), False), ((20.01,), False),
+                                           ((math.nan,), False), ((0.393, 0.448, 0.459), True)])
+def test_voxel_size_range(voxel: tuple[float, ...], ok: bool) -> None:
+    if ok:
+        validate.check_voxel_size(voxel, "x", "fix")
+        return
+    with pytest.raises(ValueError, match=r"x .* Å is outside the range demhx accepts \(0\.2–20 "
+                       r"Å\); fix"):
+        validate.check_voxel_size(voxel, "x", "fix")
+
+
+def test_grid_bound() -> None:
+    validate.check_grid((1024, 1024, 2048), "grid", "fix")  # exactly 2**31 voxels
+    with pytest.raises(ValueError, match="grid 1024×1024×2049 voxels"):
+        validate.check_grid((1024, 1024, 2049), "grid", "fix")
+
+
+def test_output_gate() -> None:
+    good = _map()
+    validate.check_output(good, float(np.abs(good).max()), "o.mrc", "model m", "why")
+    with pytest.raises(RuntimeError, match=r"the output is all zero \(why\); nothing written "
+                       r"to o\.mrc"):
+        validate.check_output(np.zeros_like(good), 1.0, "o.mrc", "model m", "why")
+    bad = good.copy()
+    bad[1, 2, 3] = np.nan
+    with pytest.raises(RuntimeError, match="model m produced 1 NaN or infinite voxels"):
+        validate.check_output(bad, 1.0, "o.mrc", "model m", "why")
+    with pytest.raises(RuntimeError, match="model m produced values up to .* out of all "
+                       "proportion"):
+        validate.check_output(good * np.float32(1e4), float(np.abs(good).max()), "o.mrc",
+                              "model m", "why")
