@@ -246,6 +246,7 @@ class Enhancer:
         LOG.info(_describe_stats(stats))
         shape: tuple[int, int, int] = volume.shape
         peak = max(float(volume.max()) - stats.mean, stats.mean - float(volume.min()))
+        validate.check_noise_range(peak, stats.std, stats.method, name)
         # Enhance on the model's grid (the normalised copy is freed once resampled) ...
         prediction, spread, cubes, model_shape = _enhance_normalised(
             _normalised(volume, stats, runtime, mask), voxel, runtime, tiling, progress,

@@ -21,6 +21,10 @@ Inputs
     A map whose scale itself is outside :data:`MAGNITUDE_RANGE` (a map multiplied by 1e30 or
     1e-30) is refused: float32 arithmetic on it overflows or underflows.
 
+    :func:`check_noise_range` — noise statistics that put the map's peak more than
+    :data:`MAX_NOISE_STDS` (1e5) noise stds above the noise mean (a std given in the wrong
+    units) are refused: the network knows 6.5–22, and such inputs overflow float16 on a GPU.
+
 Outputs
     :func:`check_output` — an output that has non-finite voxels, is all zero, or peaks more
     than :data:`MAX_OUTPUT_RATIO` times above the input's density is a runtime failure
@@ -43,6 +47,7 @@ OUTLIER_FACTOR = 1000.0  # extreme: this many times the 99.9th percentile of |v 
 OUTLIER_QUANTILE = 0.999
 MAGNITUDE_RANGE = (1e-12, 1e12)  # the map's typical |v - median| and |median| must fit
 MAX_OUTPUT_RATIO = 1000.0  # an output peaking this many times above the input is refused
+MAX_NOISE_STDS = 1e5  # a map peaking this many noise stds above the noise mean is refused
 SAMPLE_VOXELS = 1 << 18  # voxels sampled for the median and the percentile
 MIN_SAMPLE_VOXELS = 100  # fewer non-constant voxels than this: no outlier test
 _SLAB_VOXELS = 1 << 22  # voxels per slab when clipping (bounded temporary memory)
@@ -150,6 +155,17 @@ def _ordinary_range(volume: np.ndarray, low: float, high: float) -> tuple[float,
             smallest = min(smallest, float(values.min()))
             largest = max(largest, float(values.max()))
     return smallest, largest, outside
+
+
+def check_noise_range(peak: float, std: float, method: str, name: str) -> None:
+    """ValueError when the map's ``peak`` (largest |v - noise mean|) exceeds
+    :data:`MAX_NOISE_STDS` noise standard deviations ``std`` (from ``method``)."""
+    if peak <= MAX_NOISE_STDS * std:
+        return
+    raise ValueError(f"{name}: with the noise std {std:.4g} ({method}) the map reaches "
+                     f"{peak / std:.3g} noise stds, far beyond the few tens the network was "
+                     "trained on; check the noise statistics (--noise-stats MEAN,STD takes the "
+                     "solvent's mean and std in the map's units) or the mask (--mask)")
 
 
 def check_output(result: np.ndarray, input_peak: float, output: str, cause: str,

@@ -677,3 +677,34 @@ def test_negative_extended_header_size(case: dict, capsys: pytest.CaptureFixture
     line = _fails(case, [str(bad), str(case["output"])], 2, "bad.mrc: header extended-header "
                   "size (nsymbt) is negative", capsys)
     assert "negative count" not in line
+
+
+def test_sigterm_stops_several_maps_keeping_finished_ones(
+        case: dict, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    second = _write_volume(case["inputs"] / "second.mrc", _volume(3))
+    runs = []
+
+    def progress(self: ProgressBar, done: int, total: int) -> None:
+        if done == 0:
+            runs.append(total)
+        if len(runs) == 2 and done > 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(ProgressBar, "__call__", progress)
+    argv = [str(case["map"]), str(second), "--out-dir", str(case["out"]), "-q"]
+    assert cli.main(argv) == 143
+    err = capsys.readouterr().err
+    assert err.rstrip().splitlines()[-1] == ("demhx: stopped by SIGTERM; only the maps marked "
+                                             "ok were written")
+    assert sorted(p.name for p in case["out"].iterdir()) == ["in.mrc"]
+
+
+def test_noise_std_in_the_wrong_units(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
+    case["out"].mkdir()
+    assert cli.main(_argv(case, "--noise-stats", "0,1e-30", "-q")) == 2
+    err = capsys.readouterr().err
+    assert "demhx: error: " in err and "e+30 noise stds" in err and "--noise-stats" in err
+    assert list(case["out"].iterdir()) == []
