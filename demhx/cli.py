@@ -185,7 +185,7 @@ def _interrupted(interrupt: KeyboardInterrupt, written: list[str]) -> int:
     name = _signals.signal_name(interrupt)
     what = "interrupted" if name == "SIGINT" else f"stopped by {name}"
     done = ("no output written" if not written
-            else f"wrote {', '.join(written)} before; nothing else written")
+            else f"{' and '.join(written)} written, nothing else")
     _say(f"{chr(10) if name == 'SIGINT' else ''}{PROGRAM}: {what}; {done}\n")
     return _signals.exit_status(interrupt)
 

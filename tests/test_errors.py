@@ -708,3 +708,21 @@ def test_noise_std_in_the_wrong_units(case: dict, capsys: pytest.CaptureFixture[
     err = capsys.readouterr().err
     assert "demhx: error: " in err and "e+30 noise stds" in err and "--noise-stats" in err
     assert list(case["out"].iterdir()) == []
+
+
+@pytest.mark.parametrize("tiling", ["default", "reference"])
+def test_a_valid_mask_never_gives_an_all_zero_map_with_exit_0(
+        case: dict, capsys: pytest.CaptureFixture[str], tiling: str) -> None:
+    """A binary mask around the particle: a non-zero map (exit 0) or a refusal, never zeros."""
+    mask = np.zeros((20, 22, 24), np.float32)
+    mask[6:14, 6:14, 6:14] = 1.0
+    path = _write_volume(case["inputs"] / "mask.mrc", mask)
+    case["out"].mkdir()
+    status = cli.main(_argv(case, "--mask", str(path), "--tiling", tiling, "-q"))
+    err = capsys.readouterr().err
+    if status == 0:
+        with mrcfile.open(case["output"]) as stream:
+            assert np.abs(stream.data).max() > 0
+    else:
+        assert status in (1, 2) and err.startswith("demhx: error: ") and err.count("\n") == 1
+        assert list(case["out"].iterdir()) == []
