@@ -235,7 +235,7 @@ class Enhancer:
         volume = check_volume(volume, name)
         if half2 is not None:
             volume = average_half_maps(volume, check_volume(half2, "half2"))
-        volume = validate.clip_extreme_voxels(volume, name)
+        volume = validate.repair_extreme_voxels(volume, name)
         if mask is not None:
             mask = _check_mask(mask, volume.shape)
         runtime = self.runtime

@@ -11,13 +11,17 @@ Inputs
     is resampled to) may hold at most :data:`MAX_GRID_VOXELS` voxels (2³¹, 8 GiB as float32,
     about 1290³), checked before anything of that size is allocated.
 
-    :func:`clip_extreme_voxels` — an isolated voxel of absurd value (1e30 in a map of unit
+    :func:`repair_extreme_voxels` — an isolated voxel of absurd value (1e30 in a map of unit
     scale, a corrupt or hot voxel) would dominate the normalisation and, through Fourier
     resampling, ring across the whole map. A voxel is *extreme* when it lies more than
     :data:`OUTLIER_FACTOR` (1000) times further from the median than the 99.9th percentile of
     the distances from the median (measured on the real maps of the test data: the farthest
-    voxel lies 1.2–1.7 times that far). Extreme voxels are clipped to the range of the other
-    voxels and named in one warning; the output is then trustworthy everywhere but near them.
+    voxel lies 1.2–1.7 times that far). Each extreme voxel is replaced by the median of its
+    ordinary neighbours and all are named in one warning; the output is then trustworthy
+    everywhere but near them. EMD-5168 cropped to 48³ (1.742 Å) with one 1e30 voxel, through
+    ``tight-fast`` and the fast tiling: CC 1 - 1.3e-11 to the clean crop's output, largest
+    difference 0.003 (output peak 50.5); clipping to the other voxels' range instead gave CC
+    0.9986 and a false peak of 86 (the corrupt voxel became the map's brightest).
     A map whose scale itself is outside :data:`MAGNITUDE_RANGE` (a map multiplied by 1e30 or
     1e-30) is refused: float32 arithmetic on it overflows or underflows.
 
@@ -50,7 +54,7 @@ MAX_OUTPUT_RATIO = 1000.0  # an output peaking this many times above the input i
 MAX_NOISE_STDS = 1e5  # a map peaking this many noise stds above the noise mean is refused
 SAMPLE_VOXELS = 1 << 18  # voxels sampled for the median and the percentile
 MIN_SAMPLE_VOXELS = 100  # fewer non-constant voxels than this: no outlier test
-_SLAB_VOXELS = 1 << 22  # voxels per slab when clipping (bounded temporary memory)
+_SLAB_VOXELS = 1 << 22  # voxels per slab when searching (bounded temporary memory)
 
 
 def check_voxel_size(voxel_size: Sequence[float], what: str, fix: str) -> None:
@@ -105,8 +109,8 @@ def extreme_limits(volume: np.ndarray, name: str) -> tuple[float, float] | None:
     return centre - OUTLIER_FACTOR * scale, centre + OUTLIER_FACTOR * scale
 
 
-def clip_extreme_voxels(volume: np.ndarray, name: str) -> np.ndarray:
-    """``volume``, or a copy with its extreme voxels clipped (with a warning naming them).
+def repair_extreme_voxels(volume: np.ndarray, name: str) -> np.ndarray:
+    """``volume``, or a copy with its extreme voxels replaced (with a warning naming them).
 
     Parameters
     ----------
@@ -116,7 +120,9 @@ def clip_extreme_voxels(volume: np.ndarray, name: str) -> np.ndarray:
     Returns
     -------
     (z, y, x) float32: ``volume`` itself when no voxel is extreme; otherwise a copy in which
-    every extreme voxel is set to the nearest bound of the other voxels' range.
+    every extreme voxel holds the median of its ordinary neighbours (3×3×3), or the map's
+    median where it has none. A corrupt voxel's value is unknown; its neighbours' median
+    neither invents density nor removes it.
     """
     limits = extreme_limits(volume, name)
     if limits is None:
@@ -125,36 +131,35 @@ def clip_extreme_voxels(volume: np.ndarray, name: str) -> np.ndarray:
     smallest, largest = float(volume.min()), float(volume.max())
     if low <= smallest and largest <= high:
         return volume
-    # The range of the ordinary voxels, then clip the extreme ones to it, slab by slab.
-    inside_low, inside_high, count = _ordinary_range(volume, low, high)
-    clipped = np.array(volume, dtype=np.float32, order="C")
-    for slab in _slabs(clipped):
-        np.clip(slab, inside_low, inside_high, out=slab)
+    # Find the extreme voxels (slab by slab: bounded temporary memory), then replace each.
+    extreme = _extreme_indices(volume, low, high)
+    repaired = np.array(volume, dtype=np.float32, order="C")
+    centre = float(np.median(_sample(volume)))
+    for z, y, x in extreme:
+        block = volume[max(z - 1, 0):z + 2, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2]
+        ordinary = block[(block >= low) & (block <= high)]
+        repaired[z, y, x] = np.median(ordinary) if ordinary.size else centre
     worst = largest if largest - high >= low - smallest else smallest
-    warnings.warn(f"{name}: {count} voxel(s) lie far outside the map's density range (up to "
-                  f"{worst:.3g}; all other voxels lie within {inside_low:.3g} to "
-                  f"{inside_high:.3g}): corrupt or hot voxels? Clipped to that range, so the "
-                  "output near them is unreliable; check the file", DemhxWarning,
-                  stacklevel=2)
-    return clipped
+    warnings.warn(f"{name}: {len(extreme)} voxel(s) lie far outside the map's density range "
+                  f"(up to {worst:.3g}, more than {OUTLIER_FACTOR:g} times farther from the "
+                  "median than 99.9 % of the map): corrupt or hot voxels? Each was replaced by "
+                  "the median of its neighbours, so the output near them is unreliable; check "
+                  "the file", DemhxWarning, stacklevel=2)
+    return repaired
 
 
-def _slabs(volume: np.ndarray) -> list[np.ndarray]:
+def _slabs(volume: np.ndarray) -> list[tuple[int, np.ndarray]]:
     rows = max(1, _SLAB_VOXELS // max(1, volume[0].size))
-    return [volume[start:start + rows] for start in range(0, volume.shape[0], rows)]
+    return [(start, volume[start:start + rows]) for start in range(0, volume.shape[0], rows)]
 
 
-def _ordinary_range(volume: np.ndarray, low: float, high: float) -> tuple[float, float, int]:
-    """Smallest and largest voxel within [low, high], and the count of voxels outside."""
-    smallest, largest, outside = math.inf, -math.inf, 0
-    for slab in _slabs(volume):
-        inside = (slab >= low) & (slab <= high)
-        outside += int(slab.size - np.count_nonzero(inside))
-        if inside.any():
-            values = slab[inside]
-            smallest = min(smallest, float(values.min()))
-            largest = max(largest, float(values.max()))
-    return smallest, largest, outside
+def _extreme_indices(volume: np.ndarray, low: float, high: float) -> list[tuple[int, int, int]]:
+    """(z, y, x) of the voxels outside [low, high]."""
+    found: list[tuple[int, int, int]] = []
+    for start, slab in _slabs(volume):
+        for z, y, x in np.argwhere((slab < low) | (slab > high)):
+            found.append((start + int(z), int(y), int(x)))
+    return found
 
 
 def check_noise_range(peak: float, std: float, method: str, name: str) -> None:

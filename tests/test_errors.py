@@ -371,10 +371,10 @@ def test_input_grid_too_large(case: dict, capsys: pytest.CaptureFixture[str],
     _fails(case, _argv(case), 2, "in.mrc: header dimensions (x×y×z) 24×22×20", capsys)
 
 
-# Extreme voxels: a few absurd voxels are clipped with a warning; an absurd scale is refused.
+# Extreme voxels: a few absurd voxels are replaced, with a warning; an absurd scale is refused.
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # mrcfile's statistics of the bad file
-def test_one_absurd_voxel_is_clipped_with_a_warning(case: dict,
+def test_one_absurd_voxel_is_replaced_with_a_warning(case: dict,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     clean = _volume()
     spiked = clean.copy()
@@ -382,15 +382,16 @@ def test_one_absurd_voxel_is_clipped_with_a_warning(case: dict,
     path = _write_volume(case["inputs"] / "spiked.mrc", spiked)
     warned = _succeeds(case, [str(path), str(case["output"]), "--noise-stats", "0,0.1"], capsys)
     assert len(warned) == 1 and "spiked.mrc: 1 voxel(s) lie far outside" in warned[0]
-    assert "1e+30" in warned[0] and "clipped" in warned[0].lower()
+    assert "1e+30" in warned[0] and "replaced by the median of its neighbours" in warned[0]
     with mrcfile.open(case["output"]) as stream:
         result = np.array(stream.data)
-    # The identity model returns the input: every other voxel is untouched, the spike is
-    # clipped to the largest ordinary voxel.
+    # The identity model returns the input: every other voxel is untouched, the spike holds
+    # the median of its neighbours.
     others = np.ones(clean.shape, bool)
     others[3, 4, 5] = False
     np.testing.assert_allclose(result[others], clean[others], rtol=1e-5, atol=1e-5)
-    assert result[3, 4, 5] == pytest.approx(float(clean.max()), rel=1e-5)
+    neighbours = np.delete(clean[2:5, 3:6, 4:7].ravel(), 13)
+    assert result[3, 4, 5] == pytest.approx(float(np.median(neighbours)), abs=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # mrcfile's statistics of the bad file

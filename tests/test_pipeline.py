@@ -453,7 +453,7 @@ def test_summary_names_the_cubes_the_self_check_added() -> None:
 # --------------------------------------------------------------------------- plausibility
 
 
-def test_an_absurd_voxel_is_clipped_not_spread(identity: pipeline.Enhancer) -> None:
+def test_an_absurd_voxel_is_repaired_not_spread(identity: pipeline.Enhancer) -> None:
     volume = _blobby((24, 26, 28))
     spiked = volume.copy()
     spiked[5, 6, 7] = 1e30

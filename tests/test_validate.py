@@ -23,55 +23,61 @@ def _map(seed: int = 0, shape: tuple[int, int, int] = (24, 26, 28)) -> np.ndarra
 
 
 @pytest.mark.parametrize("name", REAL_MAPS)
-def test_real_maps_are_never_clipped(name: str) -> None:
+def test_real_maps_are_never_repaired(name: str) -> None:
     with mrcfile.open(real_map(name), permissive=True) as stream:
         volume = np.ascontiguousarray(stream.data, dtype=np.float32)
-    assert validate.clip_extreme_voxels(volume, name) is volume
+    assert validate.repair_extreme_voxels(volume, name) is volume
+
+
+def _neighbour_median(volume: np.ndarray, z: int, y: int, x: int) -> float:
+    block = volume[z - 1:z + 2, y - 1:y + 2, x - 1:x + 2].copy()
+    values = np.delete(block.ravel(), 13)  # all but the centre
+    return float(np.median(values))
 
 
 @pytest.mark.parametrize("value", [1e30, -1e30, 5e6])
-def test_isolated_extreme_voxels_are_clipped_to_the_others(value: float) -> None:
+def test_isolated_extreme_voxels_are_replaced_by_their_neighbours(value: float) -> None:
     volume = _map()
     spiked = volume.copy()
     spiked[2, 3, 4] = value
     spiked[20, 21, 22] = value
     before = spiked.copy()
     with pytest.warns(DemhxWarning, match=r"m\.mrc: 2 voxel\(s\) lie far outside"):
-        clipped = validate.clip_extreme_voxels(spiked, "m.mrc")
+        repaired = validate.repair_extreme_voxels(spiked, "m.mrc")
     np.testing.assert_array_equal(spiked, before)  # the input is never modified
     others = np.ones(volume.shape, bool)
     others[2, 3, 4] = others[20, 21, 22] = False
-    np.testing.assert_array_equal(clipped[others], volume[others])
-    bound = volume.max() if value > 0 else volume.min()
-    assert clipped[2, 3, 4] == clipped[20, 21, 22] == bound
+    np.testing.assert_array_equal(repaired[others], volume[others])
+    for z, y, x in ((2, 3, 4), (20, 21, 22)):
+        assert repaired[z, y, x] == pytest.approx(_neighbour_median(volume, z, y, x))
 
 
-def test_a_masked_map_with_a_spike_is_clipped() -> None:
+def test_a_masked_map_with_a_spike_is_repaired() -> None:
     volume = np.zeros((30, 30, 30), np.float32)
     volume[10:20, 10:20, 10:20] = np.random.default_rng(1).uniform(1, 2, (10, 10, 10))
     volume[0, 0, 0] = 1e20
     with pytest.warns(DemhxWarning):
-        clipped = validate.clip_extreme_voxels(volume, "masked")
-    assert clipped.max() <= 2.0
+        repaired = validate.repair_extreme_voxels(volume, "masked")
+    assert repaired[0, 0, 0] == 0.0 and repaired.max() <= 2.0
 
 
 @pytest.mark.parametrize("scale", [1e30, 1e20, 1e-20, 1e-30])
 def test_a_map_of_absurd_scale_is_refused(scale: float) -> None:
     with pytest.raises(ValueError, match="scaled: typical density values are of order"):
-        validate.clip_extreme_voxels(_map() * np.float32(scale), "scaled")
+        validate.repair_extreme_voxels(_map() * np.float32(scale), "scaled")
 
 
 @pytest.mark.parametrize("scale", [1e-9, 1e-3, 1.0, 1e3, 1e9])
 def test_ordinary_scales_pass_unchanged(scale: float) -> None:
     volume = _map() * np.float32(scale)
-    assert validate.clip_extreme_voxels(volume, "ok") is volume
+    assert validate.repair_extreme_voxels(volume, "ok") is volume
 
 
 def test_constant_and_tiny_maps_are_left_to_the_normalisation() -> None:
     constant = np.ones((10, 10, 10), np.float32)
-    assert validate.clip_extreme_voxels(constant, "c") is constant
+    assert validate.repair_extreme_voxels(constant, "c") is constant
     tiny = np.arange(8, dtype=np.float32).reshape(2, 2, 2)
-    assert validate.clip_extreme_voxels(tiny, "t") is tiny
+    assert validate.repair_extreme_voxels(tiny, "t") is tiny
 
 
 @pytest.mark.parametrize(("voxel", "ok"), [((0.2,) * 3, True), ((20.0,) * 3, True),
