@@ -186,7 +186,8 @@ def _interrupted(interrupt: KeyboardInterrupt, written: list[str]) -> int:
     what = "interrupted" if name == "SIGINT" else f"stopped by {name}"
     done = ("no output written" if not written
             else f"{' and '.join(written)} written, nothing else")
-    _say(f"{chr(10) if name == 'SIGINT' else ''}{PROGRAM}: {what}; {done}\n")
+    after_echo = "\n" if name == "SIGINT" else ""  # the terminal has just printed ^C
+    _say(f"{after_echo}{PROGRAM}: {what}; {done}\n")
     return _signals.exit_status(interrupt)
 
 
