@@ -49,7 +49,8 @@ CACHE_ROOT = Path(os.environ.get("DEMHX_CACHE", "/work/data_cache"))
 SYNTHETIC_SEED = 2024
 # Real maps with fitted models: file, model, nominal resolution (Å, from EMDB).
 REAL_MAPS = (("2566_3J6B_9.mrc", "3J6B_9.pdb", 3.2),
-             ("emd_5168_monomer.mrc", "3MFP.pdb", 6.6))
+             ("emd_5168_monomer.mrc", "3MFP.pdb", 6.6),
+             ("emd_21457_seg.mrc", "6vyb_Ndom.pdb", 3.2))
 DEGRADE_B = 100.0  # Å², blur of the degraded copies of the real maps
 DEGRADE_NOISE = 0.3  # noise std relative to the blurred map's std within the mask
 MASK_DILATION = 2.0  # Å
@@ -57,7 +58,7 @@ MASK_SOFT_EDGE = 3.0  # Å
 VOLUME_PER_ATOM = 17.0  # Å³
 MIN_SOLVENT_VOXELS = 100  # for noise statistics of zoned maps
 COLUMNS = ("FSC0.5", "FSC0.143", "FSC0.5 m", "FSC0.143 m", "CC tgt", "CC tgt m",
-           "CC model m")
+           "CC model m", "unmod", "blobs")
 
 
 @dataclass
@@ -72,6 +73,11 @@ class Case:
     model_map: np.ndarray
     mask: np.ndarray
     target: np.ndarray | None = None
+    # density in the half-maps but not in the model (synthetic maps only): the noise-free
+    # truth and the regions of unmodelled atoms and of blobs
+    truth: np.ndarray | None = None
+    unmodelled: np.ndarray | None = None
+    blobs: np.ndarray | None = None
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -87,7 +93,25 @@ def score(volume: np.ndarray, case: Case) -> dict[str, float]:
         out["CC tgt"] = metrics.cc(volume, case.target)
         out["CC tgt m"] = metrics.cc(volume, case.target, case.mask)
     out["CC model m"] = metrics.cc(volume, case.model_map, case.mask)
+    if case.truth is not None:
+        out["unmod"] = kept_share(volume, case.truth, case.unmodelled, case.mask)
+        out["blobs"] = kept_share(volume, case.truth, case.blobs, case.mask)
     return out
+
+
+def kept_share(volume: np.ndarray, truth: np.ndarray, region: np.ndarray | None,
+               mask: np.ndarray) -> float:
+    """How much of the density in ``region`` (absent from the model) a map keeps.
+
+    The map's mean density in the region relative to its mean inside the model mask's core,
+    divided by the same ratio for the noise-free truth: 1 keeps it at its true level,
+    0 erases it. NaN when the map has no such region (fewer than 20 voxels).
+    """
+    if region is None or np.count_nonzero(region) < 20:
+        return float("nan")
+    core = mask > 0.99
+    truth_ratio = float(truth[region].mean()) / float(truth[core].mean())
+    return float(volume[region].mean()) / float(volume[core].mean()) / truth_ratio
 
 
 def baseline(case: Case) -> np.ndarray:
@@ -112,11 +136,13 @@ def synthetic_cases(split: str, count: int) -> list[Case]:
             mask = metrics.model_mask(pair.model_map, VOLUME_PER_ATOM * modelled, 1.0,
                                       MASK_DILATION, MASK_SOFT_EDGE)
             np.savez(path, input=pair.input, target=pair.target, model_map=pair.model_map,
-                     mask=mask, resolution=item["resolution"])
+                     mask=mask, resolution=item["resolution"], truth=pair.truth,
+                     unmodelled=pair.unmodelled_region, blobs=pair.blob_region)
         with np.load(path) as data:
             cases.append(Case(item["id"], f"synthetic {split}", data["input"], 1.0,
                               float(data["resolution"]), data["model_map"], data["mask"],
-                              data["target"]))
+                              data["target"], data["truth"], data["unmodelled"],
+                              data["blobs"]))
     return cases
 
 
@@ -258,6 +284,8 @@ def _fmt(column: str, value: float) -> str:
         return "-"
     if column.startswith("FSC"):
         return "inf" if np.isinf(value) else f"{value:.2f}"
+    if column in ("unmod", "blobs"):
+        return f"{value:.2f}"
     return f"{value:.3f}"
 
 

@@ -3,7 +3,8 @@
 ``OUTDIR/index.json`` lists the samples; ``OUTDIR/<id>.npz`` holds, per sample:
 
 ``input``  (z, y, x) float32, normalised: solvent noise mean 0, std ``NOISE_STD`` (0.1);
-``target`` (z, y, x) float32, scaled by the same factor as the input (its background is 0);
+``target_<recipe>`` (z, y, x) float32, one per target recipe of
+``demhx_export.synth.TARGET_RECIPES``, scaled by the same factor as the input (background 0);
 ``signal`` (z, y, x) uint8, 1 in the molecule region (used for balanced cube sampling).
 
 The build can be interrupted and run again: samples already in the index are kept.
@@ -67,13 +68,14 @@ def plan_samples(split: str, count: int | None, seed: int,
     return plan
 
 
-def normalise_pair(pair: SynthPair) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Input and target scaled so that the input's solvent noise has mean 0 and std 0.1.
+def normalise_pair(pair: SynthPair) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+    """Input and targets scaled so that the input's solvent noise has mean 0 and std 0.1.
 
-    The noise statistics come from the runtime's estimator (``demhx.normalise``), as at
-    inference, when it is importable and accepts the map; maps it refuses (those with a
-    spherical mask look "already masked") and runs without the runtime use the known
-    simulated noise, as a user passing ``--noise-stats`` would. The method is recorded.
+    The statistics are the runtime's own choice (``demhx.normalise.choose_stats``: the
+    solvent of an unmasked map, the solvent left inside a deposited-style mask, or the peak
+    of a zone), so the network sees every input as the runtime will hand it over. Without
+    the runtime installed, or when it refuses the map, the known simulated noise is used, as
+    a user passing ``--noise-stats`` would. The method is recorded.
     """
     mean, std = pair.params["noise_mean"], pair.params["noise_std"]
     method = "simulated"
@@ -83,14 +85,15 @@ def normalise_pair(pair: SynthPair) -> tuple[np.ndarray, np.ndarray, dict[str, A
         runtime_normalise = None  # type: ignore[assignment]
     if runtime_normalise is not None:
         try:
-            stats = runtime_normalise.estimate_noise(pair.input, (VOXEL_SIZE,) * 3)
+            stats = runtime_normalise.choose_stats(pair.input, (VOXEL_SIZE,) * 3)
             mean, std, method = float(stats.mean), float(stats.std), f"runtime:{stats.method}"
         except ValueError as refusal:
             method = f"simulated (runtime refused: {str(refusal).split(';')[0]})"
     scale = NOISE_STD / std
     inputs = ((pair.input - mean) * scale).astype(np.float32)
-    target = (pair.target * scale).astype(np.float32)
-    return inputs, target, {"noise_mean": mean, "noise_std": std, "normalisation": method,
+    targets = {name: (t * scale).astype(np.float32)
+               for name, t in (pair.targets or {"locscale": pair.target}).items()}
+    return inputs, targets, {"noise_mean": mean, "noise_std": std, "normalisation": method,
                             "simulated_noise_std": pair.params["noise_std"]}
 
 
@@ -108,10 +111,12 @@ def make_sample(item: dict[str, Any], outdir: str, options: SynthOptions) -> dic
 def _make_sample(item: dict[str, Any], outdir: str, options: SynthOptions) -> dict[str, Any]:
     start = time.perf_counter()
     pair = simulate_pair(item["path"], item["resolution"], item["seed"], options)
-    inputs, target, stats = normalise_pair(pair)
+    inputs, targets, stats = normalise_pair(pair)
+    target = targets[options.target_recipe]
     signal = (pair.signal_mask > 0.5).astype(np.uint8)
     tmp = Path(outdir) / f"{item['id']}.tmp.npz"
-    np.savez(tmp, input=inputs, target=target, signal=signal)
+    np.savez(tmp, input=inputs, signal=signal,
+             **{f"target_{name}": t for name, t in targets.items()})
     os.replace(tmp, Path(outdir) / f"{item['id']}.npz")
     frequencies, values = fsc(pair.half1, pair.half2)
     entry = {k: item[k] for k in ("id", "structure", "split", "resolution", "seed")}
@@ -127,7 +132,8 @@ def build_command(split: str, outdir: str, count: int | None = None, workers: in
                   seed: int = 0, resolution_range: tuple[float, float] = (2.5, 6.0),
                   max_atoms: int = 25_000, wide: bool = False,
                   structures_dir: str = str(DEFAULT_STRUCTURES),
-                  max_minutes: float | None = None) -> None:
+                  max_minutes: float | None = None, masked: float = 0.0,
+                  zoned: float = 0.0) -> None:
     """Simulate ``count`` samples of ``split`` into ``outdir`` (resumable).
 
     Parameters
@@ -142,12 +148,16 @@ def build_command(split: str, outdir: str, count: int | None = None, workers: in
     wide : targets with the wide mask.
     structures_dir : folder with manifest.tsv and the model files.
     max_minutes : stop starting new samples after this many minutes (the index stays valid).
+    masked : fraction of inputs soft-masked as deposited maps are (exact zeros outside).
+    zoned : fraction of inputs cut to a zone around part of the model (targets cut alike).
     """
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     low, high = resolution_range
     plan = plan_samples(split, count, seed, (float(low), float(high)), max_atoms, structures_dir)
-    options = SynthOptions(wide_target=wide, max_atoms=max_atoms)
+    options = SynthOptions(wide_target=wide, max_atoms=max_atoms,
+                           deposited_mask_probability=float(masked),
+                           zone_probability=float(zoned))
     index = _read_index(out)
     done = {e["id"] for e in index}
     todo = [item for item in plan if item["id"] not in done]

@@ -31,6 +31,12 @@ are not counted (together well under 1 %).
 
 GroupNorm uses the largest group count ≤ 8 that divides the width (8 for the paper's
 widths; 5, 7 and 3 for widths 5, 7 and 9), so any positive width works.
+
+``norm="none"`` leaves GroupNorm out (every layer is then convolution -> PReLU). GroupNorm
+normalises each cube by its own statistics, so a voxel's prediction depends on what else
+the cube holds (where the cube cuts the map); without it the network is a plain stack of
+convolutions whose output at a voxel depends only on its receptive field, except within
+the zero-padded border of the cube.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ LEVELS = 3
 KERNEL = 3  # edge of the block and down-sampling convolutions
 UP_KERNEL = 2  # edge (and stride) of the transposed convolutions
 CUBE_MULTIPLE = 2 ** LEVELS  # cube edges must be divisible by this
+NORMS = ("group", "none")  # normalisation after each convolution
 
 
 def parse_widths(widths: object) -> tuple[int, int, int]:
@@ -95,22 +102,23 @@ class _Layer(nn.Sequential):
     """Convolution (3³ unless given) -> GroupNorm -> PReLU (one slope per channel)."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
-                 transposed: bool = False) -> None:
+                 transposed: bool = False, norm: str = "group") -> None:
         if transposed:
             conv: nn.Module = nn.ConvTranspose3d(in_channels, out_channels, UP_KERNEL,
                                                  stride=UP_KERNEL)
         else:
             conv = nn.Conv3d(in_channels, out_channels, KERNEL, stride=stride,
                              padding=KERNEL // 2)
-        super().__init__(conv, nn.GroupNorm(group_count(out_channels), out_channels),
-                         nn.PReLU(out_channels))
+        normalisation: nn.Module = (nn.GroupNorm(group_count(out_channels), out_channels)
+                                    if norm == "group" else nn.Identity())
+        super().__init__(conv, normalisation, nn.PReLU(out_channels))
 
 
 class _Block(nn.Sequential):
     """Three layers: ``in_channels -> width -> width -> width`` at one resolution."""
 
-    def __init__(self, in_channels: int, width: int) -> None:
-        super().__init__(*(_Layer(in_channels if i == 0 else width, width)
+    def __init__(self, in_channels: int, width: int, norm: str = "group") -> None:
+        super().__init__(*(_Layer(in_channels if i == 0 else width, width, norm=norm)
                            for i in range(LAYERS_PER_BLOCK)))
 
 
@@ -120,20 +128,37 @@ class UNet3D(nn.Module):
     Parameters
     ----------
     widths : channel widths of the three levels; ``(32, 64, 128)`` in the paper.
+    norm : ``"group"`` (GroupNorm after each convolution, the paper's) or ``"none"``.
     """
 
-    def __init__(self, widths: Sequence[int] | str = PAPER_WIDTHS) -> None:
+    def __init__(self, widths: Sequence[int] | str = PAPER_WIDTHS, norm: str = "group") -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm {norm!r} is not one of {', '.join(NORMS)}")
         self.widths = parse_widths(widths)
+        self.norm = norm
         inputs = (1, *self.widths[:-1])
-        self.encoders = nn.ModuleList(_Block(c, w)
+        self.encoders = nn.ModuleList(_Block(c, w, norm)
                                       for c, w in zip(inputs, self.widths, strict=True))
-        self.downs = nn.ModuleList(_Layer(w, w, stride=2) for w in self.widths)
+        self.downs = nn.ModuleList(_Layer(w, w, stride=2, norm=norm) for w in self.widths)
         ups_in = (*self.widths[1:], self.widths[-1])
-        self.ups = nn.ModuleList(_Layer(c, w, transposed=True)
+        self.ups = nn.ModuleList(_Layer(c, w, transposed=True, norm=norm)
                                  for c, w in zip(ups_in, self.widths, strict=True))
-        self.decoders = nn.ModuleList(_Block(2 * w, w) for w in self.widths)
+        self.decoders = nn.ModuleList(_Block(2 * w, w, norm) for w in self.widths)
         self.head = nn.Conv3d(self.widths[0], 1, 1)
+        if norm == "none":
+            self._init_unnormalised()
+
+    def _init_unnormalised(self) -> None:
+        """He initialisation for PReLU (slope 0.25) so activations keep their scale without
+        normalisation layers; zero biases."""
+        for module in self.modules():
+            if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d)):
+                nn.init.kaiming_normal_(module.weight, a=0.25, nonlinearity="leaky_relu",
+                                        mode="fan_in" if isinstance(module, nn.Conv3d)
+                                        else "fan_out")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(batch, 1, n, n, n)`` to ``(batch, 1, n, n, n)``."""

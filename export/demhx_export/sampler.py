@@ -59,11 +59,13 @@ class CubeSampler:
     signal_fraction : fraction of cubes centred on the molecule.
     augment : apply rotations, blur and patch corruption in :meth:`batch`.
     preload : keep all maps in memory (otherwise each cube reads its file).
+    target : target recipe to train towards (``target_<recipe>`` in the samples; datasets
+        of generator version 5 and older hold one target, ``target``, the ``locscale`` one).
     """
 
     def __init__(self, dataset_dir: str | Path, cube_size: int = 64, batch_size: int = 4,
                  seed: int = 0, signal_fraction: float = 0.7, augment: bool = True,
-                 preload: bool = True) -> None:
+                 preload: bool = True, target: str = "locscale") -> None:
         self.dir = Path(dataset_dir)
         index_path = self.dir / "index.json"
         if not index_path.is_file():
@@ -76,6 +78,7 @@ class CubeSampler:
             raise ValueError(f"signal_fraction {signal_fraction} is not in [0, 1]")
         self.cube_size, self.batch_size = cube_size, batch_size
         self.signal_fraction, self.augment, self.preload = signal_fraction, augment, preload
+        self.target = target
         self.rng = np.random.default_rng(seed)
         self.rotations = cube_rotations()
         self._maps: list[tuple[np.ndarray, np.ndarray] | None] = []
@@ -139,8 +142,15 @@ class CubeSampler:
 
     def _load(self, sample_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Input, target and signal mask of one sample, padded to at least one cube."""
-        with np.load(self.dir / f"{sample_id}.npz") as data:
-            arrays = [data["input"], data["target"], data["signal"]]
+        path = self.dir / f"{sample_id}.npz"
+        with np.load(path) as data:
+            key = f"target_{self.target}"
+            if key not in data and self.target == "locscale" and "target" in data:
+                key = "target"  # datasets of generator version 5 and older
+            if key not in data:
+                raise ValueError(f"{path}: has no {self.target!r} target; rebuild the dataset "
+                                 "with this generator or pick another --target")
+            arrays = [data["input"], data[key], data["signal"]]
         short = [max(0, self.cube_size - n) for n in arrays[0].shape]
         if any(short):
             pad = [(s // 2, s - s // 2) for s in short]

@@ -45,7 +45,7 @@ from demhx_export.metrics import (
 )
 
 # Bumped whenever a change alters the generated arrays (caches key on it).
-GENERATOR_VERSION = 5
+GENERATOR_VERSION = 6
 VOXEL_SIZE = 1.0  # Å
 FSC_THRESHOLD = 0.143
 # Volume of protein per non-hydrogen atom, Å³ (about 14 Da per atom at 1.21 Å³/Da).
@@ -58,6 +58,12 @@ SIGNAL_DISTANCE = 6.0
 SPHERE_CLEARANCE = 6.0
 # Largest |target| allowed, relative to the input's largest |value| (catches blow-ups).
 MAX_TARGET_RATIO = 50.0
+# Unmodelled region: within this distance of an unmodelled atom, Å ...
+UNMODELLED_NEAR = 2.0
+# ... and at least this far from every modelled atom, Å.
+UNMODELLED_CLEARANCE = 4.0
+# Blob region: blob density above this fraction of its peak.
+BLOB_LEVEL = 0.3
 # Smallest per-atom B used in any simulated map, Å² (limits aliasing on the 1 Å grid).
 MIN_B = 10.0
 
@@ -105,6 +111,18 @@ class SynthOptions:
     blob_radius: tuple[float, float] = (3.0, 8.0)
     blob_density: tuple[float, float] = (0.2, 0.8)
     sphere_mask_probability: float = 0.3
+    # the input as deposited maps are (exact zeros outside; drawn with their own random
+    # stream, so switching them on leaves the rest of a sample unchanged): a soft mask around
+    # the density (volume factor x the molecular volume, dilation, cosine edge) ...
+    deposited_mask_probability: float = 0.0
+    deposited_volume_factor: tuple[float, float] = (1.0, 2.5)
+    deposited_dilation: tuple[float, float] = (2.0, 8.0)
+    deposited_soft_edge: tuple[float, float] = (3.0, 10.0)
+    # ... or a zone: voxels within a distance of the atoms near a random atom (hard edge);
+    # the targets are cut to the same zone
+    zone_probability: float = 0.0
+    zone_radius: tuple[float, float] = (15.0, 35.0)
+    zone_distance: tuple[float, float] = (2.5, 5.0)
     tight_dilation: float = 2.0
     tight_soft_edge: float = 3.0
     wide_dilation: float = 6.0
@@ -114,12 +132,27 @@ class SynthOptions:
     locscale_step: int = locscale.DEFAULT_STEP
     target_lowpass: bool = True
     wide_target: bool = False
+    # which target ``SynthPair.target`` holds (every recipe is in ``SynthPair.targets``)
+    target_recipe: str = "locscale"
+    # "truth" target: low-pass at resolution * this factor (< 1: somewhat beyond the map's
+    # resolution, as model-map targets are made)
+    truth_lowpass_factor: float = 0.8
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# Target recipes (see :func:`make_targets`).
+TARGET_RECIPES = ("locscale", "locscale-full", "truth")
 
 
 @dataclass
 class SynthPair:
-    """One simulated sample; all maps (z, y, x) float32 at 1 Å/voxel."""
+    """One simulated sample; all maps (z, y, x) float32 at 1 Å/voxel.
+
+    ``targets`` holds every recipe of :data:`TARGET_RECIPES`; ``target`` is the one the
+    options asked for. ``truth`` is the density of every ordered atom (modelled or not) without
+    the global envelope, plus the blob density; ``unmodelled_region`` and ``blob_region`` mark
+    density that is in the half-maps but not in the model map (for model-bias checks).
+    """
 
     half1: np.ndarray
     half2: np.ndarray
@@ -128,6 +161,10 @@ class SynthPair:
     model_map: np.ndarray
     signal_mask: np.ndarray  # wide soft mask of the molecule (float32 in [0, 1])
     params: dict[str, Any]
+    targets: dict[str, np.ndarray] = field(default_factory=dict)
+    truth: np.ndarray | None = None
+    unmodelled_region: np.ndarray | None = None
+    blob_region: np.ndarray | None = None
 
 
 def simulate_pair(structure_path: str | Path, resolution: float, seed: int,
@@ -146,6 +183,9 @@ def simulate_pair(structure_path: str | Path, resolution: float, seed: int,
     SynthPair with all drawn parameters in ``params`` (JSON-serialisable).
     """
     options = options or SynthOptions()
+    if options.target_recipe not in TARGET_RECIPES:
+        raise ValueError(f"target recipe {options.target_recipe!r} is not one of "
+                         f"{', '.join(TARGET_RECIPES)}")
     path = Path(structure_path)
     if resolution <= 2.0 * VOXEL_SIZE:
         raise ValueError(f"resolution {resolution} Å is at or beyond Nyquist (2 Å at 1 Å/voxel)")
@@ -158,42 +198,122 @@ def simulate_pair(structure_path: str | Path, resolution: float, seed: int,
     n = params["box"]
     # 2. per-atom B-factors (local part shared with the model map, plus the global envelope)
     local_b, params = _local_bfactors(st, positions, rng, options, params)
-    # 3. signal, model map and nuisance density
+    # 3. signal, model map, truth and nuisance density
     atoms = [a for res in _residues(st) for a in res if a.occ > 0]
     occupancy = np.array([a.occ for a in atoms])
     unmodelled, extra_b, params = _unmodelled(positions, rng, options, params)
     signal = _simulate(st[0], atoms, occupancy,
                        np.maximum(local_b + params["global_b"], MIN_B) + extra_b, n)
-    model_map = _simulate(st[0], atoms, occupancy * ~unmodelled,
-                          np.maximum(local_b + params["model_b_floor"], MIN_B), n)
+    model_b = np.maximum(local_b + params["model_b_floor"], MIN_B)
+    model_map = _simulate(st[0], atoms, occupancy * ~unmodelled, model_b, n)
+    truth = _simulate(st[0], atoms, occupancy, model_b + extra_b, n)
     distance = _distance_to_atoms(positions, n)
-    signal = signal + _nuisance(distance, signal, rng, options, params)
+    belt, blobs = _nuisance(distance, signal, rng, options, params)
+    signal = signal + _blur_like_signal(belt + blobs, params)
     # 4. half-maps with calibrated coloured noise, optional spherical mask
     half1, half2, params = _half_maps(signal, resolution, rng, options, params)
     average = 0.5 * (half1 + half2)
-    # 5. target: local amplitude scaling against the model map, low-pass, tight mask
+    # 5. targets: local amplitude scaling against the model map, or the truth; masks
     modelled = int((~unmodelled).sum())
     tight = _model_mask(model_map, modelled, options.tight_dilation, options.tight_soft_edge,
                         options)
     wide = _model_mask(model_map, modelled, options.wide_dilation, options.wide_soft_edge,
                        options)
+    blob_region = blobs > BLOB_LEVEL * max(float(blobs.max()), 1e-12) if blobs.any() else \
+        np.zeros(blobs.shape, dtype=bool)
+    truth = truth + blobs
+    targets = make_targets(average, model_map, truth, tight, wide, blob_region, len(positions),
+                           resolution, options)
+    _check_finite(params["structure"], average, *targets.values())
+    params["target_mask"] = "wide" if options.wide_target else "tight"
+    params["target_recipe"] = options.target_recipe
+    # the molecule region (modelled or not) and the solvent noise of the input
+    molecule = np.maximum(wide, (distance < SIGNAL_DISTANCE).astype(np.float32))
+    molecule = np.maximum(molecule, (targets["truth"] != 0).astype(np.float32))
+    sphere = params.pop("_sphere")
+    params["noise_mean"], params["noise_std"] = _solvent_noise(average - signal * sphere,
+                                                               molecule, sphere)
+    # 6. optionally the input as deposited, soft-masked or cut to a zone (after the noise
+    #    statistics above, which describe the unmasked half-maps)
+    deposit_rng = np.random.default_rng([seed, zlib.crc32(path.name.encode()), 1])
+    cut, zoned, params = _deposited_mask(truth, positions, deposit_rng, options, params)
+    if cut is not None:
+        half1, half2, average = half1 * cut, half2 * cut, average * cut
+        if zoned:
+            targets = {name: t * cut for name, t in targets.items()}
+    return SynthPair(half1=half1, half2=half2, input=average.astype(np.float32),
+                     target=targets[options.target_recipe], model_map=model_map,
+                     signal_mask=molecule, params=_json_ready(params), targets=targets,
+                     truth=truth.astype(np.float32),
+                     unmodelled_region=_unmodelled_region(positions, unmodelled, n),
+                     blob_region=blob_region)
+
+
+def _deposited_mask(truth: np.ndarray, positions: np.ndarray, rng: np.random.Generator,
+                    options: SynthOptions, params: dict[str, Any]
+                    ) -> tuple[np.ndarray | None, bool, dict[str, Any]]:
+    """A deposited-style mask for the input (float32, exact 0 outside), whether it is a zone.
+
+    None when the sample stays unmasked. Soft masks are made from the truth map as
+    refinement programs make them from the map (threshold, dilation, cosine edge); zones
+    keep the voxels within a distance of the atoms near a random atom, with a hard edge.
+    """
+    draw = rng.random()
+    params["deposited"] = "none"
+    if draw < options.zone_probability:
+        centre = positions[rng.integers(len(positions))]
+        radius = float(rng.uniform(*options.zone_radius))
+        near = positions[np.linalg.norm(positions - centre, axis=1) <= radius]
+        distance = float(rng.uniform(*options.zone_distance))
+        zone = _distance_to_atoms(near, truth.shape[0]) <= distance
+        params.update(deposited="zone", zone_radius=radius, zone_distance=distance,
+                      zone_atoms=int(len(near)))
+        return zone.astype(np.float32), True, params
+    if draw < options.zone_probability + options.deposited_mask_probability:
+        factor = float(rng.uniform(*options.deposited_volume_factor))
+        dilation = float(rng.uniform(*options.deposited_dilation))
+        edge = float(rng.uniform(*options.deposited_soft_edge))
+        mask = model_mask(truth, factor * VOLUME_PER_ATOM * len(positions), VOXEL_SIZE,
+                          dilation, edge)
+        params.update(deposited="soft mask", deposited_volume_factor=factor,
+                      deposited_dilation=dilation, deposited_soft_edge=edge)
+        return mask, False, params
+    return None, False, params
+
+
+def make_targets(average: np.ndarray, model_map: np.ndarray, truth: np.ndarray,
+                 tight: np.ndarray, wide: np.ndarray, blob_region: np.ndarray, atoms: int,
+                 resolution: float, options: SynthOptions) -> dict[str, np.ndarray]:
+    """Every target recipe of :data:`TARGET_RECIPES` for one sample, (z, y, x) float32.
+
+    ``locscale``
+        the input locally amplitude-scaled against the model map (LocScale-style), low-passed
+        at the resolution (unless ``options.target_lowpass`` is False), times the tight (or,
+        with ``options.wide_target``, wide) model mask: the paper's target;
+    ``locscale-full``
+        the same without the low-pass;
+    ``truth``
+        the map of every ordered atom — modelled or not, each with its local B but without
+        the map's global envelope — plus the blob (ligand-like) density, low-passed at
+        ``resolution * options.truth_lowpass_factor`` and times a tight mask of that map
+        (threshold enclosing the molecular volume of all atoms, +2 Å, 3 Å cosine edge) and of
+        the blobs. A model-map target in the manner of EMReady, made from the simulation's
+        ground truth so that density missing from the model is not erased.
+    """
     mask = wide if options.wide_target else tight
     scaled = locscale.local_amplitude_scaling(average, model_map, region=mask > 0,
                                               window=options.locscale_window,
                                               step=options.locscale_step)
-    if options.target_lowpass:
-        scaled = lowpass(scaled, resolution)
-    target = (scaled * mask).astype(np.float32)
-    params["target_mask"] = "wide" if options.wide_target else "tight"
-    # the molecule region (modelled or not) and the solvent noise of the input
-    molecule = np.maximum(wide, (distance < SIGNAL_DISTANCE).astype(np.float32))
-    sphere = params.pop("_sphere")
-    params["noise_mean"], params["noise_std"] = _solvent_noise(average - signal * sphere,
-                                                               molecule, sphere)
-    _check_finite(params["structure"], average, target)
-    return SynthPair(half1=half1, half2=half2, input=average.astype(np.float32), target=target,
-                     model_map=model_map, signal_mask=molecule,
-                     params=_json_ready(params))
+    full = (scaled * mask).astype(np.float32)
+    low = (lowpass(scaled, resolution) * mask).astype(np.float32)
+    truth_mask = _model_mask(truth, atoms, options.tight_dilation, options.tight_soft_edge,
+                             options)
+    if blob_region.any():
+        blob_mask = _soft_grow(blob_region, options.tight_soft_edge)
+        truth_mask = np.maximum(truth_mask, blob_mask)
+    sharp = lowpass(truth, resolution * options.truth_lowpass_factor)
+    return {"locscale": low if options.target_lowpass else full, "locscale-full": full,
+            "truth": (sharp * truth_mask).astype(np.float32)}
 
 
 def synth_command(structure: str, outdir: str, resolution: float = 3.5, seed: int = 0,
@@ -386,20 +506,42 @@ def _distance_to_atoms(positions: np.ndarray, box: int) -> np.ndarray:
 
 
 def _nuisance(distance: np.ndarray, signal: np.ndarray, rng: np.random.Generator,
-              options: SynthOptions, params: dict[str, Any]) -> np.ndarray:
-    """Density absent from the model (detergent belt, blobs), blurred like the signal."""
+              options: SynthOptions, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Density absent from the model, unblurred: a detergent belt and disordered blobs."""
     level = float(np.percentile(signal[distance < 1.5], 50))  # typical molecule density
-    extra = np.zeros_like(signal)
+    belt = np.zeros_like(signal)
+    blobs = np.zeros_like(signal)
     params["belt"] = bool(rng.random() < options.belt_probability)
     if params["belt"]:
-        extra += _belt(distance, rng, options, params) * level
+        belt = _belt(distance, rng, options, params) * level
     params["blobs"] = 0
     if rng.random() < options.blob_probability:
-        extra += _blobs(distance, rng, options, params) * level
+        blobs = _blobs(distance, rng, options, params) * level
+    return belt.astype(np.float32), blobs.astype(np.float32)
+
+
+def _blur_like_signal(extra: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """``extra`` blurred by the map's global B (as the signal is)."""
     if not extra.any():
         return extra
     sigma = np.sqrt(params["global_b"] / (8 * np.pi**2)) / VOXEL_SIZE
     return ndimage.gaussian_filter(extra, sigma).astype(np.float32)
+
+
+def _unmodelled_region(positions: np.ndarray, unmodelled: np.ndarray, box: int) -> np.ndarray:
+    """Voxels near unmodelled atoms and away from modelled ones (bool, (z, y, x))."""
+    if not unmodelled.any():
+        return np.zeros((box,) * 3, dtype=bool)
+    near = _distance_to_atoms(positions[unmodelled], box) <= UNMODELLED_NEAR
+    far = _distance_to_atoms(positions[~unmodelled], box) >= UNMODELLED_CLEARANCE
+    return near & far
+
+
+def _soft_grow(region: np.ndarray, soft_edge: float) -> np.ndarray:
+    """1 inside ``region``, a cosine fall-off over ``soft_edge`` Å outside it."""
+    outside = ndimage.distance_transform_edt(~region) * VOXEL_SIZE
+    t = np.clip(outside / max(soft_edge, 1e-6), 0, 1)
+    return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
 
 
 def _belt(distance: np.ndarray, rng: np.random.Generator, options: SynthOptions,
@@ -579,10 +721,10 @@ def _solvent_noise(noise: np.ndarray, wide_mask: np.ndarray,
     return float(values.mean()), float(values.std())
 
 
-def _check_finite(name: str, average: np.ndarray, target: np.ndarray) -> None:
-    """Refuse a sample whose target is not finite or out of all proportion to the input."""
+def _check_finite(name: str, average: np.ndarray, *targets: np.ndarray) -> None:
+    """Refuse a sample whose targets are not finite or out of all proportion to the input."""
     bound = MAX_TARGET_RATIO * float(np.abs(average).max())
-    if not np.isfinite(target).all() or float(np.abs(target).max()) > bound:
+    if any(not np.isfinite(t).all() or float(np.abs(t).max()) > bound for t in targets):
         raise RuntimeError(f"{name}: the target is not finite or exceeds {MAX_TARGET_RATIO} "
                            "times the input's maximum; sample rejected")
 

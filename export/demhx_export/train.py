@@ -77,6 +77,8 @@ class TrainConfig:
     schedule: str = "plateau"
     decay_steps: int = 0  # cosine schedule: steps from lr to min_lr
     precision: str = "fp32"
+    target: str = "locscale"
+    norm: str = "group"
 
 
 SCHEDULES = ("plateau", "cosine")
@@ -246,7 +248,7 @@ def _build(config: TrainConfig, run: Path, device: torch.device | None = None
             raise ValueError(f"{config.init}: widths {net.widths} differ from --widths "
                              f"{config.widths}; pass matching widths")
     else:
-        net = UNet3D(widths=config.widths)
+        net = UNet3D(widths=config.widths, norm=config.norm)
     net = net.to(device or "cpu")
     optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -279,10 +281,11 @@ def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = m
     net, optimiser, scheduler, state = _build(config, run, target)
     # the sampler's stream continues after a resume: its seed moves with the step counter
     sampler = CubeSampler(config.train_dir, cube_size=config.cube_size,
-                          batch_size=config.batch_size, seed=config.seed + 7919 * state.step)
+                          batch_size=config.batch_size, seed=config.seed + 7919 * state.step,
+                          target=config.target)
     val = CubeSampler(config.val_dir, cube_size=config.cube_size, batch_size=config.batch_size,
-                      seed=config.seed, augment=False).fixed_batches(config.val_batches,
-                                                                      seed=config.seed)
+                      seed=config.seed, augment=False,
+                      target=config.target).fixed_batches(config.val_batches, seed=config.seed)
     where = f"{target}" + (f", {config.precision}" if target.type == "cuda" else "")
     report(f"network widths {config.widths}: {count_parameters(net):,} parameters; "
            + (f"resuming at step {state.step}" if state.step else "new run") + f" on {where}")
@@ -348,7 +351,8 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
                   val_every: int = 200, val_batches: int = 16, threads: int | None = None,
                   init: str | None = None, scale_jitter: float = 0.2,
                   schedule: str = "plateau", device: str = "cpu", precision: str = "auto",
-                  workers: int = 0, min_lr: float = 1e-5) -> None:
+                  workers: int = 0, min_lr: float = 1e-5, target: str = "locscale",
+                  norm: str = "group") -> None:
     """Train (or resume) a run in folder RUN on the datasets in TRAIN_DIR and VAL_DIR.
 
     Parameters
@@ -373,6 +377,8 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
     precision : "fp32", "bf16" (autocast, CUDA only) or "auto" (bf16 on CUDA, else fp32).
     workers : processes that cut and augment cubes (0: in this process).
     min_lr : lowest learning rate of either schedule.
+    target : target recipe in the datasets (``locscale``, ``locscale-full`` or ``truth``).
+    norm : ``group`` (GroupNorm, the paper's) or ``none`` (no normalisation layers).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"--schedule {schedule}: not one of {', '.join(SCHEDULES)}")
@@ -387,7 +393,8 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
                          checkpoint_every=int(val_every), scale_jitter=float(scale_jitter),
                          init=str(init) if init else None, schedule=schedule,
                          decay_steps=int(steps) if schedule == "cosine" else 0,
-                         precision=precision, min_lr=float(min_lr))
+                         precision=precision, min_lr=float(min_lr), target=str(target),
+                         norm=str(norm))
     run_dir = Path(run)
     saved = run_dir / "latest.json"
     if saved.exists():

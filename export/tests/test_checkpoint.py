@@ -99,3 +99,12 @@ def test_reserved_info_keys_are_refused(tmp_path: Path, tiny_net: UNet3D) -> Non
     with pytest.raises(ValueError, match="reserved"):
         save_checkpoint(tmp_path / "a", tiny_net, {"architecture": "mine"})
     assert not list(tmp_path.iterdir())
+
+
+def test_round_trip_keeps_the_normalisation(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    plain = UNet3D((4, 8, 8), norm="none").eval()
+    save_checkpoint(tmp_path / "plain", plain, {"step": 1})
+    net, config = load_checkpoint(tmp_path / "plain")
+    assert net.norm == "none" and config["architecture"]["norm"] == "none"
+    assert _same_weights(net, plain)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from demhx_export.dataset import NOISE_STD, build_command, plan_samples, read_manifest
+from demhx_export.synth import TARGET_RECIPES
 
 STRUCTURES = Path(__file__).resolve().parents[3] / "shared" / "data" / "structures"
 pytestmark = pytest.mark.skipif(not (STRUCTURES / "manifest.tsv").is_file(),
@@ -42,9 +43,15 @@ def test_build_writes_normalised_pairs_and_resumes(tmp_path: Path) -> None:
     assert len(index) == 2
     for entry in index:
         with np.load(out / f"{entry['id']}.npz") as data:
-            inputs, target, signal = data["input"], data["target"], data["signal"]
+            inputs, signal = data["input"], data["signal"]
+            targets = {name: data[f"target_{name}"] for name in TARGET_RECIPES}
+        target = targets["locscale"]
         assert inputs.dtype == target.dtype == np.float32 and signal.dtype == np.uint8
         assert inputs.shape == target.shape == signal.shape == tuple(entry["shape"])
+        # every recipe: same grid, zero outside the molecule region, finite, not all zero
+        for name, other in targets.items():
+            assert other.shape == inputs.shape and np.isfinite(other).all(), name
+            assert (other[signal == 0] == 0).all() and np.abs(other).max() > 0, name
         # solvent inside the box's inscribed sphere (a soft spherical mask may zero the corners)
         n = inputs.shape[0]
         radius = np.sqrt(((np.indices(inputs.shape) - (n - 1) / 2) ** 2).sum(axis=0))

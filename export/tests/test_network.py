@@ -112,3 +112,26 @@ def test_parse_widths_rejects(bad: object) -> None:
 def test_cube_size_must_be_a_multiple_of_8(cube_size: int) -> None:
     with pytest.raises(ValueError, match="multiple of 8"):
         check_cube_size(cube_size)
+
+
+def test_without_normalisation_a_voxel_does_not_depend_on_the_cube_cut() -> None:
+    # no GroupNorm: shifting the cube by a multiple of 8 shifts the output wherever the
+    # receptive field (about 55 voxels each way) stays inside both cubes
+    torch.manual_seed(0)
+    volume = torch.randn(1, 1, 144, 144, 144)
+    centre = (slice(None), slice(None), slice(68, 76), slice(68, 76), slice(68, 76))
+    shifted = (slice(None), slice(None), slice(60, 68), slice(60, 68), slice(60, 68))
+    outputs = {}
+    for norm in ("none", "group"):
+        net = UNet3D((2, 2, 2), norm=norm).eval()
+        with torch.no_grad():
+            first = net(volume[..., :136, :136, :136])[centre]
+            second = net(volume[..., 8:, 8:, 8:])[shifted]
+        outputs[norm] = (first, second)
+    torch.testing.assert_close(*outputs["none"], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(*outputs["group"], rtol=1e-4, atol=1e-5)  # depends on the cut
+
+
+def test_unknown_norm_is_refused() -> None:
+    with pytest.raises(ValueError, match="norm"):
+        UNet3D((4, 8, 8), norm="batch")

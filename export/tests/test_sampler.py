@@ -99,3 +99,18 @@ def test_rotate_acts_on_the_last_three_axes() -> None:
 def test_missing_index_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="index.json"):
         CubeSampler(tmp_path)
+
+
+def test_target_recipe_is_chosen_by_name(tmp_path: Path) -> None:
+    signal = np.zeros((16, 16, 16), dtype=np.uint8)
+    signal[4:12, 4:12, 4:12] = 1
+    inputs = signal.astype(np.float32)
+    np.savez(tmp_path / "m0.npz", input=inputs, signal=signal,
+             target_locscale=2 * inputs, target_truth=3 * inputs)
+    (tmp_path / "index.json").write_text(json.dumps([{"id": "m0", "shape": [16] * 3}]))
+    for name, factor in (("locscale", 2), ("truth", 3)):
+        sampler = CubeSampler(tmp_path, cube_size=8, batch_size=2, augment=False, target=name)
+        x, y = sampler.batch()
+        np.testing.assert_array_equal(y, factor * x)
+    with pytest.raises(ValueError, match="locscale-full"):
+        CubeSampler(tmp_path, cube_size=8, target="locscale-full")

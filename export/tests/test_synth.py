@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -149,3 +150,58 @@ def test_spherical_mask_never_cuts_the_molecule() -> None:
     assert sample.params["sphere_radius"] >= sample.params["molecule_radius"] + 6.0
     assert np.isfinite(sample.target).all()
     assert np.abs(sample.target).max() < 50 * np.abs(sample.input).max()
+
+
+def _sample_with_unmodelled_density() -> object:
+    """The first seed whose sample leaves a slab of the molecule out of the model."""
+    for seed in range(20):
+        sample = simulate_pair(SMALL, 3.5, seed=seed, options=OPTIONS)
+        if sample.unmodelled_region is not None and sample.unmodelled_region.sum() > 50:
+            return sample
+    raise AssertionError("no seed below 20 drew unmodelled density")
+
+
+def test_truth_target_keeps_what_the_model_lacks() -> None:
+    sample = _sample_with_unmodelled_density()
+    region = sample.unmodelled_region
+    inside = sample.model_map > np.quantile(sample.model_map, 0.99)
+    truth, locscale = sample.targets["truth"], sample.targets["locscale"]
+    # the truth target holds the unmodelled slab at a fair fraction of the molecule's level ...
+    assert truth[region].mean() > 0.2 * truth[inside].mean()
+    # ... where the model-masked LocScale-style target has (almost) erased it
+    assert locscale[region].mean() < 0.5 * truth[region].mean() / truth[inside].mean() \
+        * locscale[inside].mean()
+    assert sample.target is sample.targets["locscale"]
+
+
+def test_every_recipe_is_finite_and_chosen_by_name(pair) -> None:
+    assert set(pair.targets) == {"locscale", "locscale-full", "truth"}
+    for name, target in pair.targets.items():
+        assert target.shape == pair.input.shape and np.isfinite(target).all(), name
+    chosen = simulate_pair(SMALL, 3.5, seed=0, options=replace(OPTIONS, target_recipe="truth"))
+    np.testing.assert_array_equal(chosen.target, pair.targets["truth"])
+    with pytest.raises(ValueError, match="recipe"):
+        simulate_pair(SMALL, 3.5, seed=0, options=replace(OPTIONS, target_recipe="sharp"))
+
+
+def test_deposited_mask_zeroes_the_outside_and_changes_nothing_else(pair) -> None:
+    masked = simulate_pair(SMALL, 3.5, seed=0,
+                           options=replace(OPTIONS, deposited_mask_probability=1.0))
+    assert masked.params["deposited"] == "soft mask"
+    outside = masked.input == 0
+    assert 0.2 < outside.mean() < 0.99
+    # inside the mask's core the input is the unmasked one; the targets are untouched
+    core = masked.input == pair.input
+    assert core.mean() > 0.05
+    for name in pair.targets:
+        np.testing.assert_array_equal(masked.targets[name], pair.targets[name])
+    assert masked.params["noise_std"] == pair.params["noise_std"]
+
+
+def test_zone_cuts_input_and_targets_alike(pair) -> None:
+    zoned = simulate_pair(SMALL, 3.5, seed=0, options=replace(OPTIONS, zone_probability=1.0))
+    assert zoned.params["deposited"] == "zone"
+    outside = zoned.input == 0
+    assert outside.mean() > 0.5
+    for target in zoned.targets.values():
+        assert (target[outside] == 0).all()
