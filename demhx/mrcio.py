@@ -625,7 +625,7 @@ def clean_stale_temporaries(folder: str | Path) -> list[Path]:
     """
     from demhx.session import DemhxWarning
 
-    removed = []
+    removed: list[Path] = []
     owner, now = _owner(), time.time()
     try:
         entries = sorted(os.scandir(folder), key=lambda entry: entry.name)

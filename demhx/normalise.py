@@ -452,7 +452,7 @@ def _is_masked(constant: np.ndarray | None, fraction: float) -> bool:
     if fraction >= MASKED_FRACTION:
         return True
     kept = np.count_nonzero(ndimage.binary_erosion(constant))
-    return kept >= MASK_COHERENCE * np.count_nonzero(constant)
+    return bool(kept >= MASK_COHERENCE * np.count_nonzero(constant))
 
 
 def _masked_noise(volume: np.ndarray, voxel_size: tuple[float, float, float] | None,
@@ -553,7 +553,8 @@ def _looks_like_solvent(volume: np.ndarray, values: np.ndarray, inside_count: in
         return False
     tail = np.count_nonzero(values < mean - 2 * std) / values.size
     stats = NoiseStats(mean, std, "auto-masked", 1.0)
-    return tail >= MIN_TAIL_FRACTION and peak_sigmas(volume, stats) >= MIN_SOLVENT_PEAK_SIGMAS
+    return bool(tail >= MIN_TAIL_FRACTION
+                and peak_sigmas(volume, stats) >= MIN_SOLVENT_PEAK_SIGMAS)
 
 
 def peak_stats(volume: np.ndarray, background: float, inside_fraction: float = 1.0

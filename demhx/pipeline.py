@@ -389,9 +389,11 @@ def _check_model_grid(shape: tuple[int, ...], voxel: tuple[float, float, float],
     """ValueError, before any allocation, when the model grid would be too large."""
     model_voxel = runtime.spec.voxel_size
     model_shape = resample.target_shape((shape[0], shape[1], shape[2]), voxel, model_voxel)
-    validate.check_grid(model_shape[::-1], f"{name}: resampled to the model's {model_voxel:g} "
-                        "Å voxels the map would have (x×y×z)", "check the voxel size (pass --voxel-size "
-                        "if the header is wrong) or crop the map")
+    validate.check_grid(model_shape[::-1],
+                        f"{name}: resampled to the model's {model_voxel:g} Å voxels the map "
+                        "would have (x×y×z)",
+                        "check the voxel size (pass --voxel-size if the header is wrong) or "
+                        "crop the map")
 
 
 def _check_finite_output(result: np.ndarray, spread: np.ndarray | None,
