@@ -14,13 +14,19 @@ Reading
 
 Writing
     :func:`write_map` transposes the canonical array back to the template's stored layout and
-    writes float32 (mode 2) with the template's header: ``nx/ny/nz``, ``mx/my/mz``, ``cella``,
-    ``cellb``, ``mapc/mapr/maps``, ``nxstart/nystart/nzstart``, ``origin``, ``ispg``,
-    ``exttyp``, ``nversion``, the extra fields, the extended header and the labels are copied
-    unchanged. Only these change: ``mode`` (2), ``machst`` (this machine's byte order), the
-    ``MAP`` identifier, ``nsymbt`` (follows the copied extended header), ``dmin/dmax/dmean/rms``
-    (from the new data) and one appended label (``nlabl`` + 1; when the ten labels are full
-    the last one is replaced).
+    writes float32 (mode 2) with the template's header: the geometry (``nx/ny/nz``,
+    ``mx/my/mz``, ``cella``, ``cellb``, ``mapc/mapr/maps``, ``nxstart/nystart/nzstart``,
+    ``origin``), ``ispg``, the extra fields and the labels' text are copied unchanged. The
+    format fields are those of the file actually written, MRC2014, whatever the input's age,
+    so that the output validates (``mrcfile.validate``): ``mode`` 2, ``nversion``
+    :data:`MRC2014_VERSION`, ``machst`` (this machine's byte order), the ``MAP`` identifier,
+    ``dmin/dmax/dmean/rms`` from the new data, and ``nlabl`` counting the labels, one label
+    appended (when the ten labels are full the last one is replaced; blank labels between
+    text-filled ones are closed up). The extended header is copied with its ``exttyp`` and
+    ``nsymbt`` when its type is one MRC2014 names (:data:`EXTENDED_HEADER_TYPES`); an untyped
+    one (pre-2014 files) that holds 80-character symmetry records is typed ``CCP4``; any
+    other untyped or unknown one cannot be described in MRC2014 and is left out, with a
+    warning.
 
     **Voxel-size override**: when the template was read with ``voxel_size=...`` that differs
     from its header, the output carries the corrected voxel size, i.e. ``cella`` is set to
@@ -74,7 +80,12 @@ COMPLEX_MODES = (3, 4)
 IMAGE_STACK_SPACE_GROUP = 0
 VOLUME_STACK_SPACE_GROUPS = range(401, 631)
 OUTPUT_SUFFIXES = (".mrc", ".map", ".ccp4")
-_WRITER_FIELDS = ("map", "machst", "mode", "nsymbt", "dmin", "dmax", "dmean", "rms")
+MRC2014_VERSION = 20140  # nversion of the MRC2014 format (float32 needs nothing later)
+EXTENDED_HEADER_TYPES = (b"CCP4", b"MRCO", b"SERI", b"AGAR", b"FEI1", b"FEI2", b"HDF5")
+"""``exttyp`` values MRC2014 defines (``CCP4``: symmetry records as 80-character text)."""
+SYMMETRY_RECORD_BYTES = 80  # one symmetry operator of a CCP4 extended header, as text
+_WRITER_FIELDS = ("map", "machst", "mode", "nsymbt", "dmin", "dmax", "dmean", "rms",
+                  "nversion", "exttyp", "nlabl", "label")
 _CHUNK_BYTES = 1 << 24  # 16 MiB read chunks for compressed files
 _GZIP_MAGIC = b"\x1f\x8b"
 _BZIP2_MAGIC = b"BZh"
@@ -667,12 +678,50 @@ def _write_mrc(temporary: Path, stored: np.ndarray, template: MrcMap, label: str
     with mrcfile.new(temporary, overwrite=True, compression=compression) as mrc:
         mrc.set_data(stored)  # sets mode 2, byte order and dmin/dmax/dmean/rms
         header = mrc.header
+        # The template's geometry and other fields, then the MRC2014 format fields.
         for name in template.header.dtype.names or ():
             if name not in _WRITER_FIELDS:
                 header[name] = template.header[name]
-        mrc.set_extended_header(np.array(template.extended_header, dtype="V1").reshape(-1))
+        header.nversion = MRC2014_VERSION
+        # The mean in float64: mrcfile's float32 mean of a zero-mean map (e.g. 6824.mrc) can
+        # be 0.0 where the true mean is 1e-8, which mrcfile.validate reports as wrong.
+        header.dmean = np.float32(stored.mean(dtype=np.float64))
+        exttyp, extended = extended_header_to_write(template)
+        mrc.set_extended_header(extended)  # sets nsymbt
+        header.exttyp = exttyp
         _write_voxel_size(header, template)
-        _append_label(header, label)
+        _write_labels(header, _labels(template.header), label)
+
+
+def extended_header_to_write(template: MrcMap) -> tuple[bytes, np.ndarray]:
+    """The ``exttyp`` and extended header bytes an MRC2014 copy of ``template`` carries.
+
+    A typed extended header (:data:`EXTENDED_HEADER_TYPES`) is kept as it is; an untyped one
+    made of 80-character text records is the symmetry operators of a pre-2014 CCP4 map and is
+    typed ``CCP4``; any other is left out with a :class:`~demhx.session.DemhxWarning` (MRC2014
+    has no way to describe it). No extended header gives ``exttyp`` empty.
+    """
+    extended = np.array(template.extended_header, dtype="V1").reshape(-1)
+    declared = bytes(template.header.exttyp).rstrip(b"\x00")
+    if extended.size == 0:
+        return (declared if declared in EXTENDED_HEADER_TYPES else b""), extended
+    if declared in EXTENDED_HEADER_TYPES:
+        return declared, extended
+    if _is_symmetry_text(extended.tobytes()):
+        return b"CCP4", extended
+    from demhx.session import DemhxWarning
+
+    shown = declared.decode("ascii", "replace").strip() or "none"
+    warnings.warn(f"{template.path}: its {extended.size}-byte extended header has no MRC2014 "
+                  f"type (exttyp {shown}) and is not CCP4 symmetry text; the output leaves it "
+                  "out so that it is a valid MRC2014 file", DemhxWarning, stacklevel=4)
+    return b"", np.zeros(0, dtype="V1")
+
+
+def _is_symmetry_text(data: bytes) -> bool:
+    """Whether extended-header bytes are 80-character ASCII text records (CCP4 symmetry)."""
+    return (len(data) % SYMMETRY_RECORD_BYTES == 0
+            and all(32 <= byte <= 126 for byte in data.rstrip(b"\x00")))
 
 
 def _write_voxel_size(header: np.recarray, template: MrcMap) -> None:
@@ -688,13 +737,16 @@ def _write_voxel_size(header: np.recarray, template: MrcMap) -> None:
         header.cella[letter] = np.float32(size * int(header[sampling]))
 
 
-def _append_label(header: np.recarray, label: str) -> None:
-    """Append a label (printable ASCII, ≤ 80 bytes); replace the last if all ten are used."""
+def _labels(header: np.recarray) -> list[bytes]:
+    """The text-filled labels of a header, in order (blank ones left out, whatever nlabl says)."""
+    return [bytes(text) for text in header.label if bytes(text).strip(b" \x00")]
+
+
+def _write_labels(header: np.recarray, labels: list[bytes], label: str) -> None:
+    """Write ``labels`` then ``label`` (printable ASCII, ≤ 80 bytes), ``nlabl`` their count;
+    with ten labels already the last is replaced."""
     text = "".join(c if " " <= c <= "~" else "?" for c in label)[:LABEL_BYTES]
-    count = min(max(int(header.nlabl), 0), LABEL_COUNT)
-    if count < LABEL_COUNT:
-        header.label[count] = text.encode("ascii")
-        header.nlabl = count + 1
-    else:
-        header.label[LABEL_COUNT - 1] = text.encode("ascii")
-        header.nlabl = LABEL_COUNT
+    kept = labels[:LABEL_COUNT - 1] + [text.encode("ascii")]
+    for index in range(LABEL_COUNT):
+        header.label[index] = kept[index] if index < len(kept) else b""
+    header.nlabl = len(kept)

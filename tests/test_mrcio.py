@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import itertools
 import os
 import shutil
@@ -20,8 +21,11 @@ from hypothesis import strategies as st
 from demhx import mrcio
 
 LABEL = "demhx 0.1.0 model tight 1.0"
-# Fields write_map sets itself: stats, labels, mode (float32) and byte order.
-WRITER_FIELDS = ("dmin", "dmax", "dmean", "rms", "nlabl", "label", "mode", "machst")
+# Fields write_map sets itself: stats, labels, and the MRC2014 format fields.
+WRITER_FIELDS = ("dmin", "dmax", "dmean", "rms", "nlabl", "label", "mode", "machst",
+                 "nversion", "exttyp")
+GEOMETRY_FIELDS = ("nx", "ny", "nz", "nxstart", "nystart", "nzstart", "mx", "my", "mz",
+                   "cella", "cellb", "mapc", "mapr", "maps", "origin")
 PERMUTATIONS = list(itertools.permutations((1, 2, 3)))
 
 
@@ -34,8 +38,17 @@ def _headers(path: Path) -> tuple[np.recarray, np.ndarray, np.ndarray]:
         return mrc.header.copy(), np.array(mrc.extended_header), np.array(mrc.data)
 
 
+def _validates(path: Path) -> tuple[bool, str]:
+    """``mrcfile.validate`` of a file, with what it printed."""
+    report = io.StringIO()
+    return mrcfile.validate(str(path), print_file=report), report.getvalue()
+
+
 def _assert_round_trip(source: Path, output: Path) -> None:
-    """Every header field equal except stats and labels; the stored data identical."""
+    """Every header field equal except stats, labels and format; stored data identical;
+    the output a valid MRC2014 file."""
+    valid, report = _validates(output)
+    assert valid, report
     before, before_extended, before_data = _headers(source)
     after, after_extended, after_data = _headers(output)
     for name in before.dtype.names:
@@ -125,6 +138,83 @@ def test_real_map_round_trip(tmp_path: Path, name: str, suffix: str) -> None:
     assert again.voxel_size == read.voxel_size
     assert sha256(source) == digest
     assert sorted(p.name for p in tmp_path.iterdir()) == [output.name]
+
+
+@pytest.mark.parametrize("name", REAL_MAPS)
+def test_real_map_output_is_mrc2014_with_the_input_geometry(tmp_path: Path, name: str) -> None:
+    """Whatever the input's age (most shared maps are pre-2014, nversion 0), the output
+    validates as MRC2014 and every geometric field and label text is the input's."""
+    source = real_map(name)
+    read = mrcio.read_map(source)
+    output = tmp_path / "out.mrc"
+    mrcio.write_map(output, read.data * np.float32(2), read, LABEL)
+    valid, report = _validates(output)
+    assert valid, report
+    with mrcfile.open(source, permissive=True, header_only=True) as before, \
+            mrcfile.open(output, header_only=True) as after:
+        for field in GEOMETRY_FIELDS:
+            np.testing.assert_array_equal(after.header[field], before.header[field], field)
+        assert int(after.header.nversion) == mrcio.MRC2014_VERSION
+        assert after.get_labels()[:-1] == before.get_labels()
+        assert after.get_labels()[-1] == LABEL
+    assert mrcio.read_map(output).voxel_size == read.voxel_size
+
+
+def test_emd_3001_symmetry_records_are_typed_ccp4(tmp_path: Path) -> None:
+    """EMD-3001 carries two symmetry operators in an untyped (pre-2014) extended header."""
+    read = mrcio.read_map(real_map("EMD-3001.map"))
+    mrcio.write_map(tmp_path / "out.mrc", read.data, read, LABEL)
+    with mrcfile.open(tmp_path / "out.mrc", header_only=True) as mrc:
+        assert bytes(mrc.header.exttyp) == b"CCP4" and int(mrc.header.nsymbt) == 160
+        assert mrc.extended_header.tobytes() == read.extended_header.tobytes()
+        assert mrc.extended_header.tobytes().startswith(b"X,  Y,  Z")
+
+
+def _old_format(path: Path, extended: bytes, exttyp: bytes = b"") -> Path:
+    """A pre-2014 style file: nversion 0, the given extended header and exttyp, nlabl
+    disagreeing with the labels and a blank label between two text-filled ones."""
+    write_mrc(path, _canonical((4, 5, 6)), extended_header=extended, nstart=(-2, 3, 1),
+              origin=(1.5, -2.0, 7.25), axis_order=(2, 3, 1))
+    with mrcfile.open(path, mode="r+", permissive=True) as mrc:
+        mrc.header.nversion = 0
+        mrc.header.exttyp = exttyp
+        mrc.header.label[0] = b"first"
+        mrc.header.label[2] = b"third"
+        mrc.header.nlabl = 1
+    assert not _validates(path)[0]
+    return path
+
+
+def test_old_format_header_is_written_as_mrc2014(tmp_path: Path) -> None:
+    records = b"X,Y,Z".ljust(80) + b"-X,Y+1/2,-Z".ljust(80)
+    source = _old_format(tmp_path / "old.mrc", records)
+    read = mrcio.read_map(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mrcio.write_map(tmp_path / "out.mrc", read.data, read, LABEL)
+    valid, report = _validates(tmp_path / "out.mrc")
+    assert valid, report
+    with mrcfile.open(tmp_path / "out.mrc") as mrc:
+        assert bytes(mrc.header.exttyp) == b"CCP4" and mrc.extended_header.tobytes() == records
+        assert mrc.get_labels() == ["first", "third", LABEL] and int(mrc.header.nlabl) == 3
+        for field in GEOMETRY_FIELDS:
+            np.testing.assert_array_equal(mrc.header[field], read.header[field], field)
+        np.testing.assert_array_equal(mrc.data, stored_from_canonical(read.data, (2, 3, 1)))
+
+
+@pytest.mark.parametrize("exttyp", [b"", b"ABCD"])
+def test_untyped_binary_extended_header_is_left_out_with_a_warning(
+        tmp_path: Path, exttyp: bytes) -> None:
+    source = _old_format(tmp_path / "old.mrc", bytes(range(256)), exttyp)
+    read = mrcio.read_map(source)
+    with pytest.warns(UserWarning, match=r"old\.mrc: its 256-byte extended header has no "
+                                         r"MRC2014 type.*leaves it out"):
+        mrcio.write_map(tmp_path / "out.mrc", read.data, read, LABEL)
+    valid, report = _validates(tmp_path / "out.mrc")
+    assert valid, report
+    with mrcfile.open(tmp_path / "out.mrc") as mrc:
+        assert int(mrc.header.nsymbt) == 0 and not bytes(mrc.header.exttyp).strip(b"\x00")
+        np.testing.assert_array_equal(mrcio.read_map(tmp_path / "out.mrc").data, read.data)
 
 
 def test_emd_3001_axis_order_and_anisotropic_voxels() -> None:
