@@ -2,7 +2,8 @@
 
 :func:`output_paths` names the outputs (in an output folder, with a suffix, or both) and
 refuses a plan in which two maps would write one file or an output would replace one of the
-inputs. :func:`enhance_many` runs an :class:`~demhx.pipeline.Enhancer` over the maps and
+inputs; :func:`check_inputs` checks that every input can be read before any map runs.
+:func:`enhance_many` runs an :class:`~demhx.pipeline.Enhancer` over the maps and
 yields one :class:`MapResult` per map as it finishes; a map that fails (unreadable file,
 refused input, existing output, ...) is reported in its result and the next map runs.
 :func:`summary_table` formats the results as a plain-text table.
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from demhx import mrcio
 from demhx import preview as preview_module
 from demhx.mrcio import OUTPUT_SUFFIXES
 from demhx.pipeline import Enhancer, EnhanceSummary, NoiseStatsLike, Progress, VoxelSize
@@ -149,6 +151,36 @@ def create_folders(paths: Sequence[Path]) -> None:
                                   "permissions or choose another --out-dir")
 
 
+def check_inputs(sources: Sequence[str | Path]) -> None:
+    """Check every input map can be read (see :func:`demhx.mrcio.check_map_file`) before
+    any of them runs.
+
+    Raises
+    ------
+    FileNotFoundError, PermissionError, IsADirectoryError, ValueError
+        One input cannot be read: its own error. Several: a ValueError naming each of them.
+    """
+    problems: list[Exception] = []
+    for source in sources:
+        try:
+            mrcio.check_map_file(source)
+        except (OSError, ValueError) as error:
+            problems.append(error)
+    if len(problems) == 1:
+        raise problems[0]
+    if problems:
+        reasons = "; ".join(_reason(error) for error in problems)
+        raise ValueError(f"{len(problems)} of {len(sources)} input maps cannot be read, so "
+                         f"none was run: {reasons}")
+
+
+def _reason(error: Exception) -> str:
+    """An input's error as ``file: reason`` (operating-system errors carry the file apart)."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        return f"{error.filename}: {error.strerror.lower()}"
+    return str(error)
+
+
 def enhance_many(enhancer: Enhancer, sources: Sequence[str | Path],
                  outputs: Sequence[Path], *, previews: Sequence[Path] | None = None,
                  voxel_size: VoxelSize | None = None, mask: str | Path | None = None,
@@ -160,10 +192,42 @@ def enhance_many(enhancer: Enhancer, sources: Sequence[str | Path],
     A map that raises an ``Exception`` is reported as failed and the next one runs
     (``KeyboardInterrupt`` stops the loop). Options as for
     :meth:`demhx.pipeline.Enhancer.enhance_file`; ``previews`` (one PNG per map) are written
-    after each output (see :func:`demhx.preview.write_file_preview`).
+    after each output (see :func:`demhx.preview.write_file_preview`). The device line is
+    logged once, before the first map. Check the inputs first with :func:`check_inputs` to
+    refuse a run with an unreadable map before any work.
     """
     if len(outputs) != len(sources) or (previews is not None and len(previews) != len(sources)):
         raise ValueError("enhance_many: give one output (and one preview) per source map")
+    # The device line once, before the first map; the pipeline's copy for each map is dropped.
+    device_line = enhancer.runtime.description
+    LOG.info(device_line)
+    repeated = _DropMessage(device_line)
+    LOG.addFilter(repeated)
+    try:
+        yield from _enhance_each(enhancer, sources, outputs, previews, voxel_size=voxel_size,
+                                 mask=mask, noise_stats=noise_stats, overwrite=overwrite,
+                                 tiling=tiling, progress=progress)
+    finally:
+        LOG.removeFilter(repeated)
+
+
+class _DropMessage(logging.Filter):
+    """Drops log records whose message is one given line."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != self.message
+
+
+def _enhance_each(enhancer: Enhancer, sources: Sequence[str | Path], outputs: Sequence[Path],
+                  previews: Sequence[Path] | None, *, voxel_size: VoxelSize | None,
+                  mask: str | Path | None, noise_stats: NoiseStatsLike, overwrite: bool,
+                  tiling: str | TilingScheme, progress: Progress | None
+                  ) -> Iterator[MapResult]:
+    """The loop of :func:`enhance_many`: one result per map, failures included."""
     for index, (source, output) in enumerate(zip(sources, outputs, strict=True)):
         start = time.perf_counter()
         picture = None if previews is None else previews[index]

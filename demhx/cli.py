@@ -406,8 +406,10 @@ def _run_many(args: Arguments) -> int:
     from demhx import batch
     from demhx.pipeline import Enhancer
 
-    # Name and check every output (and preview) before any work, then load the model once.
+    # Check every input and name every output (and preview) before any work, then load the
+    # model once.
     sources = [Path(path) for path in args.inputs]
+    batch.check_inputs(sources)
     outputs = batch.output_paths(sources, args.out_dir, args.suffix)
     previews = None
     if args.preview is not None:

@@ -159,6 +159,22 @@ def read_map(path: str | Path, voxel_size: VoxelSizeLike | None = None) -> MrcMa
     return MrcMap(data, voxel, header, extended_header, path)
 
 
+def check_map_file(path: str | Path) -> None:
+    """Check, without reading the data, that ``path`` is a map :func:`read_map` can open.
+
+    The same checks as :func:`read_map` makes before reading: the file exists, is a readable
+    regular file, and its header describes one real-valued 3-D volume whose data fit the
+    file (for compressed files, up to the header: their length is checked when read). Raises
+    as :func:`read_map` does.
+    """
+    path = Path(path)
+    compression = _check_input_file(path)
+    header, _ = _read_header(path)
+    _check_header(path, header)
+    if compression is None:
+        _check_data_size(path, header, compression)
+
+
 def _check_input_file(path: Path) -> str | None:
     """Check the file exists, is a readable non-empty file; its compression (or None)."""
     if not path.exists():

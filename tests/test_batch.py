@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import mrcfile
+import numpy as np
 import pytest
 from conftest import synthetic_map, write_mrc
 from onnx_fixtures import identity_path
@@ -144,21 +145,66 @@ def test_several_maps_one_model_load(maps: list[Path], model: Path, tmp_path: Pa
 
 def test_bad_map_among_good_ones(maps: list[Path], model: Path, tmp_path: Path,
                                  capsys: pytest.CaptureFixture[str]) -> None:
-    broken = tmp_path / "in" / "broken.mrc"
-    broken.write_bytes(b"not a map" * 200)
-    missing = tmp_path / "in" / "missing.mrc"
-    argv = [str(maps[0]), str(broken), str(missing), str(maps[1]), "--suffix", "_x",
+    """A map that passes the input check but fails while running (a constant map) is
+    reported and the others run."""
+    constant = write_mrc(tmp_path / "in" / "constant.mrc", np.ones((24, 28, 32), np.float32))
+    argv = [str(maps[0]), str(constant), str(maps[1]), "--suffix", "_x",
             "--model", str(model), "--quiet"]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
     assert (tmp_path / "in" / "a_x.mrc").is_file() and (tmp_path / "in" / "b_x.map").is_file()
-    assert not (tmp_path / "in" / "broken_x.mrc").exists()
+    assert not (tmp_path / "in" / "constant_x.mrc").exists()
     rows = _table_rows(err)
     assert rows[str(maps[0])][2] == "ok" and rows[str(maps[1])][2] == "ok"
-    assert rows[str(broken)][2:5] == ["failed", "-", rows[str(broken)][4]]
-    assert "not an MRC/CCP4 map" in rows[str(broken)][5]
-    assert "does not exist" in rows[str(missing)][5] or "no such file" in rows[str(missing)][5]
-    assert err.rstrip().splitlines()[-1] == "demhx: error: 2 of 4 maps failed; see the table above"
+    assert rows[str(constant)][2:4] == ["failed", "-"]
+    assert "constant" in rows[str(constant)][5]
+    assert err.rstrip().splitlines()[-1] == "demhx: error: 1 of 3 maps failed; see the table above"
+
+
+def test_unreadable_inputs_stop_the_run_before_the_first_map(
+        maps: list[Path], model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Every input is checked before the first map runs (and before the model loads): one
+    line names each unreadable one, exit 2, nothing written."""
+    loads = []
+    monkeypatch.setattr(pipeline, "load_runtime", lambda *a, **k: loads.append(1))
+    broken = tmp_path / "in" / "broken.mrc"
+    broken.write_bytes(b"not a map" * 200)
+    missing = tmp_path / "in" / "missing.mrc"
+    out = tmp_path / "out"
+    argv = [str(maps[0]), str(broken), str(maps[1]), str(missing), "--out-dir", str(out),
+            "--model", str(model)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("demhx: error: 2 of 4 input maps cannot "
+                                                    "be read, so none was run: ")
+    assert f"{broken}: not an MRC/CCP4 map" in err and f"{missing}: no such file" in err
+    assert not out.exists() and not loads
+    # One unreadable input: its own error and exit status.
+    assert cli.main([str(maps[0]), str(missing), "--out-dir", str(out)]) == 2
+    assert capsys.readouterr().err == f"demhx: error: {missing}: no such file; check the path\n"
+
+
+def test_inputs_checked_without_reading_the_data(maps: list[Path], tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.mrc"
+    truncated.write_bytes(maps[0].read_bytes()[:-100])
+    batch.check_inputs(maps)  # gzip included
+    with pytest.raises(ValueError, match="truncated.mrc: header promises 32×28×24 voxels"):
+        batch.check_inputs([maps[0], truncated])
+    folder = tmp_path / "in"
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        batch.check_inputs([folder])
+
+
+def test_device_line_printed_once(maps: list[Path], model: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [*map(str, maps), "--out-dir", str(tmp_path / "out"), "--model", str(model),
+            "--device", "cpu", "--threads", "1"]
+    assert cli.main(argv) == 0
+    lines = capsys.readouterr().err.splitlines()
+    device = [index for index, line in enumerate(lines) if line.startswith("demhx: device cpu")]
+    first_map = next(i for i, line in enumerate(lines) if line.startswith("demhx: map 1 of 3"))
+    assert len(device) == 1 and device[0] < first_map, lines
 
 
 def test_outputs_never_overwrite_inputs(maps: list[Path], model: Path,
