@@ -173,7 +173,7 @@ def require_matplotlib() -> None:
 
 
 def write_preview(input_volume: np.ndarray, output_volume: np.ndarray, path: str | Path, *,
-                  names: tuple[str, str] = ("input", "output"), overwrite: bool = False,
+                  names: tuple[str, str] | None = None, overwrite: bool = False,
                   percentiles: tuple[float, float] = PERCENTILES) -> Path:
     """Draw the input and output rows (:func:`preview_panels`) into a PNG file, atomically.
 
@@ -181,7 +181,8 @@ def write_preview(input_volume: np.ndarray, output_volume: np.ndarray, path: str
     ----------
     input_volume, output_volume : (z, y, x) maps on the same grid.
     path : the ``.png`` file; its folder must exist.
-    names : the row titles' file names (input, output).
+    names : file names (input, output) for the row titles, ``input: a.mrc``; without them
+        the rows are titled ``input`` and ``output``.
     overwrite : replace an existing file.
 
     Returns
@@ -203,8 +204,20 @@ def write_preview(input_volume: np.ndarray, output_volume: np.ndarray, path: str
     return path
 
 
+def row_titles(rows: tuple[PreviewRow, PreviewRow], names: tuple[str, str] | None,
+               percentiles: tuple[float, float] = PERCENTILES) -> tuple[str, str]:
+    """The two rows' titles: role, file name if given, and the grey scale's limits."""
+    low, high = percentiles
+    titles = []
+    for index, (row, role) in enumerate(zip(rows, ("input", "output"), strict=True)):
+        named = role if names is None else f"{role}: {names[index]}"
+        titles.append(f"{named}   (black {row.limits[0]:.3g}, white {row.limits[1]:.3g}: "
+                      f"percentiles {low:g}–{high:g})")
+    return titles[0], titles[1]
+
+
 def _figure(rows: tuple[PreviewRow, PreviewRow], shape: tuple[int, ...],
-            names: tuple[str, str], percentiles: tuple[float, float]) -> Any:
+            names: tuple[str, str] | None, percentiles: tuple[float, float]) -> Any:
     """A matplotlib ``Figure`` (no pyplot state) of the two rows, titled with the file names."""
     from matplotlib.figure import Figure
 
@@ -213,12 +226,10 @@ def _figure(rows: tuple[PreviewRow, PreviewRow], shape: tuple[int, ...],
     row_inches = _FIGURE_WIDTH * max(ny, nz) / sum(widths) + _TITLE_HEIGHT
     figure = Figure(figsize=(_FIGURE_WIDTH, 2 * row_inches), layout="constrained")
     centres = {"xy": f"z = {nz // 2}", "xz": f"y = {ny // 2}", "yz": f"x = {nx // 2}"}
-    low, high = percentiles
     subfigures: Any = figure.subfigures(2, 1)  # one per row
-    for subfigure, row, role, name in zip(subfigures, rows, ("input", "output"), names,
-                                          strict=True):
-        subfigure.suptitle(f"{role}: {name}   (black {row.limits[0]:.3g}, white "
-                           f"{row.limits[1]:.3g}: percentiles {low:g}–{high:g})", fontsize=10)
+    for subfigure, row, title in zip(subfigures, rows, row_titles(rows, names, percentiles),
+                                     strict=True):
+        subfigure.suptitle(title, fontsize=10)
         axes = subfigure.subplots(1, 3, width_ratios=widths)
         for axis, panel, plane in zip(axes, row.panels, PLANES, strict=True):
             axis.imshow(panel, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")

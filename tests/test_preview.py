@@ -133,6 +133,17 @@ def test_write_preview_is_a_valid_png(volume: np.ndarray, tmp_path: Path) -> Non
     assert pixels.shape[:2] == (height, width) and pixels.std() > 0.05
 
 
+def test_row_titles_name_the_role_once(volume: np.ndarray) -> None:
+    rows = preview.preview_panels(volume, volume * 2)
+    plain = preview.row_titles(rows, None)
+    named = preview.row_titles(rows, ("in.mrc", "out.mrc"))
+    assert [title.split("   ")[0] for title in plain] == ["input", "output"]
+    assert [title.split("   ")[0] for title in named] == ["input: in.mrc", "output: out.mrc"]
+    assert all(title.count("input") + title.count("output") == 1 for title in plain + named)
+    # The grey scale of each row is its own: the output row's limits are twice the input's.
+    assert plain[0].split("   ")[1] != plain[1].split("   ")[1]
+
+
 def test_missing_matplotlib_names_the_fix(monkeypatch: pytest.MonkeyPatch,
                                           volume: np.ndarray, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
