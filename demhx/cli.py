@@ -57,7 +57,8 @@ positional arguments:
 
 options:
   --half2 H2            second half-map; averaged with IN in float32 (recommended)
-  --model NAME|PATH     registered model name or an ONNX file (default: the default model)
+  --model NAME|PATH     a shipped model's name (listed below) or an ONNX file (default: the
+                        shipped model marked "default")
   --device DEV          auto (CUDA when usable, else CPU), cpu, cuda or cuda:N
   --batch-size N        cubes per inference call (default: 1 on CPU, from GPU memory on CUDA)
   --threads N           CPU threads for inference (default: all physical cores)
@@ -107,6 +108,9 @@ DeepEMhancer's options, with the same meaning:
 Exit status: 0 done, 2 usage or input error, 1 failure while running (or any of several
 maps failed), 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (nothing half-written is left behind).
 """
+_HELP_MODELS_AFTER = "  -h, --help            show this help and exit\n"
+"""The help lists the shipped models after this line."""
+_NAME_WIDTH = 18  # columns of the model-name column in the help's model list
 _USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
                  IsADirectoryError, NotADirectoryError)
 _ONE_MAP_ONLY = {
@@ -162,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (the console script exits with it)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(arg in _argv.HELP_OPTIONS for arg in args):
-        sys.stdout.write(HELP)
+        sys.stdout.write(help_text())
         return 0
     if "--version" in args:
         from demhx import __version__
@@ -178,6 +182,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _interrupted(interrupt, written)
         except Exception as error:  # every failure becomes one line and an exit status
             return _report(error, debug)
+
+
+def help_text(folder: Path | None = None) -> str:
+    """:data:`HELP` with the shipped models, read now from the registry in ``folder`` (default:
+    the installed models), one line each and the default marked."""
+    from demhx import model
+
+    folder = folder or model.models_dir()
+    registry = model.load_registry(folder)
+    lines = ["", "shipped models (--model NAME):"]
+    for name, entry in registry["models"].items():
+        title = f"{name} (default)" if name == registry["default"] else name
+        lines.append(f"  {title:<{_NAME_WIDTH}}{_describe_model(folder, entry)}")
+    if not registry["models"]:
+        lines.append("  none; pass --model PATH.onnx")
+    return HELP.replace(_HELP_MODELS_AFTER, _HELP_MODELS_AFTER + "\n".join(lines) + "\n", 1)
+
+
+def _describe_model(folder: Path, entry: dict[str, Any]) -> str:
+    """One line about a registered model: its registry description, else its metadata."""
+    from demhx import model
+
+    if entry.get("description"):
+        return " ".join(str(entry["description"]).split())
+    path = folder / str(entry.get("file", ""))
+    try:
+        metadata = model.read_metadata(path)
+    except Exception as error:  # the help still prints when a model cannot be read
+        return f"{path.name}: cannot be read ({describe_error(error)[:80]}); reinstall demhx"
+    values = {key.removeprefix(model.METADATA_PREFIX): value for key, value in metadata.items()}
+    parts = [f"v{values.get('version', '?')}"]
+    if "widths" in values:
+        parts.append(f"widths {values['widths']}")
+    if "parameters" in values:
+        parts.append(f"{int(values['parameters']) / 1e6:.2f} M weights")
+    cube = values.get("cube_size", "?")
+    if "gflop_per_cube" in values:
+        parts.append(f"{float(values['gflop_per_cube']):.0f} GFLOP per {cube}³ cube")
+    parts.append(f"{values.get('voxel_size', '?')} Å/voxel")
+    return ", ".join(parts)
 
 
 def _interrupted(interrupt: KeyboardInterrupt, written: list[str]) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
+import onnx_fixtures
 import pytest
 from onnx_fixtures import identity_path
 
@@ -47,6 +49,43 @@ def test_help_and_version(capsys: pytest.CaptureFixture[str]) -> None:
     capsys.readouterr()
     assert cli.main(["--version"]) == 0
     assert capsys.readouterr().out.strip().startswith("demhx 0.")
+
+
+def test_help_lists_every_shipped_model_once_with_the_default(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The installed registry, read now: one line per model, the default marked."""
+    from demhx import model
+
+    registry = model.load_registry()
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    lines = out.split("shipped models (--model NAME):\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert [line.split()[0] for line in lines] == list(registry["models"])
+    marked = [line.split()[0] for line in lines if line.split()[1] == "(default)"]
+    assert marked == [registry["default"]]
+    assert all("Å/voxel" in line and len(line) <= 100 for line in lines)
+
+
+def test_help_reads_the_registry_at_run_time(tmp_path: Path) -> None:
+    first = identity_path(tmp_path, version="7.3", widths="8,16", parameters=12345,
+                          gflop_per_cube=2.5)
+    second = onnx_fixtures.write_model(tmp_path, "second.onnx", onnx_fixtures.scale_model(2.0))
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    onnx_fixtures.write_registry(tmp_path, {"small": first, "other": second, "broken": broken},
+                   default="other")
+    text = cli.help_text(tmp_path)
+    lines = text.split("shipped models (--model NAME):\n", 1)[1].splitlines()[:3]
+    assert lines[0].split() == ["small", "v7.3,", "widths", "8,16,", "0.01", "M", "weights,",
+                                "2", "GFLOP", "per", "16³", "cube,", "1.0", "Å/voxel"]
+    assert lines[1].startswith("  other (default)   v0.1, ")
+    assert lines[2].startswith("  broken ") and "broken.onnx: cannot be read" in lines[2]
+    # A description in the registry is used as it is; no models: say what to do.
+    registry = json.loads((tmp_path / "registry.json").read_text())
+    registry["models"]["small"]["description"] = "the small one"
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    assert "  small             the small one\n" in cli.help_text(tmp_path)
+    assert "  none; pass --model PATH.onnx\n" in cli.help_text(tmp_path / "empty")
 
 
 def test_python_m_demhx() -> None:
