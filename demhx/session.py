@@ -42,8 +42,8 @@ CUDA_MAX_BATCH_SIZE = 32
 _CUDA_MEMORY_SHARE = 0.5  # part of the free GPU memory a batch may use
 _ACTIVATIONS_PER_VOXEL = 16  # live activation tensors of the widest level, per cube voxel
 _ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
-_ORT_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu, then pip install demhx again "
-            "(on a CUDA machine: pip uninstall -y onnxruntime && pip install onnxruntime-gpu)")
+_ORT_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu, then pip install onnxruntime "
+            "(on a CUDA machine: pip install \"onnxruntime-gpu[cuda,cudnn]\")")
 _LOG_QUIET = 3  # ONNX Runtime severity: errors only
 _LOG_SILENT = 4  # fatal only: hides the CUDA-provider probe of onnxruntime-gpu
 
@@ -103,20 +103,22 @@ def import_onnxruntime() -> Any:
     """``onnxruntime``, after checking the install; :class:`InstallError` names the fix.
 
     Both ``onnxruntime`` and ``onnxruntime-gpu`` install the same module, so having both
-    leaves a mixture of files: warn when both are installed, fail when the import is broken.
+    leaves a mixture of files in which the last one installed decides, silently, whether
+    CUDA can run (``pip install`` of demhx after ``onnxruntime-gpu`` puts the CPU build back
+    on top), and uninstalling either breaks the other: fail when both are installed or the
+    import is broken. The fix removes both and installs one.
     """
     installed = [name for name in _ORT_DISTRIBUTIONS if _distribution_version(name)]
+    if len(installed) > 1:
+        raise InstallError("both onnxruntime and onnxruntime-gpu are installed; they overwrite "
+                           f"each other's files (one module, onnxruntime); fix: {_ORT_FIX}")
     try:
         import onnxruntime as ort
 
         ort.InferenceSession  # noqa: B018 - a half-overwritten install lacks it
     except (ImportError, AttributeError, OSError) as error:
-        both = " (both onnxruntime and onnxruntime-gpu are installed)" if len(installed) > 1 else ""
-        raise InstallError(f"ONNX Runtime cannot be imported{both}: {error}; fix: {_ORT_FIX}"
+        raise InstallError(f"ONNX Runtime cannot be imported: {error}; fix: {_ORT_FIX}"
                            ) from None
-    if len(installed) > 1:
-        warnings.warn("both onnxruntime and onnxruntime-gpu are installed and overwrite each "
-                      f"other's files; fix: {_ORT_FIX}", DemhxWarning, stacklevel=2)
     ort.set_default_logger_severity(_LOG_QUIET)
     return ort
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_mrc
 from onnx_fixtures import CUBE, identity_path, metadata, scale_model, write_model
 
 from demhx import session
@@ -123,14 +124,45 @@ def test_fixed_batch_model(tmp_path: Path) -> None:
         session.load_runtime(path, device="cpu", batch_size=3)
 
 
-def test_duplicate_onnxruntime_install_warns(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(session, "_distribution_version", lambda name: "1.0")
+@pytest.mark.parametrize(("installed", "fails"), [
+    ({"onnxruntime"}, False), ({"onnxruntime-gpu"}, False),
+    ({"onnxruntime", "onnxruntime-gpu"}, True)])
+def test_both_onnxruntime_packages_installed_is_an_error(
+        monkeypatch: pytest.MonkeyPatch, installed: set[str], fails: bool) -> None:
+    """As the README says: both installed stops with the fix (remove both, install one)."""
+    monkeypatch.setattr(session, "_distribution_version",
+                        lambda name: "1.0" if name in installed else None)
     session.import_onnxruntime.cache_clear()
     try:
-        with pytest.warns(DemhxWarning, match="both onnxruntime and onnxruntime-gpu"):
-            session.import_onnxruntime()
+        if fails:
+            with pytest.raises(session.InstallError, match=(
+                    "both onnxruntime and onnxruntime-gpu are installed.*fix: pip uninstall -y "
+                    "onnxruntime onnxruntime-gpu, then pip install onnxruntime")):
+                session.import_onnxruntime()
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert session.import_onnxruntime().InferenceSession
     finally:
         session.import_onnxruntime.cache_clear()
+
+
+def test_both_onnxruntime_packages_stop_the_command_line(
+        monkeypatch: pytest.MonkeyPatch, identity: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from demhx import cli
+
+    monkeypatch.setattr(session, "_distribution_version", lambda name: "1.0")
+    session.import_onnxruntime.cache_clear()
+    source = write_mrc(tmp_path / "in.mrc",
+                       np.random.default_rng(0).standard_normal((20, 20, 20)).astype(np.float32))
+    try:
+        status = cli.main([str(source), str(tmp_path / "out.mrc"), "--model", str(identity)])
+    finally:
+        session.import_onnxruntime.cache_clear()
+    err = capsys.readouterr().err
+    assert status == 1 and err.count("\n") == 1, err
+    assert err.startswith("demhx: error: both onnxruntime and onnxruntime-gpu are installed")
 
 
 def test_broken_onnxruntime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
