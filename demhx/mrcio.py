@@ -373,11 +373,12 @@ def _header_voxel_size(header: np.recarray) -> tuple[float, float, float]:
 
 def _checked_header_voxel_size(path: Path, header: np.recarray) -> tuple[float, float, float]:
     voxel = _header_voxel_size(header)
+    along_xyz = voxel[::-1]  # messages give x/y/z, the order of --voxel-size X,Y,Z
     if not all(math.isfinite(v) and v > 0 for v in voxel):
-        text = "/".join(f"{v:.4g}" for v in voxel)
-        raise ValueError(f"{path}: header voxel size is {text} Å (z/y/x; from cella and "
+        text = "/".join(f"{v:.4g}" for v in along_xyz)
+        raise ValueError(f"{path}: header voxel size is {text} Å (x/y/z; from cella and "
                          "mx/my/mz), not positive; pass --voxel-size")
-    validate.check_voxel_size(voxel, f"{path}: header voxel size (z/y/x)",
+    validate.check_voxel_size(along_xyz, f"{path}: header voxel size (x/y/z)",
                               "if the header is wrong, pass the true size in Å with --voxel-size")
     return voxel
 

@@ -281,6 +281,17 @@ def test_extended_header_and_big_endian_kept(tmp_path: Path) -> None:
         assert mrc.extended_header.tobytes() == extended and bytes(mrc.header.exttyp) == b"MRCO"
 
 
+@pytest.mark.parametrize(("voxel_size", "message"), [
+    ((0.0, 1.0, 2.0), r"header voxel size is 2/1/0 Å \(x/y/z; from cella"),
+    ((1.0, 2.0, 30.0), r"header voxel size \(x/y/z\) 30/2/1 Å is outside the range")])
+def test_voxel_size_messages_read_x_y_z(tmp_path: Path, voxel_size: tuple,
+                                        message: str) -> None:
+    """Per axis, in the order --voxel-size X,Y,Z takes (the arrays are (z, y, x))."""
+    source = write_mrc(tmp_path / "in.mrc", _canonical((4, 5, 6)), voxel_size=voxel_size)
+    with pytest.raises(ValueError, match=message):
+        mrcio.read_map(source)
+
+
 def test_voxel_size_override_is_written(tmp_path: Path) -> None:
     source = write_mrc(tmp_path / "in.mrc", _canonical((4, 5, 6)), voxel_size=(0, 0, 0))
     with pytest.raises(ValueError, match=r"in\.mrc: header voxel size is 0/0/0 Å.*--voxel-size"):
