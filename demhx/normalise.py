@@ -85,7 +85,6 @@ import math
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy import ndimage
 
 WINDOW_VOXELS = 7  # edge of the local-statistics window along the finest axis, voxels
 SEED_FRACTION = 0.2  # fraction of the low-density voxels taken as the first solvent guess
@@ -115,6 +114,7 @@ TARGET_PEAK_SIGMAS = 12.0  # peak mode: the map peaks here (training inputs: 6.5
 ZONE_NOISE_FRACTION = 0.002  # peak mode: the solvent-cube test takes this fraction of the peak
 # as its noise std, so only cubes below 1 % of the peak (5 such stds) are skipped
 _FIX = "pass --mask PATH or --noise-stats MEAN,STD"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -300,7 +300,13 @@ def estimate_noise(volume: np.ndarray, voxel_size: tuple[float, float, float] | 
         ``--noise-stats``).
     """
     volume = _checked_volume(volume)
-    padding = _constant_runs(volume, "map")
+    return _estimate_unmasked(volume, voxel_size, _constant_runs(volume, "map"))
+
+
+def _estimate_unmasked(volume: np.ndarray, voxel_size: tuple[float, float, float] | None,
+                       padding: np.ndarray | None) -> NoiseStats:
+    """:func:`estimate_noise` of a checked float32 ``volume`` whose ``padding`` (runs of one
+    exact value, or None) is known."""
     # Local mean and std in windows around every voxel.
     local_mean, local_std = _local_moments(volume, _window(voxel_size, volume.shape))
     if padding is not None:
@@ -338,15 +344,18 @@ def _window(voxel_size: tuple[float, float, float] | None, shape: tuple[int, ...
 
 def _local_moments(volume: np.ndarray, window: tuple[int, int, int]
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Local mean and standard deviation (float32) in a box window around every voxel."""
-    centred = volume - np.median(_sample(volume)).astype(np.float32)  # against cancellation
-    local_mean = ndimage.uniform_filter(centred, window, mode="reflect")
-    np.square(centred, out=centred)
-    local_std = ndimage.uniform_filter(centred, window, mode="reflect")
-    del centred
-    local_std -= np.square(local_mean)
-    np.maximum(local_std, 0, out=local_std)
-    np.sqrt(local_std, out=local_std)
+    """Local mean and standard deviation (float32) in a box window around every voxel.
+
+    The values, less the median (against cancellation), and their squares are averaged by
+    box filters with ``scipy.ndimage.uniform_filter``'s mirrored boundary and arithmetic
+    (:func:`demhx._kernels.local_moments`, the same floats as that filter).
+    """
+    from demhx import _kernels
+
+    centre = np.median(_sample(volume)).astype(np.float32)
+    local_mean, local_std = np.empty_like(volume), np.empty_like(volume)
+    _kernels.local_moments(np.ascontiguousarray(volume, dtype=np.float32), float(centre),
+                           *window, local_mean, local_std)
     return local_mean, local_std
 
 
@@ -354,22 +363,38 @@ def _seed(local_mean: np.ndarray, local_std: np.ndarray,
           candidates: np.ndarray | None = None) -> np.ndarray:
     """First solvent guess: the lowest-variance part of the low-density half of the box (of
     the ``candidates`` when given)."""
-    pool = local_mean if candidates is None else local_mean[candidates]
-    low = local_mean <= np.median(_sample(pool))
-    low &= np.isfinite(local_std)
-    threshold = np.quantile(_sample(local_std[low]), SEED_FRACTION)
-    low &= local_std <= threshold
+    from demhx import _kernels
+
+    pool = _sample(local_mean) if candidates is None else _masked_sample(local_mean, candidates)
+    low = np.ones(local_mean.shape, dtype=bool)
+    _kernels.select_within(local_mean, -np.inf, float(np.median(pool)), low)
+    _kernels.select_within(local_std, -np.inf, _FLOAT32_MAX, low)  # finite local stds only
+    threshold = np.quantile(_masked_sample(local_std, low), SEED_FRACTION)
+    _kernels.select_within(local_std, -np.inf, float(threshold), low)
     return low
 
 
 def _refine(local_mean: np.ndarray, local_std: np.ndarray, solvent: np.ndarray) -> np.ndarray:
     """Voxels whose local mean and std lie within the current solvent's robust ranges."""
+    from demhx import _kernels
+
     result = np.ones(local_mean.shape, dtype=bool)
     for values in (local_mean, local_std):
-        centre, spread = _robust_centre_spread(values[solvent])
+        centre, spread = _robust_centre_spread(_masked_sample(values, solvent))
         lower, upper = centre - CLIP_SIGMAS * spread, centre + CLIP_SIGMAS * spread
-        result &= (values >= lower) & (values <= upper)
+        _kernels.select_within(values, lower, upper, result)
     return result
+
+
+def _masked_sample(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``_sample(values[mask])`` without the intermediate copy of ``values[mask]``."""
+    from demhx import _kernels
+
+    count = int(np.count_nonzero(mask))
+    step = max(1, count // SAMPLE_VOXELS)
+    sample = np.empty(-(-count // step), dtype=values.dtype)
+    _kernels.masked_sample(values, mask, step, sample)
+    return sample
 
 
 def _robust_centre_spread(values: np.ndarray) -> tuple[float, float]:
@@ -389,9 +414,9 @@ def _stats_of(volume: np.ndarray, solvent: np.ndarray) -> NoiseStats:
     if count < MIN_SOLVENT_VOXELS or fraction < MIN_SOLVENT_FRACTION:
         raise ValueError(f"map: found solvent in only {fraction:.1%} of the box, too little "
                          "to estimate the noise; " + _FIX)
-    values = volume[solvent]
-    mean = float(values.mean(dtype=np.float64))
-    std = float(values.std(dtype=np.float64))
+    from demhx import _kernels
+
+    mean, std = _kernels.masked_mean_std(volume, solvent)
     if not (math.isfinite(std) and std > 0):
         raise ValueError("map: the solvent has no noise (std 0), it looks masked; " + _FIX)
     return NoiseStats(mean, std, "auto", fraction)
@@ -437,7 +462,7 @@ def choose_stats(volume: np.ndarray, voxel_size: tuple[float, float, float] | No
     particle = None if mask is None else _mask_inside(mask, volume.shape)
     value, constant, fraction = _constant_region(volume, name)
     if particle is None and not _is_masked(constant, fraction):
-        return limit_peak(volume, estimate_noise(volume, voxel_size))
+        return limit_peak(volume, _estimate_unmasked(volume, voxel_size, constant))
     stats = _masked_noise(volume, voxel_size, constant, float(value), particle)
     if stats is None:
         return peak_stats(volume, _background(volume, value, constant, particle),
@@ -451,6 +476,8 @@ def _is_masked(constant: np.ndarray | None, fraction: float) -> bool:
         return False
     if fraction >= MASKED_FRACTION:
         return True
+    from scipy import ndimage
+
     kept = np.count_nonzero(ndimage.binary_erosion(constant))
     return bool(kept >= MASK_COHERENCE * np.count_nonzero(constant))
 
@@ -489,6 +516,8 @@ def _masked_noise(volume: np.ndarray, voxel_size: tuple[float, float, float] | N
 def _edge_distance(constant: np.ndarray, voxel_size: tuple[float, float, float] | None
                    ) -> np.ndarray:
     """Distance of every voxel from the constant region, in voxels along the finest axis."""
+    from scipy import ndimage
+
     sizes = np.ones(3) if voxel_size is None else np.asarray(voxel_size, dtype=float)
     if sizes.shape != (3,) or not np.all(np.isfinite(sizes) & (sizes > 0)):
         sizes = np.ones(3)
@@ -600,6 +629,8 @@ def _mask_inside(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     peak = float(np.max(mask))
     if not (math.isfinite(peak) and peak > 0):
         raise ValueError("mask: has no voxel > 0; pass a mask that covers the particle")
+    from scipy import ndimage
+
     return ndimage.binary_dilation(mask >= peak / 2, iterations=MASK_DILATION_VOXELS)
 
 
@@ -632,6 +663,8 @@ def mask_stats(volume: np.ndarray, mask: np.ndarray) -> NoiseStats:
     if not (math.isfinite(peak) and peak > 0):
         raise ValueError("mask: has no voxel > 0; pass a mask that covers the particle")
     # Inside = at least half the mask's maximum, dilated.
+    from scipy import ndimage
+
     inside = ndimage.binary_dilation(mask >= peak / 2, iterations=MASK_DILATION_VOXELS)
     values = volume[inside]
     low, high = np.quantile(values, MASK_QUANTILES)

@@ -161,3 +161,89 @@ def test_accumulate_sampled_squares_matches_reference_and_brute_force(
     np.testing.assert_array_equal(fast_n, counts[every])
     np.testing.assert_allclose(fast_sq, squares[every], rtol=1e-5)
     assert fast_n.max() >= 2
+
+
+# --------------------------------------------------------------------------- noise estimation
+
+_SHAPES = [(1, 1, 1), (2, 3, 4), (5, 6, 7), (9, 8, 3), (13, 4, 11)]
+_WINDOWS = [(1, 1, 1), (3, 3, 3), (7, 5, 3), (2, 4, 1), (1, 9, 12), (12, 2, 7)]
+
+
+@pytest.mark.parametrize("shape", _SHAPES)
+@pytest.mark.parametrize("window", _WINDOWS)
+def test_box_mean_matches_reference_and_scipy(rng: np.random.Generator,
+                                              shape: tuple[int, int, int],
+                                              window: tuple[int, int, int]) -> None:
+    """Windows wider than the box, even windows, in place or not; SciPy's uniform filter."""
+    from scipy import ndimage
+
+    source = (rng.standard_normal(shape) * 10 + 3).astype(np.float32)
+    fast, slow = np.empty_like(source), np.empty_like(source)
+    _kernels.box_mean(source, *window, fast)
+    _kernels.box_mean_reference(source, *window, slow)
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fast, ndimage.uniform_filter(source, window, mode="reflect"),
+                               rtol=1e-6, atol=1e-6)
+    in_place = source.copy()
+    _kernels.box_mean(in_place, *window, in_place)
+    np.testing.assert_array_equal(in_place, fast)
+
+
+def test_box_mean_of_a_constant_is_the_constant_and_a_box_averages(
+        rng: np.random.Generator) -> None:
+    constant = np.full((6, 7, 8), 2.5, np.float32)
+    out = np.empty_like(constant)
+    _kernels.box_mean(constant, 3, 5, 7, out)
+    np.testing.assert_allclose(out, 2.5, rtol=1e-6)
+    source = rng.standard_normal((9, 9, 9)).astype(np.float32)
+    _kernels.box_mean(source, 3, 3, 3, out := np.empty_like(source))
+    assert out[4, 4, 4] == pytest.approx(source[3:6, 3:6, 3:6].mean(), rel=1e-5)
+
+
+def test_local_moments_match_reference(rng: np.random.Generator) -> None:
+    volume = (rng.standard_normal((11, 14, 9)) * 0.3 + 5).astype(np.float32)
+    volume[2:5, 3:8, 1:4] += 4.0
+    outputs = [np.empty_like(volume) for _ in range(4)]
+    _kernels.local_moments(volume, 5.0, 3, 5, 3, outputs[0], outputs[1])
+    _kernels.local_moments_reference(volume, 5.0, 3, 5, 3, outputs[2], outputs[3])
+    np.testing.assert_allclose(outputs[0], outputs[2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(outputs[1], outputs[3], rtol=1e-4, atol=1e-5)
+    assert outputs[1].min() >= 0 and outputs[1].max() > 1.0  # the step shows in the std
+
+
+def test_select_within_matches_reference_with_float32_bounds(rng: np.random.Generator) -> None:
+    values = rng.standard_normal((7, 9, 13)).astype(np.float32)
+    values[0, 0, :3] = (np.nan, np.float32(0.1), np.nextafter(np.float32(0.1), np.float32(1)))
+    mask = rng.uniform(size=values.shape) < 0.7
+    fast, slow = mask.copy(), mask.copy()
+    # 0.1 is not a float32: bounds round to float32, as NumPy's comparison rounds them
+    counts = (_kernels.select_within(values, -0.5, 0.1, fast),
+              _kernels.select_within_reference(values, -0.5, 0.1, slow))
+    np.testing.assert_array_equal(fast, slow)
+    assert counts[0] == counts[1] == np.count_nonzero(fast) > 0
+    assert not fast[0, 0, 0] and fast[0, 0, 1] == mask[0, 0, 1] and not fast[0, 0, 2]
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 64])
+@pytest.mark.parametrize("fraction", [0.0, 0.03, 0.5, 1.0])
+def test_masked_sample_matches_reference(rng: np.random.Generator, step: int,
+                                         fraction: float) -> None:
+    values = rng.standard_normal((9, 10, 13)).astype(np.float32)  # 1170: not a multiple of 8
+    mask = rng.uniform(size=values.shape) < fraction
+    size = -(-int(np.count_nonzero(mask)) // step)
+    fast, slow = np.full(size + 1, -9, np.float32), np.full(size + 1, -9, np.float32)
+    counts = (_kernels.masked_sample(values, mask, step, fast),
+              _kernels.masked_sample_reference(values, mask, step, slow))
+    assert counts[0] == counts[1] == size
+    np.testing.assert_array_equal(fast, slow)
+    np.testing.assert_array_equal(fast[:size], values[mask][::step])
+
+
+def test_masked_mean_std_matches_reference(rng: np.random.Generator) -> None:
+    values = (rng.standard_normal((20, 21, 22)) * 0.1 + 3).astype(np.float32)
+    mask = rng.uniform(size=values.shape) < 0.4
+    fast = _kernels.masked_mean_std(values, mask)
+    slow = _kernels.masked_mean_std_reference(values, mask)
+    np.testing.assert_allclose(fast, slow, rtol=1e-12)
+    assert slow[1] == pytest.approx(0.1, rel=0.05)
+    assert all(np.isnan(_kernels.masked_mean_std(values, np.zeros_like(mask))))

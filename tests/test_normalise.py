@@ -67,6 +67,55 @@ def test_zero_padding_is_left_out() -> None:
     assert abs(stats.std / NOISE_STD - 1) < TOLERANCE
 
 
+def _plain_estimate(volume: np.ndarray, voxel_size: tuple[float, float, float] | None,
+                    padding: np.ndarray | None = None) -> tuple[float, float, float]:
+    """The estimator written plainly: SciPy box filters, boolean indexing, NumPy reductions."""
+    window = normalise._window(voxel_size, volume.shape)
+    centred = volume - np.median(normalise._sample(volume)).astype(np.float32)
+    local_mean = ndimage.uniform_filter(centred, window, mode="reflect")
+    local_std = np.sqrt(np.maximum(
+        ndimage.uniform_filter(np.square(centred), window, mode="reflect")
+        - np.square(local_mean), 0))
+    if padding is not None:
+        local_std[padding] = np.nan
+    solvent = local_mean <= np.median(normalise._sample(local_mean))
+    solvent &= np.isfinite(local_std)
+    solvent &= local_std <= np.quantile(normalise._sample(local_std[solvent]),
+                                        normalise.SEED_FRACTION)
+    for _ in range(normalise.ITERATIONS):
+        keep = np.ones(volume.shape, bool)
+        for values in (local_mean, local_std):
+            sample = normalise._sample(values[solvent])
+            centre = float(np.median(sample))
+            spread = normalise.MAD_TO_STD * float(np.median(np.abs(sample - np.float32(centre))))
+            keep &= (values >= centre - normalise.CLIP_SIGMAS * spread) & (
+                values <= centre + normalise.CLIP_SIGMAS * spread)
+        solvent = keep
+    values = volume[solvent]
+    return (float(values.mean(dtype=np.float64)), float(values.std(dtype=np.float64)),
+            values.size / volume.size)
+
+
+@pytest.mark.parametrize("voxel_size", [None, (2.0, 1.0, 1.3)])
+@pytest.mark.parametrize("correlation", [0.0, 1.0])
+@pytest.mark.parametrize("kind", PARTICLES)
+def test_estimate_noise_equals_the_plain_estimator(kind: str, correlation: float,
+                                                   voxel_size: tuple[float, float, float] | None
+                                                   ) -> None:
+    """The numba kernels select the same solvent voxels as the plain SciPy/NumPy version."""
+    volume = synthetic_map(kind, noise_mean=NOISE_MEAN, noise_std=NOISE_STD,
+                           correlation=correlation)
+    if kind == "centred":
+        volume[:3] = 0.0  # padding, left out of the solvent
+    mean, std, fraction = _plain_estimate(volume, voxel_size,
+                                          normalise._constant_runs(volume, "map"))
+    for stats in (normalise.estimate_noise(volume, voxel_size),
+                  normalise.choose_stats(volume, voxel_size)):
+        assert stats.method == "auto" and stats.solvent_fraction == fraction
+        assert stats.mean == pytest.approx(mean, rel=1e-9, abs=1e-12)
+        assert stats.std == pytest.approx(std, rel=1e-9)
+
+
 @pytest.mark.parametrize("name", ["emd_5168.map", "6824.mrc"])
 def test_estimate_noise_on_real_maps_is_sane(name: str) -> None:
     source = mrcio.read_map(real_map(name))
