@@ -41,8 +41,11 @@ def test_choose_providers() -> None:
     both = [CUDA, CPU]
     assert session.choose_providers(DeviceRequest("cpu"), both) == [CPU]
     assert session.choose_providers(DeviceRequest("auto"), [CPU]) == [CPU]
-    assert session.choose_providers(DeviceRequest("auto"), both) == [(CUDA, {"device_id": 0}), CPU]
-    assert session.choose_providers(DeviceRequest("cuda", 2), both)[0] == (CUDA, {"device_id": 2})
+    heuristic = {"cudnn_conv_algo_search": "HEURISTIC"}
+    assert session.choose_providers(DeviceRequest("auto"), both) == [
+        (CUDA, {"device_id": 0, **heuristic}), CPU]
+    assert session.choose_providers(DeviceRequest("cuda", 2), both)[0] == (
+        CUDA, {"device_id": 2, **heuristic})
     with pytest.raises(DeviceError, match="pip install onnxruntime-gpu.*--device cpu"):
         session.choose_providers(DeviceRequest("cuda"), [CPU])
 
@@ -202,3 +205,65 @@ def test_fp16_twin_of_a_registered_model_is_checked(tmp_path: Path,
     twin.write_bytes(twin.read_bytes() + b"\0")
     with pytest.raises(ValueError, match="identity.fp16.onnx: sha256 .* does not match"):
         session._checked_twin(plain, registered=True)
+
+
+class _Recording:
+    """A session that records the shapes it is fed and runs the real one (or raises)."""
+
+    def __init__(self, real: object, error: Exception | None = None) -> None:
+        self.real, self.error, self.shapes = real, error, []
+
+    def run(self, outputs: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        self.shapes.extend(array.shape for array in feed.values())
+        if self.error is not None:
+            raise self.error
+        return self.real.run(outputs, feed)  # type: ignore[attr-defined]
+
+
+def test_padded_batches_reach_the_model_in_one_shape(identity: Path) -> None:
+    runtime = session.load_runtime(identity, device="cpu")
+    assert not runtime.pad_batches  # CPU: no padding, no wasted cubes
+    recording = _Recording(runtime.session)
+    padded = dataclasses.replace(runtime, session=recording, batch_size=4, pad_batches=True)
+    rng = np.random.default_rng(1)
+    for count in (4, 3, 1):
+        batch = rng.standard_normal((count, 1, CUBE, CUBE, CUBE), np.float32)
+        np.testing.assert_array_equal(padded.run(batch), batch)
+    assert recording.shapes == [(4, 1, CUBE, CUBE, CUBE)] * 3
+    batch = rng.standard_normal((2, 1, CUBE, CUBE, CUBE), np.float32)
+    bound = dataclasses.replace(runtime, batch_size=4, pad_batches=True, io_binding=True)
+    np.testing.assert_array_equal(bound.run(batch), batch)
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("cuda:0", r"cuda:0 ran out of GPU memory for a batch of 4 cubes of 16³ .*try "
+               r"--batch-size 2, free the GPU"),
+    ("cpu", r"inference failed on cpu \(.*out of memory\); try a smaller --batch-size"),
+])
+def test_out_of_gpu_memory_is_named_with_the_fix(identity: Path, device: str,
+                                                 message: str) -> None:
+    runtime = session.load_runtime(identity, device="cpu")
+    error = RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : CUDA failure 2: "
+                         "out of memory\nmore lines")
+    failing = dataclasses.replace(runtime, session=_Recording(None, error), device=device,
+                                  batch_size=4, pad_batches=device != "cpu")
+    with pytest.raises(RuntimeError, match=message):
+        failing.run(np.zeros((3, 1, CUBE, CUBE, CUBE), np.float32))
+
+
+def test_cuda_batch_size_arithmetic(identity: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A share of the free memory over the activations of one cube, within 1 .. 32."""
+    spec = dataclasses.replace(session.load_runtime(identity, device="cpu").spec, cube_size=64,
+                               extra={"widths": "32,64,128"})
+    cube_fp16 = 64 ** 3 * 32 * 16 * 2  # bytes of activations of one 64³ cube, fp16
+
+    def batch(free: int | None, fp16: bool = True) -> int:
+        monkeypatch.setattr(session, "_cuda_free_bytes", lambda index: free)
+        return session._cuda_batch_size("cuda:1", spec, fp16)
+
+    assert batch(None) == session.CUDA_BATCH_SIZE  # no nvidia-smi
+    assert batch(10 * cube_fp16) == 5 and batch(10 * cube_fp16, fp16=False) == 2
+    assert batch(0) == 1 and batch(cube_fp16) == 1
+    assert batch(140 * 2 ** 30) == session.CUDA_MAX_BATCH_SIZE  # an H200
+    sizes = [batch(free) for free in range(0, 100 * cube_fp16, cube_fp16 // 3)]
+    assert sizes == sorted(sizes) and sizes[-1] == session.CUDA_MAX_BATCH_SIZE
