@@ -50,6 +50,28 @@ _RIGHT_ANGLE = 90.0
 _ANGLE_MATCH = 0.01  # degrees: a cell angle this close to 90° is a right angle
 
 
+class _StageClock:
+    """Wall time of the pipeline's stages, logged at DEBUG level (the CLI's ``--debug``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        """Charge the time since the previous lap to ``stage``."""
+        now = time.perf_counter()
+        self.add(stage, now - self._last)
+        self._last = now
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def log(self) -> None:
+        if LOG.isEnabledFor(logging.DEBUG):
+            LOG.debug("stage times: " + ", ".join(f"{stage} {seconds:.3f} s" for stage, seconds
+                                                  in self.seconds.items()))
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """What one run did: grids, statistics, cubes, device and time."""
@@ -221,10 +243,18 @@ class Enhancer:
     def _run(self, volume: np.ndarray, voxel_size: VoxelSize, half2: np.ndarray | None,
              noise_stats: NoiseStatsLike, mask: np.ndarray | None,
              tiling: str | TilingScheme, progress: Progress | None, name: str,
-             confidence: bool, tta: int | None
+             confidence: bool, tta: int | None, clock: _StageClock | None = None
              ) -> tuple[np.ndarray, np.ndarray | None, RunInfo]:
-        """The enhanced map, the spread (with ``confidence``, else None) and the run's info."""
+        """The enhanced map, the spread (with ``confidence``, else None) and the run's info.
+
+        ``clock`` receives the stage times (logged here when not given).
+        """
         start = time.perf_counter()
+        own_clock = clock is None
+        if clock is None:
+            clock = _StageClock()
+        else:
+            clock.lap("read")  # enhance_file started the clock and read the map
         # Validate, and average the half-maps.
         _check_tiling(tiling)
         rotations = _rotations(confidence, tta)
@@ -238,7 +268,9 @@ class Enhancer:
         volume = validate.repair_extreme_voxels(volume, name)
         if mask is not None:
             mask = _check_mask(mask, volume.shape)
+        clock.lap("validate")
         runtime = self.runtime
+        clock.lap("session")
         _check_model_grid(volume.shape, voxel, runtime, name)
         # Normalise on the input grid.
         stats = noise_statistics(volume, voxel, runtime, user_stats, mask, name)
@@ -250,17 +282,20 @@ class Enhancer:
         # Enhance on the model's grid (the normalised copy is freed once resampled) ...
         prediction, spread, cubes, model_shape = _enhance_normalised(
             _normalised(volume, stats, runtime, mask), voxel, runtime, tiling, progress,
-            rotations, stats.noise_fraction)
+            rotations, stats.noise_fraction, clock)
         # ... then come back to the input grid and units.
         if prediction.shape != shape:
             prediction = resample.resample_to_shape(prediction, shape)
         result = normalise.denormalise(prediction, stats, runtime.spec.noise_std)
         if spread is not None:
             spread = _spread_on_input_grid(spread, shape, stats, runtime) if confidence else None
+        clock.lap("resample")
         info = RunInfo(shape, model_shape, stats, cubes, runtime.device,
                        _scheme_name(tiling), time.perf_counter() - start,
                        len(rotations) if rotations else 1, peak)
         _check_finite_output(result, spread, runtime)
+        if own_clock:
+            clock.log()
         return np.ascontiguousarray(result, dtype=np.float32), spread, info
 
     def enhance_file(self, source: str | Path, output: str | Path, *,
@@ -281,19 +316,22 @@ class Enhancer:
         for folder in {path.parent for path in (output, spread_path) if path is not None}:
             mrcio.clean_stale_temporaries(folder)
         # Read the map (averaging half-maps in place) and the mask.
+        clock = _StageClock()
         template = _read_input(Path(source), half2, voxel_size)
         mask_data = _read_mask(Path(mask), template) if mask is not None else None
         # Enhance, check the result, and write atomically: nothing is written if anything
         # above fails.
         result, spread, info = self._run(template.data, template.voxel_size, None, noise_stats,
                                          mask_data, tiling, progress, str(source),
-                                         spread_path is not None, tta)
+                                         spread_path is not None, tta, clock)
         _check_output(result, info, self.runtime, output)
         label = _label(self.runtime, info.tiling, info.augmentations)
         items = [(output, result, label)]
         if spread_path is not None and spread is not None:
             items.insert(0, (spread_path, spread, f"{label}, confidence: std"[:80]))
         mrcio.write_maps(items, template, overwrite=overwrite)
+        clock.lap("write")
+        clock.log()
         return EnhanceSummary(Path(source), None if half2 is None else Path(half2), output,
                               info.shape, template.voxel_size, self.runtime.spec.label, info,
                               time.perf_counter() - start, spread_path)
@@ -504,7 +542,7 @@ def _enhance_normalised(normalised: np.ndarray, voxel: tuple[float, float, float
                         runtime: Runtime, tiling_name: str | TilingScheme,
                         progress: Progress | None,
                         rotations: tuple[augment.Rotation, ...] | None = None,
-                        noise_fraction: float = 1.0
+                        noise_fraction: float = 1.0, clock: _StageClock | None = None
                         ) -> tuple[np.ndarray, np.ndarray | None, TileCounts,
                                    tuple[int, int, int]]:
     """Resample to the model's voxel size, run the tiles; the prediction on the model grid.
@@ -514,25 +552,48 @@ def _enhance_normalised(normalised: np.ndarray, voxel: tuple[float, float, float
     (below 1 when the std was widened), so that solvent cubes are still told by their noise.
     """
     spec = runtime.spec
+    clock = _StageClock() if clock is None else clock
+    clock.lap("normalise")  # the noise statistics and the normalised copy
     # Resample to the model's voxel size (skipped when the grid does not change).
     model_shape = resample.target_shape(normalised.shape, voxel, spec.voxel_size)
     if model_shape != normalised.shape:
         normalised = resample.resample_to_shape(normalised, model_shape)
-    # Tile, run and blend.
+    clock.lap("resample")
+    # Tile, run and blend (the network's time counted apart from the cubes' host work).
     scheme = tiling.scheme_for(tiling_name, spec.cube_size, spec.stride)
     plan = tiling.plan_tiling(model_shape, spec.cube_size, scheme)
     padded = tiling.pad_volume(normalised, plan)
     del normalised
     skip = (None if scheme.skip_threshold is None
             else scheme.skip_threshold * spec.noise_std * noise_fraction)
+    clock.lap("tiling")
+    network = _TimedPredict(runtime.run)
     if rotations is not None:
-        return (*overlap_add_augmented(padded, plan, runtime.run, runtime.batch_size, rotations,
-                                       background=spec.background, skip_below=skip,
-                                       progress=progress), model_shape)
-    prediction, cubes = overlap_add(padded, plan, runtime.run, runtime.batch_size,
-                                    background=spec.background, skip_below=skip,
-                                    progress=progress)
-    return prediction, None, cubes, model_shape
+        mean, spread, cubes = overlap_add_augmented(
+            padded, plan, network, runtime.batch_size, rotations, background=spec.background,
+            skip_below=skip, progress=progress)
+    else:
+        (mean, cubes), spread = overlap_add(padded, plan, network, runtime.batch_size,
+                                            background=spec.background, skip_below=skip,
+                                            progress=progress), None
+    clock.add("network", network.seconds)
+    clock.lap("accumulate")  # extraction, solvent test, blending, self-check
+    clock.add("accumulate", -network.seconds)
+    return mean, spread, cubes, model_shape
+
+
+class _TimedPredict:
+    """``predict`` that adds up the seconds spent in it (called from one thread)."""
+
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.predict, self.seconds = predict, 0.0
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
+        try:
+            return self.predict(batch)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 def _spread_on_input_grid(spread: np.ndarray, shape: tuple[int, int, int], stats: NoiseStats,

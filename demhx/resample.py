@@ -43,7 +43,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.fft
 
 WORKERS = -1  # threads for scipy.fft: all available cores
 
@@ -116,6 +115,8 @@ def resample_to_shape(volume: np.ndarray, shape: tuple[int, int, int],
 
 def _resample_axis(volume: np.ndarray, size: int, axis: int, workers: int) -> np.ndarray:
     """Fourier crop/pad one axis of a float32 volume to ``size`` voxels (mean preserved)."""
+    import scipy.fft  # imported here: maps already on the model's grid never need it
+
     old = volume.shape[axis]
     spectrum = scipy.fft.rfft(volume, axis=axis, workers=workers)  # complex64
     new_shape = list(spectrum.shape)
