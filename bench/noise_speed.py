@@ -47,10 +47,14 @@ from demhx import mrcio, normalise  # noqa: E402
 from demhx.normalise import NoiseStats  # noqa: E402
 
 
-def old_normalise(commit: str) -> ModuleType:
-    """``demhx/normalise.py`` at ``commit``, imported as a module of its own."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:demhx/normalise.py"],
-                            capture_output=True, text=True, check=True).stdout
+def old_normalise(commit: str) -> ModuleType | None:
+    """``demhx/normalise.py`` at ``commit``, imported as a module of its own (None without
+    git or the commit, e.g. in a copy of the tree)."""
+    try:
+        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:demhx/normalise.py"],
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
     folder = Path(tempfile.mkdtemp(prefix="demhx-old-"))
     path = folder / "normalise_old.py"
     path.write_text(source, encoding="utf-8")
@@ -64,7 +68,7 @@ def old_normalise(commit: str) -> ModuleType:
 
 def cases(maps: Path, edge: int) -> Iterator[tuple[str, np.ndarray, tuple[float, float, float]]]:
     """(name, volume, voxel size) for every map in ``maps`` and the synthetic map."""
-    for path in sorted(maps.iterdir()):
+    for path in sorted(maps.iterdir()) if maps.is_dir() else []:
         if path.suffix in (".mrc", ".map"):
             item = mrcio.read_map(path)
             yield path.name, item.data, item.voxel_size
@@ -111,6 +115,9 @@ def main() -> int:
     parser.add_argument("--maps", type=Path, default=MAPS)
     args = parser.parse_args()
     old = old_normalise(args.base)
+    if old is None:
+        print(f"old: commit {args.base} not available (no git history here): new times only")
+        old = normalise
     print(f"machine: {machine()}")
     print(f"old: demhx/normalise.py at {args.base}; new: this tree; median of {args.repeats} "
           "runs each (alternating), one core")

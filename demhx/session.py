@@ -52,7 +52,8 @@ _ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
 _ORT_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu, then pip install onnxruntime "
             "(on a CUDA machine: pip install \"onnxruntime-gpu[cuda,cudnn]\")")
 _OUT_OF_MEMORY = ("out of memory", "failed to allocate", "bfcarena", "cudaerrormemoryallocation",
-                  "cudnn_status_alloc_failed", "cublas_status_alloc_failed")
+                  "smaller than requested bytes", "cudnn_status_alloc_failed",
+                  "cublas_status_alloc_failed")  # ONNX Runtime's and CUDA's words for it
 _LOG_QUIET = 3  # ONNX Runtime severity: errors only
 _LOG_SILENT = 4  # fatal only: hides the CUDA-provider probe of onnxruntime-gpu
 

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# GPU check of issue 15 on a lent GPU machine, in under 5 minutes: the gpu-marked tests, the
+# noise-estimation bench, and 256³ runs (default and reference tiling) with stage times.
+#
+# Use as .device/measure.sh of ../shared/tools/device (run.sh installs onnxruntime-gpu and the
+# demhx wheel into a scratch site folder first, then runs this from the project root):
+#     cp bench/gpu_check.sh .device/measure.sh
+# or directly on any CUDA machine with demhx and onnxruntime-gpu installed:
+#     bash bench/gpu_check.sh
+# Results go under $OUT (or $TMPDIR/out): log.txt, util.csv (GPU utilisation every 100 ms).
+# The gpu tests need pytest and onnx; without them that step says so and the timings still run.
+set -u
+R=${OUT:-${TMPDIR:-/tmp}/out}; mkdir -p "$R"
+W=${TMPDIR:-/tmp}
+ROOT=$PWD
+LOG="$R/log.txt"
+say() { echo "== $*" | tee -a "$LOG"; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.free --format=csv | tee -a "$LOG"
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 100 \
+    > "$R/util.csv" &
+UTIL=$!
+trap 'kill $UTIL 2>/dev/null' EXIT
+
+# demhx refuses to run with both onnxruntime and onnxruntime-gpu installed (they share one
+# module): drop the machine's CPU build when the GPU build is installed beside it.
+if python3 -c "import importlib.metadata as m; m.version('onnxruntime'); m.version('onnxruntime-gpu')" \
+        2>/dev/null; then
+    say "both onnxruntime packages installed: uninstalling the CPU build"
+    python3 -m pip uninstall -y -q onnxruntime 2>&1 | tail -2 | tee -a "$LOG"
+fi
+python3 -c "import onnxruntime as o, demhx; print('onnxruntime', o.__version__,
+o.get_available_providers(), 'demhx', demhx.__version__)" 2>&1 | tee -a "$LOG"
+
+# 1. The gpu tests (about 30 s), from the checkout's tests against the installed demhx.
+say "gpu tests"
+if python3 -c "import pytest, onnx" 2>/dev/null; then
+    (cd "$W" && timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
+        --rootdir "$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/tests/test_gpu.py" 2>&1 \
+        | tail -20 | tee -a "$LOG")
+else
+    say "skipped: pytest or onnx is not installed here (add their wheels to the bundle)"
+fi
+
+# 2. Noise estimation, old (SciPy) against new (numba), on every shared map and 256³ (~40 s).
+say "noise estimation: bench/noise_speed.py"
+(cd "$ROOT" && timeout 90 python3 bench/noise_speed.py --repeats 3 2>&1 | tee -a "$LOG")
+
+# 3. 256³ with the default model: wall time and the stage times (--debug's DEBUG lines).
+say "256³ runs, device cuda"
+cd "$W"  # not the project root: the checkout's demhx/ would shadow the installed wheel
+python3 -c "
+import sys; sys.path.insert(0, '$ROOT/bench'); from pathlib import Path; from speed import synthetic_map
+synthetic_map(256, Path('$W/m256.mrc'))"
+for tiling in default default reference; do  # the first run pays numba's and cuDNN's start
+    timeout 100 /usr/bin/time -f "$tiling: wall %e s, peak RSS %M KB" python3 -c "
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, format='demhx: %(message)s', stream=sys.stdout)
+for name in ('numba', 'matplotlib'):
+    logging.getLogger(name).setLevel(logging.WARNING)
+from demhx.pipeline import enhance_file
+print(enhance_file('$W/m256.mrc', '$W/o-$tiling.mrc', device='cuda', tiling='$tiling',
+                   overwrite=True).line())
+" 2>&1 | grep -E "stage times|wrote|wall|device|Error|error" | tee -a "$LOG"
+done
+say "done"
