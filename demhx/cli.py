@@ -401,7 +401,7 @@ def _run(args: Arguments, written: list[str]) -> int:
 
     picture = _preview_path(args)  # checked before the run; None without --preview
     bar = ProgressBar(enabled=False if args.quiet else None)
-    with _console(args.quiet):
+    with _console(args.quiet, args.debug):
         try:
             summary = enhance_file(
                 args.input, str(args.output), half2=args.half2, voxel_size=args.voxel_size,
@@ -461,7 +461,7 @@ def _run_many(args: Arguments) -> int:
         previews = batch.preview_paths(args.preview, sources, outputs)
     enhancer = Enhancer(args.model, device=args.device, batch_size=args.batch_size,
                         threads=args.threads)
-    with _console(args.quiet):
+    with _console(args.quiet, args.debug):
         enhancer.runtime  # noqa: B018 -- loads the model; its errors stop the run here
         batch.create_folders(outputs + (previews or []))
         results, interrupt = _enhance_many(args, enhancer, sources, outputs, previews)
@@ -511,14 +511,15 @@ def _enhance_many(args: Arguments, enhancer: Enhancer, sources: list[Path],
 
 
 @contextlib.contextmanager
-def _console(quiet: bool) -> Iterator[None]:
-    """Info lines as ``demhx: ...`` (unless quiet) and warnings as one line, on stderr."""
+def _console(quiet: bool, debug: bool = False) -> Iterator[None]:
+    """Info lines as ``demhx: ...`` (unless quiet; with ``debug`` also the stage times) and
+    warnings as one line, on stderr."""
     logger = logging.getLogger(PROGRAM)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROGRAM}: %(message)s"))
     saved = logger.level, logger.propagate
     logger.addHandler(handler)
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,

@@ -100,6 +100,7 @@ MASK_QUANTILES = (0.10, 0.95)  # inter-quantile range used as the "std" of a mas
 SAMPLE_VOXELS = 1 << 18  # voxels sampled for medians and for the constant-value search
 MAD_TO_STD = 1.4826  # median absolute deviation of a Gaussian, in standard deviations
 PEAK_QUANTILE = 0.9999  # the "peak" of a map: this quantile of its density
+TRAINED_PEAK_SIGMAS = (6.5, 22.0)  # training inputs' peaks, noise stds (bench/input_range.py)
 MAX_PEAK_SIGMAS = 30.0  # largest peak, in noise stds above the mean, the network is given
 PEAK_SAMPLE_VOXELS = 1 << 22  # voxels sampled for the peak quantile
 MIN_EDGE_BAND_VOXELS = 4  # masked maps: voxels this close to the constant region are left out

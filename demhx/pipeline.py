@@ -104,14 +104,16 @@ class EnhanceSummary:
     def line(self) -> str:
         """One line: file(s), box, voxel size, cubes (and rotations), device and seconds."""
         box = "×".join(str(n) for n in reversed(self.shape))
-        voxel = "/".join(f"{v:.4g}" for v in sorted(set(self.voxel_size)))
+        voxel = (f"{self.voxel_size[0]:.4g} Å" if len(set(self.voxel_size)) == 1 else
+                 "/".join(f"{v:.4g}" for v in reversed(self.voxel_size)) + " Å (x/y/z)")
         cubes = self.info.cubes
         written = f"{self.output}" + ("" if self.confidence is None
                                       else f" and confidence {self.confidence}")
         rotations = ("" if self.info.augmentations == 1
                      else f" × {self.info.augmentations} rotations (TTA)")
-        return (f"wrote {written}: {box} voxels (x×y×z) at {voxel} Å, model {self.model}, "
-                f"{cubes.run} cubes run{rotations}, {cubes.skipped} skipped as solvent"
+        return (f"wrote {written}: {box} voxels (x×y×z) at {voxel}, model {self.model}, "
+                f"{cubes.run} cube{'' if cubes.run == 1 else 's'} run{rotations}, "
+                f"{cubes.skipped} skipped as solvent"
                 f"{f', {cubes.added} added by the self-check' if cubes.added else ''} "
                 f"({self.info.tiling} tiling), device {self.info.device}, "
                 f"{self.seconds:.1f} s")
@@ -502,9 +504,10 @@ def noise_statistics(volume: np.ndarray, voxel_size: tuple[float, float, float],
         peak = normalise.peak_sigmas(volume, user)
         if peak > normalise.MAX_PEAK_SIGMAS:
             warnings.warn(f"{name}: with --noise-stats std {user.std:.4g} the map peaks at "
-                          f"{peak:.0f} noise stds, beyond the {normalise.MAX_PEAK_SIGMAS:.0f} "
-                          "the network was trained on, so the output may be unreliable; check "
-                          "the noise std, or leave --noise-stats out", DemhxWarning,
+                          f"{peak:.0f} noise stds, beyond the {_trained_range()} noise stds "
+                          "the network was trained on (a measured std is widened above "
+                          f"{normalise.MAX_PEAK_SIGMAS:.0f}), so the output may be unreliable; "
+                          "check the noise std, or leave --noise-stats out", DemhxWarning,
                           stacklevel=3)
         return user
     if runtime.spec.normalisation == "mask" and mask is not None:
@@ -513,11 +516,18 @@ def noise_statistics(volume: np.ndarray, voxel_size: tuple[float, float, float],
     if stats.widened_from is not None:
         peak = normalise.MAX_PEAK_SIGMAS * stats.std / stats.widened_from
         warnings.warn(f"{name}: the map peaks at {peak:.0f} noise stds (solvent std "
-                      f"{stats.widened_from:.4g}), beyond the {normalise.MAX_PEAK_SIGMAS:.0f} "
-                      "the network was trained on (flattened solvent: masked, filtered or "
-                      f"rescaled?); normalised with std {stats.std:.4g} instead. To choose, "
+                      f"{stats.widened_from:.4g}), far beyond the {_trained_range()} the "
+                      "network was trained on (flattened solvent: masked, filtered or "
+                      f"rescaled?); normalised with std {stats.std:.4g} instead, so that it "
+                      f"peaks at {normalise.MAX_PEAK_SIGMAS:.0f}. To choose, "
                       "pass --noise-stats MEAN,STD", DemhxWarning, stacklevel=3)
     return stats
+
+
+def _trained_range() -> str:
+    """The training inputs' peak range, e.g. ``6.5–22``, as the README gives it."""
+    low, high = normalise.TRAINED_PEAK_SIGMAS
+    return f"{low:g}–{high:g}"
 
 
 def _user_stats(noise_stats: NoiseStatsLike) -> NoiseStats | None:

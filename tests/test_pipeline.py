@@ -450,6 +450,33 @@ def test_summary_names_the_cubes_the_self_check_added() -> None:
     assert "64 cubes run, 0 skipped as solvent (default tiling)" in summary(TileCounts(64, 64, 0))
 
 
+def test_summary_gives_voxel_sizes_per_axis_and_counts_one_cube() -> None:
+    from demhx._overlap_add import TileCounts
+
+    def summary(voxel_size: tuple[float, float, float], cubes: TileCounts) -> str:
+        info = pipeline.RunInfo((10, 11, 12), (10, 11, 12), NoiseStats(0.0, 1.0, "user", 1.0),
+                                cubes, "cpu", "default", 1.0)
+        return pipeline.EnhanceSummary(Path("in.mrc"), None, Path("out.mrc"), (10, 11, 12),
+                                       voxel_size, "m", info, 1.0).line()
+
+    # EMD-3001: x, y, z = 0.448, 0.393, 0.459 Å; the summary's arrays are (z, y, x).
+    line = summary((0.45875, 0.3925, 0.44825), TileCounts(1, 1, 0))
+    assert "12×11×10 voxels (x×y×z) at 0.4482/0.3925/0.4587 Å (x/y/z)" in line
+    assert " 1 cube run, " in line
+    assert "at 1.742 Å, " in summary((1.742, 1.742, 1.742), TileCounts(2, 2, 0))
+
+
+def test_range_warnings_give_the_trained_range(identity: pipeline.Enhancer) -> None:
+    """Both warnings quote the README's trained range (6.5–22), not the widening limit."""
+    trained = "{:g}–{:g}".format(*normalise.TRAINED_PEAK_SIGMAS)
+    assert trained == "6.5–22"
+    volume, _, _ = _flattened_map()
+    with pytest.warns(DemhxWarning, match=f"beyond the {trained} noise stds the network"):
+        identity.run(volume, 1.0, noise_stats=(0.0, 0.01))
+    with pytest.warns(DemhxWarning, match=f"far beyond the {trained} the network"):
+        identity.run(volume, 1.0)
+
+
 # --------------------------------------------------------------------------- plausibility
 
 

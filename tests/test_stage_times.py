@@ -42,3 +42,17 @@ def test_no_stage_times_without_debug(tmp_path: Path, caplog: pytest.LogCaptureF
     with caplog.at_level(logging.INFO, logger="demhx"):
         enhance_file(source, tmp_path / "out.mrc", model=identity_path(tmp_path), device="cpu")
     assert not any("stage times" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("flags, shown", [(["--debug"], True), ([], False)])
+def test_cli_shows_stage_times_only_with_debug(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                               flags: list[str], shown: bool) -> None:
+    from demhx.cli import main
+
+    volume = np.random.default_rng(2).normal(0.0, 0.1, (20, 20, 20)).astype(np.float32)
+    volume[5:15, 5:15, 5:15] += 2.0
+    source = write_mrc(tmp_path / "in.mrc", volume)
+    status = main([str(source), str(tmp_path / "out.mrc"), "--model",
+                   str(identity_path(tmp_path)), "--device", "cpu", *flags])
+    assert status == 0
+    assert ("stage times" in capsys.readouterr().err) is shown
