@@ -12,9 +12,15 @@
 #       pack the run (latest, best, optimiser state, log) as DEST/run.tar.partNN, 15 MB each;
 #       unpack with: cat run.tar.part* | tar -x
 #
-# Run from the repository root. Settings below are the ones the shipped full-size model used.
+# Run from the repository root. Settings below are the model v3 recipe (bench/QUALITY.md: the
+# truth target, no normalisation layers, masked and zoned inputs) at the paper's width; the
+# shipped tight 0.2 used TARGET=locscale NORM=group MASKED=0 ZONED=0.
 set -euo pipefail
 
+TARGET=${TARGET:-truth}
+NORM=${NORM:-none}
+MASKED=${MASKED:-0.3}
+ZONED=${ZONED:-0.1}
 WIDTHS=32,64,128
 CUBE=64
 BATCH=8
@@ -64,9 +70,9 @@ EOF
     local bench=$!
     local t0=$SECONDS
     python3 -m demhx_export.cli build-dataset val "$work/ds/val" --workers "$cores" \
-        --structures_dir "$structures"
+        --structures_dir "$structures" --masked "$MASKED" --zoned "$ZONED"
     python3 -m demhx_export.cli build-dataset train "$work/ds/train" --workers "$cores" \
-        --structures_dir "$structures"
+        --structures_dir "$structures" --masked "$MASKED" --zoned "$ZONED"
     echo "datasets built in $((SECONDS - t0)) s: $(python3 -c "import json,sys; print(len(json.load(open(sys.argv[1]))))" "$work/ds/train/index.json") train maps"
     wait $bench || true
     cat "$work/step_bench.log"
@@ -78,7 +84,7 @@ EOF
     setsid nohup python3 -m demhx_export.cli train "$work/ds/train" "$work/ds/val" "$work/run" \
         --widths "$WIDTHS" --cube-size "$CUBE" --batch-size "$BATCH" --steps "$steps" \
         --schedule cosine --val-every "$VAL_EVERY" --val-batches "$VAL_BATCHES" \
-        --device cuda --workers "$((cores > 4 ? cores - 4 : 1))" --max-minutes "$minutes" \
+        --target "$TARGET" --norm "$NORM" --device cuda --workers "$((cores > 4 ? cores - 4 : 1))" --max-minutes "$minutes" \
         >"$work/train.log" 2>&1 </dev/null &
     echo "training started (log: $work/train.log)"
 }

@@ -42,3 +42,22 @@ def test_licence_version_and_urls_are_declared() -> None:
     assert f'__version__ = "{project["version"]}"' in source  # the source-tree fallback
     assert project["urls"] and all(url.startswith("https://") for url in project["urls"].values())
     assert any(c.startswith("Development Status") for c in project["classifiers"])
+
+
+def test_shipped_models_match_their_registry_entries_and_cards() -> None:
+    """Each shipped file's sha256 is the registry's, and the model card quotes it; each
+    model's metadata names the registered model."""
+    import onnx
+
+    registry = model.load_registry(ROOT / "models")
+    card = (ROOT / "models" / "README.md").read_text(encoding="utf-8")
+    for name, entry in registry["models"].items():
+        for key, digest_key in (("file", "sha256"), ("fp16", "fp16_sha256")):
+            if not entry.get(key):
+                continue
+            path = ROOT / "models" / entry[key]
+            assert model.sha256_of(path) == entry[digest_key], path.name
+            assert entry[digest_key] in card, f"models/README.md lacks {path.name}'s sha256"
+        props = {p.key: p.value for p in onnx.load(ROOT / "models" / entry["file"],
+                                                  load_external_data=False).metadata_props}
+        assert props.get("demhx.name") == name
