@@ -192,9 +192,11 @@ def help_text(folder: Path | None = None) -> str:
     folder = folder or model.models_dir()
     registry = model.load_registry(folder)
     lines = ["", "shipped models (--model NAME):"]
+    titles = {name: f"{name} (default)" if name == registry["default"] else name
+              for name in registry["models"]}
+    width = max([_NAME_WIDTH, *(len(title) + 2 for title in titles.values())])
     for name, entry in registry["models"].items():
-        title = f"{name} (default)" if name == registry["default"] else name
-        lines.append(f"  {title:<{_NAME_WIDTH}}{_describe_model(folder, entry)}")
+        lines.append(f"  {titles[name]:<{width}}{_describe_model(folder, entry)}")
     if not registry["models"]:
         lines.append("  none; pass --model PATH.onnx")
     return HELP.replace(_HELP_MODELS_AFTER, _HELP_MODELS_AFTER + "\n".join(lines) + "\n", 1)
