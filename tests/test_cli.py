@@ -12,6 +12,7 @@ import mrcfile
 import numpy as np
 import onnx_fixtures
 import pytest
+from conftest import write_mrc
 from onnx_fixtures import identity_path
 
 from demhx import cli
@@ -23,11 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def source(tmp_path: Path) -> Path:
     data = np.random.default_rng(0).standard_normal((20, 24, 28)).astype(np.float32) * 0.1
     data[8:12, 10:14, 12:16] += 2.0
-    path = tmp_path / "in.mrc"
-    with mrcfile.new(path) as stream:
-        stream.set_data(data)
-        stream.voxel_size = 1.0
-    return path
+    return write_mrc(tmp_path / "in.mrc", data)
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import io
 import re
 from pathlib import Path
 
-import mrcfile
 import numpy as np
 import pytest
+from conftest import write_mrc
 from onnx_fixtures import identity_path
 
 from demhx import _progress, cli
@@ -103,11 +103,7 @@ def test_a_second_run_restarts_the_clock_and_the_tenths(monkeypatch: pytest.Monk
 def source(tmp_path: Path) -> Path:
     data = np.random.default_rng(0).standard_normal((40, 36, 44)).astype(np.float32) * 0.1
     data[8:30, 10:26, 12:32] += 2.0
-    path = tmp_path / "in.mrc"
-    with mrcfile.new(path) as stream:
-        stream.set_data(data)
-        stream.voxel_size = 1.0
-    return path
+    return write_mrc(tmp_path / "in.mrc", data)
 
 
 def test_command_line_writes_progress_lines_to_a_log_unless_quiet(
