@@ -82,7 +82,7 @@ def normalise_pair(pair: SynthPair) -> tuple[np.ndarray, dict[str, np.ndarray], 
     try:
         from demhx import normalise as runtime_normalise
     except ImportError:
-        runtime_normalise = None  # type: ignore[assignment]
+        runtime_normalise = None
     if runtime_normalise is not None:
         try:
             stats = runtime_normalise.choose_stats(pair.input, (VOXEL_SIZE,) * 3)
@@ -115,8 +115,9 @@ def _make_sample(item: dict[str, Any], outdir: str, options: SynthOptions) -> di
     target = targets[options.target_recipe]
     signal = (pair.signal_mask > 0.5).astype(np.uint8)
     tmp = Path(outdir) / f"{item['id']}.tmp.npz"
-    np.savez(tmp, input=inputs, signal=signal,
-             **{f"target_{name}": t for name, t in targets.items()})
+    arrays = {"input": inputs, "signal": signal,
+              **{f"target_{name}": t for name, t in targets.items()}}
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy types the keywords as allow_pickle
     os.replace(tmp, Path(outdir) / f"{item['id']}.npz")
     frequencies, values = fsc(pair.half1, pair.half2)
     entry = {k: item[k] for k in ("id", "structure", "split", "resolution", "seed")}

@@ -84,9 +84,9 @@ class CubeSampler:
         self._maps: list[tuple[np.ndarray, np.ndarray] | None] = []
         self._centres: list[tuple[np.ndarray, np.ndarray]] = []
         for i, entry in enumerate(self.entries):
-            inputs, target, signal = self._load(entry["id"])
+            inputs, target_map, signal = self._load(entry["id"])
             self._centres.append(_draw_centres(signal, np.random.default_rng([seed, i])))
-            self._maps.append((inputs, target) if preload else None)
+            self._maps.append((inputs, target_map) if preload else None)
 
     def __len__(self) -> int:
         return len(self.entries)

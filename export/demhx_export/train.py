@@ -216,7 +216,7 @@ class _State:
         self.best_val = float("inf")
 
 
-def _save(run: Path, tag: str, net: torch.nn.Module, config: TrainConfig, state: _State,
+def _save(run: Path, tag: str, net: UNet3D, config: TrainConfig, state: _State,
           optimiser: torch.optim.Optimizer | None = None, scheduler: object | None = None) -> None:
     info = {"train": asdict(config), "step": state.step, "seconds": round(state.seconds, 1),
             "best_val_l1": state.best_val, "seed": config.seed, "commit": git_commit(),
@@ -235,7 +235,7 @@ def _save(run: Path, tag: str, net: torch.nn.Module, config: TrainConfig, state:
 
 
 def _build(config: TrainConfig, run: Path, device: torch.device | None = None
-           ) -> tuple[torch.nn.Module, torch.optim.Optimizer,
+           ) -> tuple[UNet3D, torch.optim.Optimizer,
                       torch.optim.lr_scheduler.ReduceLROnPlateau, _State]:
     """Network, optimiser, scheduler and state, fresh or resumed from ``RUN/latest``."""
     torch.manual_seed(config.seed)
@@ -325,7 +325,7 @@ def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = m
     return run
 
 
-def _validation_round(config: TrainConfig, run: Path, net: torch.nn.Module,
+def _validation_round(config: TrainConfig, run: Path, net: UNet3D,
                       optimiser: torch.optim.Optimizer, scheduler, state: _State,
                       val: list, running: list[float], report,
                       device: torch.device | None = None) -> None:
