@@ -12,9 +12,13 @@ One sample (:func:`simulate_pair`) is made in named steps, all driven by one see
 4. two half-maps get independent coloured noise (stronger at low frequency than white),
    scaled so that their FSC crosses 0.143 at the requested resolution; optionally a soft
    spherical mask is applied, as refinement programs do;
-5. the input is the half-map average; the target is the input locally amplitude-scaled against
-   the model map (model B-factors without the global envelope), low-pass filtered at the
-   resolution and multiplied by a tight soft mask made from the model map.
+5. the input is the half-map average; the targets (:func:`make_targets`) are the input
+   locally amplitude-scaled against the model map (model B-factors without the global
+   envelope), with or without a low-pass at the resolution, times a tight soft mask made
+   from the model map (LocScale-style), and the "truth": every ordered atom, modelled or
+   not, without the global envelope, plus the blob density, tightly masked;
+6. optionally the input is masked or cut to a zone as deposited maps are (exact zeros
+   outside).
 
 All arrays are ``(z, y, x)`` float32 at 1 Å/voxel.
 """
