@@ -18,7 +18,7 @@ from collections.abc import Sequence
 PROGRAM = "demhx"
 FLAGS = ("overwrite", "quiet", "debug")
 VALUED = ("half2", "model", "device", "batch_size", "threads", "tiling", "voxel_size",
-          "noise_stats", "mask", "out_dir", "suffix", "preview", "confidence", "tta")
+          "noise_stats", "mask", "out_dir", "suffix", "shard", "preview", "confidence", "tta")
 OPTIONS: dict[str, str] = {
     **{f"--{name.replace('_', '-')}": name for name in FLAGS + VALUED},
     **{f"--{name}": name for name in FLAGS + VALUED if "_" in name},  # --batch_size too

@@ -7,14 +7,19 @@ inputs; :func:`check_inputs` checks that every input can be read before any map 
 yields one :class:`MapResult` per map as it finishes; a map that fails (unreadable file,
 refused input, existing output, ...) is reported in its result and the next map runs.
 :func:`summary_table` formats the results as a plain-text table.
+
+Under a cluster job array each job runs its share of the maps: :func:`choose_shard` reads
+``--shard K/N`` (else SLURM's ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT``) and
+:func:`shard_indices` picks the maps of shard K: map i (from 0) belongs to shard i % N + 1.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,11 @@ LOG = logging.getLogger("demhx")
 OK, FAILED, NOT_RUN = "ok", "failed", "not run"
 _GZIP = ".gz"
 _BZIP2 = ".bz2"  # readable, but outputs are written uncompressed
+TASK_ID, TASK_COUNT, TASK_MIN = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
+                                 "SLURM_ARRAY_TASK_MIN")
+"""SLURM's job-array variables: this task's id, the array's task count, its smallest id."""
+_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+_SHARD_FIX = "give --shard K/N with 1 <= K <= N (e.g. --shard 1/4)"
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,78 @@ class MapResult:
     def cubes(self) -> int | None:
         """Cubes run through the network (None when the map was not enhanced)."""
         return None if self.summary is None else self.summary.info.cubes.run
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One job's share of a several-maps run: shard ``index`` (1-based) of ``count``.
+
+    ``origin`` says where it came from (``--shard`` or the SLURM variables), for messages.
+    """
+
+    index: int
+    count: int
+    origin: str = "--shard"
+
+
+def parse_shard(text: str, origin: str = "--shard") -> Shard:
+    """``K/N`` as a :class:`Shard`; ValueError naming ``--shard`` and the fix if malformed,
+    N < 1 or K outside 1..N."""
+    found = _SHARD.match(text)
+    if found is None:
+        raise ValueError(f"{origin} {text!r}: expected K/N, this job's share K of N jobs; "
+                         f"{_SHARD_FIX}")
+    index, count = int(found.group(1)), int(found.group(2))
+    if count < 1:
+        raise ValueError(f"{origin} {text}: N must be at least 1; {_SHARD_FIX}")
+    if not 1 <= index <= count:
+        raise ValueError(f"{origin} {text}: K must be between 1 and N = {count}; {_SHARD_FIX}")
+    return Shard(index, count, origin)
+
+
+def shard_from_environment(environ: Mapping[str, str]) -> Shard | None:
+    """The shard of a SLURM array task: ``SLURM_ARRAY_TASK_ID`` − ``SLURM_ARRAY_TASK_MIN`` + 1
+    (the id itself without MIN) of ``SLURM_ARRAY_TASK_COUNT``; None unless ID and COUNT are
+    both set. ValueError naming the variables, ``--shard`` and the fix for bad values.
+    """
+    if TASK_ID not in environ or TASK_COUNT not in environ:
+        return None
+    names = [name for name in (TASK_ID, TASK_COUNT, TASK_MIN) if name in environ]
+    given = ", ".join(f"{name}={environ[name]}" for name in names)
+    fix = "submit a contiguous array (#SBATCH --array=1-N) or pass --shard K/N"
+    try:
+        task, count = int(environ[TASK_ID]), int(environ[TASK_COUNT])
+        first = int(environ[TASK_MIN]) if TASK_MIN in environ else 1
+    except ValueError:
+        raise ValueError(f"{given}: not whole numbers, so no default for --shard; "
+                         f"{fix}") from None
+    index = task - first + 1
+    if count < 1 or not 1 <= index <= count:
+        raise ValueError(f"{given}: gives --shard {index}/{count}, outside 1..N; {fix}")
+    return Shard(index, count, f"{TASK_ID}={environ[TASK_ID]}")
+
+
+def choose_shard(text: str | None, environ: Mapping[str, str]) -> Shard | None:
+    """``--shard`` when given (``text``), else the SLURM array task's shard, else None."""
+    if text is not None:
+        return parse_shard(text)
+    return shard_from_environment(environ)
+
+
+def shard_indices(total: int, shard: Shard | None) -> list[int]:
+    """The indices (from 0, in order) of the maps of ``shard`` among ``total`` maps: map i
+    belongs to shard i % N + 1; all of them without a shard."""
+    if shard is None:
+        return list(range(total))
+    return list(range(shard.index - 1, total, shard.count))
+
+
+def shard_line(shard: Shard, taken: int, total: int) -> str:
+    """One line saying which shard runs and how many of the maps it took."""
+    where = f"shard {shard.index} of {shard.count} ({shard.origin})"
+    if taken == 0:
+        return f"{where}: none of the {total} maps falls to it; nothing to do"
+    return f"{where}: {taken} of {total} maps"
 
 
 def output_path(source: str | Path, out_dir: str | Path | None = None,

@@ -12,7 +12,8 @@ always print as ``demhx: warning: <message>``.
 
 Several maps (``demhx IN... --out-dir DIR`` or ``--suffix SUF``) run with one model load and
 go on past a map that fails; a table (one row per map) ends the run on stderr, and the exit
-status is 1 if any map failed.
+status is 1 if any map failed. Under a job array (``--shard K/N``, else SLURM's array
+variables) only this job's share of the maps runs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import sys
 import traceback
@@ -33,7 +35,7 @@ from demhx import _argv, _signals
 from demhx._argv import UsageError
 
 if TYPE_CHECKING:
-    from demhx.batch import MapResult
+    from demhx.batch import MapResult, Shard
     from demhx.pipeline import Enhancer
 
 PROGRAM = "demhx"
@@ -42,7 +44,8 @@ USAGE = ("usage: demhx IN OUT [--half2 H2] [--model NAME|PATH] [--device auto|cp
          "             [--voxel-size A | --voxel-size X,Y,Z] [--noise-stats MEAN,STD]\n"
          "             [--mask PATH] [--preview PNG|DIR] [--confidence PATH] [--tta N]\n"
          "             [--overwrite] [--quiet] [--debug] [--version]\n"
-         "       demhx IN [IN ...] (--out-dir DIR | --suffix SUF | both) [options]")
+         "       demhx IN [IN ...] (--out-dir DIR | --suffix SUF | both) [--shard K/N]\n"
+         "             [options]")
 HELP = USAGE + """
 
 Locally sharpen and mask a cryo-EM map (DeepEMhancer method) on ONNX Runtime.
@@ -73,6 +76,10 @@ options:
   --out-dir DIR         several maps: write DIR/<input name> (DIR is created if missing)
   --suffix SUF          several maps: add SUF to each name before the extension, beside
                         the input or in --out-dir (a.map -> a_demhx.map for _demhx)
+  --shard K/N           several maps: run only job K's share of N (map i, from 0, is in
+                        share i % N + 1); default under a SLURM job array: from
+                        SLURM_ARRAY_TASK_ID (- SLURM_ARRAY_TASK_MIN + 1) and
+                        SLURM_ARRAY_TASK_COUNT. A share without maps exits 0
   --preview PNG|DIR     also draw the central xy, xz and yz slices of the input (top row)
                         and the output (bottom row) into a PNG file; a PATH not ending .png
                         is a folder (created if missing) holding <output stem>.png for each
@@ -127,7 +134,8 @@ class Arguments:
     """The parsed command line, values converted and checked.
 
     ``input`` is the (first) input map; ``output`` is OUT, or None with ``--out-dir`` or
-    ``--suffix`` (:attr:`batch`), where ``more_inputs`` holds the other input maps.
+    ``--suffix`` (:attr:`batch`), where ``more_inputs`` holds the other input maps and
+    ``shard`` this job's share of them (None: all).
     """
 
     input: str
@@ -147,6 +155,7 @@ class Arguments:
     more_inputs: tuple[str, ...] = ()
     out_dir: str | None = None
     suffix: str | None = None
+    shard: Shard | None = None
     preview: str | None = None
     confidence: str | None = None
     tta: int | None = None
@@ -261,7 +270,7 @@ def parse_arguments(argv: Sequence[str]) -> Arguments:
                 noise_stats: str | None = None, mask: str | None = None,
                 overwrite: bool = False, quiet: bool = False, debug: bool = False,
                 out_dir: str | None = None, suffix: str | None = None,
-                preview: str | None = None, confidence: str | None = None,
+                shard: str | None = None, preview: str | None = None, confidence: str | None = None,
                 tta: str | None = None) -> None:
         captured.append(dict(locals()))
 
@@ -302,6 +311,7 @@ def _convert(raw: dict[str, Any]) -> Arguments:
         input=paths[0], output=None if batch else paths[1],
         more_inputs=tuple(paths[1:]) if batch else (),
         out_dir=raw["out_dir"], suffix=raw["suffix"], preview=raw["preview"],
+        shard=_shard(raw["shard"], batch),
         half2=raw["half2"], model=raw["model"], device=str(raw["device"]),
         batch_size=_positive_int("--batch-size", raw["batch_size"]),
         threads=_positive_int("--threads", raw["threads"]),
@@ -320,6 +330,22 @@ def _one_map_only(option: str, value: str | None, batch: bool) -> str | None:
         raise UsageError(f"{option} works with the one-map form {PROGRAM} IN OUT; run each map "
                          "on its own to get its confidence map")
     return value
+
+
+def _shard(text: str | None, batch: bool) -> Shard | None:
+    """This job's share of several maps: ``--shard``, else SLURM's array variables."""
+    if not batch:
+        if text is not None:
+            raise UsageError(f"--shard {text} shares several maps among jobs; use it with "
+                             f"{PROGRAM} IN [IN ...] --out-dir DIR|--suffix SUF, or leave it "
+                             "out")
+        return None  # one map: a SLURM array's variables do not apply
+    from demhx import batch as several
+
+    try:
+        return several.choose_shard(text, os.environ)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _paths(raw: dict[str, Any]) -> list[str]:
@@ -452,15 +478,10 @@ def _run_many(args: Arguments) -> int:
     from demhx import batch
     from demhx.pipeline import Enhancer
 
-    # Check every input and name every output (and preview) before any work, then load the
-    # model once.
-    sources = [Path(path) for path in args.inputs]
-    batch.check_inputs(sources)
-    outputs = batch.output_paths(sources, args.out_dir, args.suffix)
-    previews = None
-    if args.preview is not None:
-        _require_matplotlib()
-        previews = batch.preview_paths(args.preview, sources, outputs)
+    planned = _plan_many(args)
+    if planned is None:  # this job's shard has no maps
+        return 0
+    sources, outputs, previews, total = planned
     enhancer = Enhancer(args.model, device=args.device, batch_size=args.batch_size,
                         threads=args.threads)
     with _console(args.quiet, args.debug):
@@ -470,6 +491,8 @@ def _run_many(args: Arguments) -> int:
     failed = sum(result.status != batch.OK for result in results)
     if failed or not args.quiet:
         _say(batch.summary_table(results, describe_error))
+        if args.shard is not None:
+            _say(f"{PROGRAM}: {batch.shard_line(args.shard, len(sources), total)}\n")
     if interrupt is not None:
         name = _signals.signal_name(interrupt)
         what = "interrupted" if name == "SIGINT" else f"stopped by {name}"
@@ -479,6 +502,30 @@ def _run_many(args: Arguments) -> int:
         sys.stderr.write(f"{PROGRAM}: error: {failed} of {len(results)} maps failed; see the "
                          "table above\n")
     return 1 if failed else 0
+
+
+def _plan_many(args: Arguments
+               ) -> tuple[list[Path], list[Path], list[Path] | None, int] | None:
+    """This job's inputs, outputs and previews, checked before any work, and the number of
+    maps given; None (after saying so) when its shard has no maps."""
+    from demhx import batch
+
+    # Keep this job's share, check its inputs, then name every map's output (and preview)
+    # so that names clash or not whatever the shard.
+    every = [Path(path) for path in args.inputs]
+    share = batch.shard_indices(len(every), args.shard)
+    if args.shard is not None and not share:
+        with _console(args.quiet, args.debug):
+            logging.getLogger(PROGRAM).info(batch.shard_line(args.shard, 0, len(every)))
+        return None
+    sources = [every[index] for index in share]
+    batch.check_inputs(sources)
+    outputs = batch.output_paths(every, args.out_dir, args.suffix)
+    previews = None
+    if args.preview is not None:
+        _require_matplotlib()
+        previews = [batch.preview_paths(args.preview, every, outputs)[index] for index in share]
+    return sources, [outputs[index] for index in share], previews, len(every)
 
 
 def _enhance_many(args: Arguments, enhancer: Enhancer, sources: list[Path],

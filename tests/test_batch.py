@@ -299,3 +299,157 @@ def test_summary_table_aligns_columns() -> None:
     assert lines[0].split() == ["input", "output", "status", "cubes", "seconds", "reason"]
     assert lines[1] == "long/input.mrc  o.mrc      ok          -     12.2"
     assert lines[2] == "b.mrc           out/b.mrc  failed      -      0.0  b.mrc: bad map"
+
+
+@pytest.mark.parametrize("total", [0, 1, 2, 3, 7, 10])
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 11])
+def test_shards_partition_the_maps(total: int, count: int) -> None:
+    """Every map is in exactly one shard of N, each shard keeps the given order, and map i
+    is in shard i % N + 1."""
+    shards = [batch.shard_indices(total, batch.Shard(index, count))
+              for index in range(1, count + 1)]
+    assert sorted(i for shard in shards for i in shard) == list(range(total))
+    assert all(shard == sorted(shard) for shard in shards)
+    assert all(i % count == index for index, shard in enumerate(shards) for i in shard)
+    assert batch.shard_indices(total, None) == list(range(total))
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("1/1", (1, 1)), ("2/4", (2, 4)), ("4/4", (4, 4)), (" 3 / 10 ", (3, 10)),
+])
+def test_parse_shard(text: str, expected: tuple[int, int]) -> None:
+    shard = batch.parse_shard(text)
+    assert (shard.index, shard.count, shard.origin) == (*expected, "--shard")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("0/2", "--shard 0/2: K must be between 1 and N = 2"),
+    ("3/2", "--shard 3/2: K must be between 1 and N = 2"),
+    ("1/0", "--shard 1/0: N must be at least 1"),
+    ("0/0", "N must be at least 1"),
+    ("-1/2", "--shard '-1/2': expected K/N"),
+    ("2", "--shard '2': expected K/N"),
+    ("a/b", "--shard 'a/b': expected K/N"),
+    ("1/2/3", "expected K/N"),
+    ("1.5/2", "expected K/N"),
+])
+def test_bad_shards_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match="give --shard K/N with 1 <= K <= N") as error:
+        batch.parse_shard(text)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(("environ", "expected"), [
+    ({}, None),
+    ({"SLURM_ARRAY_TASK_ID": "2"}, None),  # COUNT missing: not an array's share
+    ({"SLURM_ARRAY_TASK_COUNT": "4"}, None),
+    ({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4"}, (2, 4)),
+    ({"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_COUNT": "4",
+      "SLURM_ARRAY_TASK_MIN": "1"}, (4, 4)),
+    ({"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "3",
+      "SLURM_ARRAY_TASK_MIN": "0"}, (1, 3)),  # --array=0-2
+    ({"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_COUNT": "3",
+      "SLURM_ARRAY_TASK_MIN": "10"}, (3, 3)),  # --array=10-12
+])
+def test_shard_from_environment(environ: dict[str, str],
+                                expected: tuple[int, int] | None) -> None:
+    shard = batch.shard_from_environment(environ)
+    assert (None if shard is None else (shard.index, shard.count)) == expected
+    if shard is not None:
+        assert shard.origin == f"SLURM_ARRAY_TASK_ID={environ['SLURM_ARRAY_TASK_ID']}"
+
+
+@pytest.mark.parametrize("environ", [
+    {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "4"},  # 0-based without MIN
+    {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "1"},
+    {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "0"},
+    {"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "4"},
+    {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": ""},
+])
+def test_bad_slurm_variables_are_refused(environ: dict[str, str]) -> None:
+    with pytest.raises(ValueError, match="--shard") as error:
+        batch.shard_from_environment(environ)
+    text = str(error.value)
+    assert "SLURM_ARRAY_TASK_ID=" in text and "pass --shard K/N" in text
+    assert "\n" not in text
+
+
+def test_shard_option_overrides_the_environment() -> None:
+    environ = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4"}
+    assert batch.choose_shard("2/3", environ) == batch.Shard(2, 3, "--shard")
+    assert batch.choose_shard(None, environ) == batch.Shard(1, 4, "SLURM_ARRAY_TASK_ID=1")
+    assert batch.choose_shard(None, {}) is None
+
+
+def test_shard_line() -> None:
+    shard = batch.Shard(2, 4, "SLURM_ARRAY_TASK_ID=2")
+    assert batch.shard_line(shard, 3, 10) == "shard 2 of 4 (SLURM_ARRAY_TASK_ID=2): 3 of 10 maps"
+    assert "none of the 1 maps falls to it; nothing to do" in batch.shard_line(shard, 0, 1)
+
+
+@pytest.mark.parametrize(("argv", "environ", "expected"), [
+    (["a", "b", "c", "--out-dir", "o", "--shard", "2/3"], {}, batch.Shard(2, 3)),
+    (["a", "b", "--suffix", "_d", "--shard=1/1"], {}, batch.Shard(1, 1)),
+    (["a", "b", "--out-dir", "o"], {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"},
+     batch.Shard(3, 4, "SLURM_ARRAY_TASK_ID=3")),
+    (["a", "b", "--out-dir", "o", "--shard", "1/2"],
+     {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}, batch.Shard(1, 2)),
+    (["a", "b"], {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"}, None),  # IN OUT
+    (["a", "b", "--out-dir", "o"], {}, None),
+])
+def test_parse_shard_option_and_environment(argv: list[str], environ: dict[str, str],
+                                            expected: batch.Shard | None,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (batch.TASK_ID, batch.TASK_COUNT, batch.TASK_MIN):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert cli.parse_arguments(argv).shard == expected
+
+
+@pytest.mark.parametrize(("argv", "environ", "message"), [
+    (["a", "--out-dir", "o", "--shard", "3/2"], {}, "--shard 3/2: K must be between 1 and N"),
+    (["a", "--out-dir", "o", "--shard", "1/0"], {}, "--shard 1/0: N must be at least 1"),
+    (["a", "--out-dir", "o", "--shard", "half"], {}, "--shard 'half': expected K/N"),
+    (["a", "--out-dir", "o", "--shard"], {}, "--shard needs a value"),
+    (["a", "--out-dir", "o", "--shard", "1/2", "--shard", "2/2"], {}, "--shard is given twice"),
+    (["a", "--out-dir", "o", "--shar", "1/2"], {}, "unknown option --shar (did you mean --shard"),
+    (["a", "b", "--shard", "1/2"], {}, "--shard 1/2 shares several maps among jobs"),
+    (["a", "--out-dir", "o"], {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"},
+     "SLURM_ARRAY_TASK_ID=0, SLURM_ARRAY_TASK_COUNT=2: gives --shard 0/2, outside 1..N"),
+])
+def test_shard_usage_errors(argv: list[str], environ: dict[str, str], message: str,
+                            monkeypatch: pytest.MonkeyPatch,
+                            capsys: pytest.CaptureFixture[str]) -> None:
+    for name in (batch.TASK_ID, batch.TASK_COUNT, batch.TASK_MIN):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("demhx: error: ") and message in err
+
+
+def test_shard_from_slurm_runs_its_maps_only(maps: list[Path], model: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Task 10 of --array=10-11 is shard 1 of 2: the first and third maps."""
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "10")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "10")
+    out = tmp_path / "enhanced"
+    assert cli.main([*map(str, maps), "--out-dir", str(out), "--model", str(model)]) == 0
+    assert sorted(path.name for path in out.iterdir()) == ["a.mrc", "c.mrc.gz"]
+    err = capsys.readouterr().err
+    assert list(_table_rows(err)) == [str(maps[0]), str(maps[2])]
+    assert "shard 1 of 2 (SLURM_ARRAY_TASK_ID=10): 2 of 3 maps" in err
+
+
+def test_shard_without_maps_says_so_and_exits_0(maps: list[Path], model: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "enhanced"
+    argv = [*map(str, maps), "--out-dir", str(out), "--model", str(model), "--shard", "4/4"]
+    assert cli.main(argv) == 0
+    assert not out.exists()
+    err = capsys.readouterr().err
+    assert err == "demhx: shard 4 of 4 (--shard): none of the 3 maps falls to it; nothing to do\n"

@@ -346,3 +346,24 @@ def test_sigterm_in_a_real_process(source: Path, model: Path, tmp_path: Path) ->
     assert result.returncode == 143, result.stderr
     assert result.stderr == "demhx: stopped by SIGTERM; no output written\n"
     assert list(output.parent.iterdir()) == []
+
+
+def test_shard_runs_only_its_share_of_several_maps(tmp_path: Path, model: Path,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """--shard 2/2 over three maps runs the second (map 1 of 0, 1, 2) and writes nothing
+    else; the option wins over a SLURM array's variables."""
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_MIN", raising=False)
+    volume = np.random.default_rng(1).standard_normal((16, 20, 24)).astype(np.float32) * 0.1
+    volume[6:10, 8:12, 10:14] += 2.0
+    maps = [write_mrc(tmp_path / f"{name}.mrc", volume) for name in ("first", "second", "third")]
+    out = tmp_path / "out"
+    argv = [*map(str, maps), "--out-dir", str(out), "--model", str(model), "--shard", "2/2"]
+    assert cli.main(argv) == 0
+    assert [path.name for path in out.iterdir()] == ["second.mrc"]
+    err = capsys.readouterr().err
+    assert "shard 2 of 2 (--shard): 1 of 3 maps" in err and "error" not in err
+    with mrcfile.open(maps[1]) as source, mrcfile.open(out / "second.mrc") as output:
+        assert output.data.shape == source.data.shape
