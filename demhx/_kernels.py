@@ -549,21 +549,28 @@ def masked_sample(values: np.ndarray, mask: np.ndarray, step: int,
         if seen + count <= wanted:
             seen += count
             continue
-        for i in range(word * 8, word * 8 + 8):
-            if flat_mask[i]:
-                if seen == wanted:
-                    out[written] = flat_values[i]
-                    written += 1
-                    wanted += step
-                seen += 1
-    for i in range(words.size * 8, flat_mask.size):
+        seen, wanted, written = _take_every_step(flat_values, flat_mask, word * 8,
+                                                 word * 8 + 8, step, out, seen, wanted,
+                                                 written)
+    # the voxels after the last whole word
+    seen, wanted, written = _take_every_step(flat_values, flat_mask, words.size * 8,
+                                             flat_mask.size, step, out, seen, wanted, written)
+    return written
+
+
+@njit(cache=_CACHE, nogil=True, inline="always")
+def _take_every_step(flat_values: np.ndarray, flat_mask: np.ndarray, start: int, stop: int,
+                     step: int, out: np.ndarray, seen: int, wanted: int, written: int
+                     ) -> tuple[int, int, int]:  # pragma: no cover - compiled
+    """:func:`masked_sample`'s voxel-by-voxel scan of ``[start, stop)``: the updated counts."""
+    for i in range(start, stop):
         if flat_mask[i]:
             if seen == wanted:
                 out[written] = flat_values[i]
                 written += 1
                 wanted += step
             seen += 1
-    return written
+    return seen, wanted, written
 
 
 def masked_sample_reference(values: np.ndarray, mask: np.ndarray, step: int,
