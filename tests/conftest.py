@@ -132,11 +132,14 @@ def particle_centres(kind: str, rng: np.random.Generator
 
 
 def synthetic_map(kind: str, *, noise_mean: float = 0.3, noise_std: float = 0.05,
-                  correlation: float = 0.0, seed: int = 1) -> np.ndarray:
+                  correlation: float = 0.0, seed: int = 1,
+                  noise_boundary: str = "reflect") -> np.ndarray:
     """A particle of Gaussian blobs (peaks ≈ 12 noise stds) in noise of known mean and std.
 
     ``correlation`` is the Gaussian smoothing (voxels) of the noise before it is scaled back
     to ``noise_std``: 0 gives white noise, 1 noise correlated over a few voxels.
+    ``noise_boundary`` is the smoothing's boundary mode; ``"wrap"`` keeps the noise std the
+    same everywhere in the box, edges included.
     """
     rng = np.random.default_rng(seed)
     shape, centres = particle_centres(kind, rng)
@@ -144,7 +147,7 @@ def synthetic_map(kind: str, *, noise_mean: float = 0.3, noise_std: float = 0.05
     signal *= np.float32(12 * noise_std / signal.max())
     noise = rng.standard_normal(shape).astype(np.float32)
     if correlation > 0:
-        noise = ndimage.gaussian_filter(noise, correlation)
+        noise = ndimage.gaussian_filter(noise, correlation, mode=noise_boundary)
     noise *= np.float32(noise_std / noise.std())
     return signal + noise + np.float32(noise_mean)
 

@@ -281,17 +281,10 @@ def test_limit_peak_rejects_a_bad_limit(blob_volume: np.ndarray) -> None:
 
 
 def _stationary_map(kind: str, correlation: float = 0.0, seed: int = 1) -> np.ndarray:
-    """:func:`synthetic_map` with noise smoothed periodically (``mode="wrap"``), so that its
-    std is the same everywhere in the box and a masked part of it has the same noise."""
-    rng = np.random.default_rng(seed)
-    shape, centres = particle_centres(kind, rng)
-    signal = gaussian_blobs(shape, centres)
-    signal *= np.float32(12 * NOISE_STD / signal.max())
-    noise = rng.standard_normal(shape).astype(np.float32)
-    if correlation > 0:
-        noise = ndimage.gaussian_filter(noise, correlation, mode="wrap")
-    noise *= np.float32(NOISE_STD / noise.std())
-    return signal + noise
+    """:func:`synthetic_map` (mean 0) with noise smoothed periodically, so that its std is
+    the same everywhere in the box and a masked part of it has the same noise."""
+    return synthetic_map(kind, noise_mean=0.0, noise_std=NOISE_STD, correlation=correlation,
+                         seed=seed, noise_boundary="wrap")
 
 
 def _soft_sphere(shape: tuple[int, ...], radius: float, edge: float) -> np.ndarray:
