@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from demhx import _argv, _signals
 from demhx._argv import UsageError
+from demhx.errors import cli_terms
 
 if TYPE_CHECKING:
     from demhx.batch import MapResult, Shard
@@ -573,7 +574,7 @@ def _console(quiet: bool, debug: bool = False) -> Iterator[None]:
 
     def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
              file: Any = None, line: str | None = None) -> None:
-        text = " ".join(str(message).split())
+        text = " ".join(cli_terms(str(message)).split())
         sys.stderr.write(f"{PROGRAM}: warning: {text}\n")
 
     try:
@@ -612,4 +613,4 @@ def describe_error(error: BaseException) -> str:
         text = str(error).strip() or type(error).__name__
         if not isinstance(error, (*_USAGE_ERRORS, RuntimeError)):
             text = f"{type(error).__name__}: {text}"
-    return " ".join(text.split())[:500]
+    return " ".join(cli_terms(text).split())[:500]

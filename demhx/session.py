@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from demhx import model as model_contract
+from demhx.errors import DemhxWarning  # noqa: F401  (re-exported: demhx.session.DemhxWarning)
 from demhx.model import ModelSpec
 
 CPU = "CPUExecutionProvider"
@@ -56,10 +57,6 @@ _OUT_OF_MEMORY = ("out of memory", "failed to allocate", "bfcarena", "cudaerrorm
                   "cublas_status_alloc_failed")  # ONNX Runtime's and CUDA's words for it
 _LOG_QUIET = 3  # ONNX Runtime severity: errors only
 _LOG_SILENT = 4  # fatal only: hides the CUDA-provider probe of onnxruntime-gpu
-
-
-class DemhxWarning(UserWarning):
-    """A warning the demhx command line prints as one ``demhx: warning:`` line."""
 
 
 class DeviceError(ValueError):

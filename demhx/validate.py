@@ -43,7 +43,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from demhx.session import DemhxWarning
+from demhx.errors import DemhxWarning
 
 VOXEL_SIZE_RANGE = (0.2, 20.0)  # Å per voxel accepted, from the header or --voxel-size
 MAX_GRID_VOXELS = 1 << 31  # voxels of any grid demhx allocates (8 GiB as float32)
