@@ -7,7 +7,7 @@ map and model (no network is run here). The map is normalised, resampled and til
 the pipeline does; starting from the default's first cubes, the plan is refined one step at a
 time (:func:`demhx.tiling.refine_plan`, solvent cubes skipped as in a run) until it holds all
 of the reference's cubes. Each step prints the cubes run, the CC the default predicts for
-itself (:func:`demhx._overlap_add.predicted_cc` on every ``SAMPLE_STEP``-th voxel of the box)
+itself (:func:`demhx.refine.predicted_cc` on every ``SAMPLE_STEP``-th voxel of the box)
 and the true CC of that blend to the reference blend, both on the model grid; ``*`` marks where
 the default stops (the first step predicted at or above its target).
 """
@@ -26,7 +26,8 @@ import speed  # noqa: E402  (bench/speed.py: the CC)
 from tiling_study import CachedSession, source_map  # noqa: E402
 
 from demhx import mrcio, pipeline, resample, tiling  # noqa: E402
-from demhx._overlap_add import SAMPLE_STEP, predicted_cc, select_cubes  # noqa: E402
+from demhx.blend import select_cubes  # noqa: E402
+from demhx.refine import SAMPLE_STEP, predicted_cc  # noqa: E402
 
 
 def model_grid_input(path: Path, enhancer: pipeline.Enhancer

@@ -35,7 +35,7 @@ from typing import Literal, overload
 import numpy as np
 
 from demhx import augment, mrcio, normalise, resample, tiling, validate
-from demhx._overlap_add import TileCounts, overlap_add, overlap_add_augmented
+from demhx.blend import TileCounts, overlap_add, overlap_add_augmented
 from demhx.normalise import NoiseStats
 from demhx.session import DemhxWarning, Runtime, check_positive, load_runtime, parse_device
 from demhx.tiling import TilingScheme

@@ -23,7 +23,7 @@ Three schemes are built in (:func:`scheme_for`):
     nothing; voxels that no run cube covers get the model's background. The default is adaptive
     (``target_cc`` = :data:`DEFAULT_TARGET_CC`): once its cubes have run, the CC of its
     output to the reference output is predicted from how overlapping predictions disagree
-    (:func:`demhx._overlap_add.predicted_cc`), and while the prediction falls short, the
+    (:func:`demhx.refine.predicted_cc`), and while the prediction falls short, the
     widest gap between cube positions is split (:func:`refine_plan`) and the new cubes run.
 ``fast``
     The default's first cubes only, never refined.
@@ -68,7 +68,7 @@ DEFAULT_SKIP_THRESHOLD = 5.0
 """Largest ``|value|`` of a solvent cube, in solvent-noise standard deviations."""
 DEFAULT_TARGET_CC = 0.993
 """Predicted CC to the reference output below which the default adds cubes (see
-:func:`demhx._overlap_add.predicted_cc`); above the 0.99 bar by the estimate's error on the
+:func:`demhx.refine.predicted_cc`); above the 0.99 bar by the estimate's error on the
 measured maps."""
 
 

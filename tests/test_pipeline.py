@@ -437,7 +437,7 @@ def test_user_noise_stats_beyond_the_range_warn_but_are_kept(
 
 
 def test_summary_names_the_cubes_the_self_check_added() -> None:
-    from demhx._overlap_add import TileCounts
+    from demhx.blend import TileCounts
 
     def summary(cubes: TileCounts) -> str:
         info = pipeline.RunInfo((10, 10, 10), (10, 10, 10), NoiseStats(0.0, 1.0, "user", 1.0),
@@ -451,7 +451,7 @@ def test_summary_names_the_cubes_the_self_check_added() -> None:
 
 
 def test_summary_gives_voxel_sizes_per_axis_and_counts_one_cube() -> None:
-    from demhx._overlap_add import TileCounts
+    from demhx.blend import TileCounts
 
     def summary(voxel_size: tuple[float, float, float], cubes: TileCounts) -> str:
         info = pipeline.RunInfo((10, 11, 12), (10, 11, 12), NoiseStats(0.0, 1.0, "user", 1.0),

@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from demhx import tiling
-from demhx._overlap_add import overlap_add, predicted_cc, select_cubes
+from demhx.blend import overlap_add, select_cubes
+from demhx.refine import predicted_cc
 
 SHAPES = [(1, 1, 1), (17, 65, 130), (64, 64, 64), (65, 65, 65), (100, 37, 200)]
 CUBE = 64
