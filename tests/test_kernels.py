@@ -125,13 +125,23 @@ def test_cube_abs_max_matches_reference(rng: np.random.Generator) -> None:
 
 
 def test_disk_cache_is_skipped_where_nothing_is_writable(monkeypatch) -> None:
-    from demhx import _kernels
+    from demhx import _jit
 
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
-    monkeypatch.setattr(_kernels.os, "access", lambda path, mode: False)
-    assert _kernels._disk_cache_usable() is False
+    monkeypatch.setattr(_jit.os, "access", lambda path, mode: False)
+    assert _jit.disk_cache_usable() is False
     monkeypatch.setenv("NUMBA_CACHE_DIR", "/tmp/numba-cache")
-    assert _kernels._disk_cache_usable() is True
+    assert _jit.disk_cache_usable() is True
+
+
+def test_noise_kernels_are_named_by_both_modules() -> None:
+    from demhx import _noise_kernels
+
+    for name in ("box_mean", "local_moments", "select_within", "masked_sample",
+                 "masked_mean_std"):
+        assert getattr(_kernels, name) is getattr(_noise_kernels, name)
+        assert (getattr(_kernels, name + "_reference")
+                is getattr(_noise_kernels, name + "_reference"))
 
 
 @pytest.mark.parametrize("sample", [1, 2, 3])
