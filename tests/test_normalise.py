@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import PARTICLES, gaussian_blobs, particle_centres, real_map, synthetic_map
@@ -11,7 +14,9 @@ from onnx_fixtures import masking_model, metadata, scale_model, write_model
 from scipy import ndimage
 
 import demhx
-from demhx import mrcio, normalise
+from demhx import _noisestats, _solvent, mrcio, normalise
+from demhx.errors import cli_terms
+from demhx.model import ModelSpec
 from demhx.normalise import NoiseStats
 
 NOISE_MEAN, NOISE_STD = 0.3, 0.05
@@ -70,22 +75,22 @@ def test_zero_padding_is_left_out() -> None:
 def _plain_estimate(volume: np.ndarray, voxel_size: tuple[float, float, float] | None,
                     padding: np.ndarray | None = None) -> tuple[float, float, float]:
     """The estimator written plainly: SciPy box filters, boolean indexing, NumPy reductions."""
-    window = normalise._window(voxel_size, volume.shape)
-    centred = volume - np.median(normalise._sample(volume)).astype(np.float32)
+    window = _solvent._window(voxel_size, volume.shape)
+    centred = volume - np.median(_noisestats._sample(volume)).astype(np.float32)
     local_mean = ndimage.uniform_filter(centred, window, mode="reflect")
     local_std = np.sqrt(np.maximum(
         ndimage.uniform_filter(np.square(centred), window, mode="reflect")
         - np.square(local_mean), 0))
     if padding is not None:
         local_std[padding] = np.nan
-    solvent = local_mean <= np.median(normalise._sample(local_mean))
+    solvent = local_mean <= np.median(_noisestats._sample(local_mean))
     solvent &= np.isfinite(local_std)
-    solvent &= local_std <= np.quantile(normalise._sample(local_std[solvent]),
+    solvent &= local_std <= np.quantile(_noisestats._sample(local_std[solvent]),
                                         normalise.SEED_FRACTION)
     for _ in range(normalise.ITERATIONS):
         keep = np.ones(volume.shape, bool)
         for values in (local_mean, local_std):
-            sample = normalise._sample(values[solvent])
+            sample = _noisestats._sample(values[solvent])
             centre = float(np.median(sample))
             spread = normalise.MAD_TO_STD * float(np.median(np.abs(sample - np.float32(centre))))
             keep &= (values >= centre - normalise.CLIP_SIGMAS * spread) & (
@@ -108,7 +113,7 @@ def test_estimate_noise_equals_the_plain_estimator(kind: str, correlation: float
     if kind == "centred":
         volume[:3] = 0.0  # padding, left out of the solvent
     mean, std, fraction = _plain_estimate(volume, voxel_size,
-                                          normalise._constant_runs(volume, "map"))
+                                          _solvent._constant_runs(volume, "map"))
     for stats in (normalise.estimate_noise(volume, voxel_size),
                   normalise.choose_stats(volume, voxel_size)):
         assert stats.method == "auto" and stats.solvent_fraction == fraction
@@ -133,7 +138,7 @@ def test_masked_map_is_refused_with_the_fix() -> None:
     volume[radius > 16] = 0.0
     for call in (lambda: normalise.estimate_noise(volume),
                  lambda: normalise.check_not_masked(volume, "in.mrc")):
-        with pytest.raises(ValueError, match=r"exactly 0 .*--mask PATH or --noise-stats"):
+        with pytest.raises(ValueError, match=r"exactly 0 .*mask=PATH or noise_stats=MEAN,STD"):
             call()
     with pytest.raises(ValueError, match=r"^in\.mrc: "):
         normalise.check_not_masked(volume, "in.mrc")
@@ -195,7 +200,7 @@ def test_normalised_solvent_has_the_model_statistics() -> None:
     (float("inf"), 1.0, "mean inf is not finite"),
 ])
 def test_user_stats_are_checked(mean: float, std: float, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=r"^noise_stats=: " + message):
         normalise.user_stats(mean, std)
 
 
@@ -336,10 +341,10 @@ def test_the_edge_band_covers_a_soft_edge() -> None:
     volume = _stationary_map("off-centre")
     for edge in (0.0, 4.0, 8.0, 12.0):
         masked = volume * _soft_sphere(volume.shape, 24.0, edge)
-        value, constant, _ = normalise._constant_region(masked, "map")
+        value, constant, _ = _solvent._constant_region(masked, "map")
         assert value == 0 and constant is not None
-        local_mean, local_std = normalise._local_moments(masked, (7, 7, 7))
-        distance = normalise._edge_distance(constant, None)
+        local_mean, local_std = _solvent._local_moments(masked, (7, 7, 7))
+        distance = _solvent._edge_distance(constant, None)
         band = normalise.edge_band(local_std, distance, ~constant)
         assert normalise.MIN_EDGE_BAND_VOXELS <= band <= normalise.MAX_EDGE_BAND_VOXELS
         assert band >= edge  # attenuated voxels are left out ...
@@ -455,3 +460,138 @@ def test_masked_maps_and_user_masks_never_give_a_zero_map(
     assert info.cubes.run > 0 and np.abs(result).max() > 0.2 * np.abs(volume).max()
     correlation = np.corrcoef(result[inside], volume[inside])[0, 1]
     assert correlation > 0.5, (info.noise, correlation)
+
+
+# --------------------------------------------------------------------------- stage policy
+
+
+def _spec(normalisation: str = "noise", noise_std: float = 0.1) -> ModelSpec:
+    return ModelSpec(path=Path("/models/tight.onnx"), name="tight", version="1.0",
+                     cube_size=16, stride=8, voxel_size=1.0, normalisation=normalisation,
+                     noise_std=noise_std)
+
+
+def _flattened_map() -> np.ndarray:
+    """The centred particle of synthetic_map with its solvent noise shrunk 40 times: it
+    peaks at about 480 noise stds, far beyond the trained range."""
+    rng = np.random.default_rng(5)
+    shape, centres = particle_centres("centred", rng)
+    signal = gaussian_blobs(shape, centres)
+    signal *= np.float32(12 * 40 * NOISE_STD / signal.max())
+    return signal + rng.normal(NOISE_MEAN, NOISE_STD, shape).astype(np.float32)
+
+
+def test_as_stats_checks_what_a_caller_gives() -> None:
+    given = NoiseStats(0.5, 0.2, "auto", 0.4)
+    assert normalise.as_stats(None) is None
+    assert normalise.as_stats(given) is given
+    assert normalise.as_stats((0.5, 0.2)) == NoiseStats(0.5, 0.2, "user", 1.0)
+    assert normalise.as_stats([-1, 2]) == NoiseStats(-1.0, 2.0, "user", 1.0)
+    with pytest.raises(ValueError, match=r"^noise_stats=\(1\.0, 2\.0, 3\.0\): give two values, "
+                                         r"MEAN,STD$") as caught:
+        normalise.as_stats((1.0, 2.0, 3.0))
+    assert cli_terms(str(caught.value)) == ("--noise-stats (1.0, 2.0, 3.0): give two values, "
+                                            "MEAN,STD")
+    with pytest.raises(ValueError, match=r"^noise_stats=: std -1\.0 is not positive"):
+        normalise.as_stats((0.0, -1.0))
+
+
+def test_statistics_for_a_masked_model_needs_a_mask(blob_volume: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"^tight\.onnx: model tight 1\.0 expects masked input "
+                                         r"\(normalisation 'mask'\); pass mask=PATH$") as caught:
+        normalise.statistics_for(blob_volume, (1.0, 1.0, 1.0), _spec("mask"), None, None)
+    assert str(caught.value).endswith("pass mask=PATH")
+    assert cli_terms(str(caught.value)).endswith("pass --mask PATH")
+    # The user's statistics do not stand in for the mask.
+    with pytest.raises(ValueError, match="expects masked input"):
+        normalise.statistics_for(blob_volume, (1.0, 1.0, 1.0), _spec("mask"), (0.0, 0.1), None)
+
+
+def test_statistics_for_a_masked_model_are_those_of_the_mask(blob_volume: np.ndarray) -> None:
+    mask = np.zeros(blob_volume.shape, np.float32)
+    mask[6:14, 6:18, 8:20] = 1.0
+    stats = normalise.statistics_for(blob_volume, (1.0, 1.0, 1.0), _spec("mask"), None, mask)
+    assert stats == normalise.mask_stats(blob_volume, mask)
+    # The user's statistics come first.
+    user = normalise.statistics_for(blob_volume, (1.0, 1.0, 1.0), _spec("mask"), (0.0, 0.1),
+                                    mask)
+    assert user == NoiseStats(0.0, 0.1, "user", 1.0)
+
+
+def test_statistics_for_an_unmasked_map_are_choose_stats() -> None:
+    volume = synthetic_map("centred", noise_mean=NOISE_MEAN, noise_std=NOISE_STD)
+    stats = normalise.statistics_for(volume, (1.0, 1.1, 1.2), _spec(), None, None, "in.mrc")
+    assert stats == normalise.choose_stats(volume, (1.0, 1.1, 1.2), name="in.mrc")
+    with pytest.raises(ValueError, match=r"^in\.mrc: is constant"):
+        normalise.statistics_for(np.ones((8, 8, 8), np.float32), (1.0, 1.0, 1.0), _spec(),
+                                 None, None, "in.mrc")
+
+
+def test_statistics_for_warns_when_widening_a_flattened_solvent() -> None:
+    volume = _flattened_map()
+    with pytest.warns(demhx.DemhxWarning, match=r"^in\.mrc: the map peaks at \d+ noise stds "
+                      r"\(solvent std .*\), far beyond the 6\.5–22 the network was trained "
+                      r"on .* normalised with std .* instead, so that it peaks at 30\. To "
+                      r"choose, pass noise_stats=MEAN,STD$") as caught:
+        stats = normalise.statistics_for(volume, (1.0, 1.0, 1.0), _spec(), None, None,
+                                         "in.mrc")
+    assert stats.widened_from is not None
+    assert stats == normalise.choose_stats(volume, (1.0, 1.0, 1.0), name="in.mrc")
+    message = str(caught[0].message)
+    assert cli_terms(message).endswith("To choose, pass --noise-stats MEAN,STD")
+
+
+def test_statistics_for_keeps_the_user_std_with_a_warning() -> None:
+    volume = _flattened_map()
+    with pytest.warns(demhx.DemhxWarning, match=r"^in\.mrc: with noise_stats= std 0\.05 the "
+                      r"map peaks at \d+ noise stds, beyond the 6\.5–22 noise stds the network "
+                      r"was trained on .* check the noise std, or leave noise_stats= "
+                      r"out$") as caught:
+        stats = normalise.statistics_for(volume, (1.0, 1.0, 1.0), _spec(),
+                                         (NOISE_MEAN, NOISE_STD), None, "in.mrc")
+    assert stats == NoiseStats(NOISE_MEAN, NOISE_STD, "user", 1.0)
+    shown = " ".join(cli_terms(str(caught[0].message)).split())  # as the command line shows it
+    assert shown.startswith("in.mrc: with --noise-stats std 0.05 the map peaks at ")
+    assert shown.endswith("check the noise std, or leave --noise-stats out")
+    # In the trained range: no warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normalise.statistics_for(volume, (1.0, 1.0, 1.0), _spec(), (NOISE_MEAN, 1.0), None)
+
+
+@pytest.mark.parametrize(("stats", "line"), [
+    (NoiseStats(0.3, 0.05, "auto", 0.42),
+     "noise mean 0.3, std 0.05 (auto, from 42% of the box)"),
+    (NoiseStats(0.3, 0.05, "auto-masked", 0.3),
+     "noise mean 0.3, std 0.05 (auto-masked: masked map, noise from 30% of the voxels inside "
+     "the mask)"),
+    (NoiseStats(0.0, 0.25, "peak", 0.1, solvent_std=0.006),
+     "noise mean 0, std 0.25 (peak: masked zone without solvent (10% of the box), scaled so "
+     "its peak is 12 stds above the masked value)"),
+    (NoiseStats(1.5, 2.0, "mask", 0.2, solvent_std=0.01),
+     "noise mean 1.5, std 2 (mask: median and inter-quantile range inside the mask)"),
+    (NoiseStats(0.0, 0.1, "user", 1.0), "noise mean 0, std 0.1 (user)"),
+    (NoiseStats(0.3, 0.6, "auto", 0.5, widened_from=0.05),
+     "noise mean 0.3, std 0.6 (auto, from 50% of the box; widened from 0.05 to keep the peak "
+     "in range)"),
+    (NoiseStats(0.3, 0.05, "auto", float("nan")), "noise mean 0.3, std 0.05 (auto)"),
+])
+def test_describe_names_the_path_that_chose_the_statistics(stats: NoiseStats,
+                                                           line: str) -> None:
+    assert normalise.describe(stats) == line
+
+
+def test_normalise_for_follows_the_model_contract(blob_volume: np.ndarray) -> None:
+    stats = NoiseStats(0.02, 0.05, "user", 1.0)
+    plain = normalise.normalise_for(blob_volume, stats, _spec(noise_std=0.2), None)
+    assert plain.dtype == np.float32 and plain.flags.c_contiguous
+    np.testing.assert_array_equal(plain, normalise.normalise(blob_volume, stats, 0.2))
+    # A model trained on masked input gets the normalised map times the mask; a plain model
+    # ignores a mask.
+    mask = np.zeros(blob_volume.shape, np.float32)
+    mask[5:15, 6:18, 7:21] = 0.5
+    masked = normalise.normalise_for(blob_volume, stats, _spec("mask", 0.2), mask)
+    assert masked.dtype == np.float32 and masked.flags.c_contiguous
+    np.testing.assert_array_equal(masked, normalise.normalise(blob_volume, stats, 0.2) * mask)
+    np.testing.assert_array_equal(
+        normalise.normalise_for(blob_volume, stats, _spec(noise_std=0.2), mask), plain)

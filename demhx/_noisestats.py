@@ -1,0 +1,136 @@
+"""The record of a map's noise statistics (:class:`NoiseStats`) and the measures of its peak
+that keep the normalised map in the range the network was trained on.
+
+Dynamic range (:func:`limit_peak`): the network only knows maps whose density stays within a
+few tens of noise stds — on the synthetic training inputs the 99.99th percentile of the
+normalised density lies between 6.5 and 22 noise stds (median 11.5; 24 samples, 2.8–6 Å,
+``bench/input_range.py``). A map whose solvent was flattened (soft-masked, low-pass
+filtered, renormalised) has a tiny measured noise std and lands far outside that range:
+EMD-6824 (renormalised to SD 1, solvent std 0.023) reaches 397 noise stds, where the
+network's output is unstable (it then depends on where the cube cuts the map; CC 0.930
+between the default and the reference tiling, 0.972 once widened). So an automatically
+estimated std is widened until the 99.99th percentile lies at :data:`MAX_PEAK_SIGMAS`; the
+measured std is kept (``widened_from``) to decide which cubes are solvent. Maps in the
+training range are untouched (EMD-5168: 25 noise stds).
+
+Zones without solvent (:func:`peak_stats`, method ``"peak"``) are scaled by their peak
+instead: no noise can be measured in them.
+
+The public names are re-exported by :mod:`demhx.normalise`, where callers take them from.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+SAMPLE_VOXELS = 1 << 18  # voxels sampled for medians and for the constant-value search
+PEAK_QUANTILE = 0.9999  # the "peak" of a map: this quantile of its density
+TRAINED_PEAK_SIGMAS = (6.5, 22.0)  # training inputs' peaks, noise stds (bench/input_range.py)
+MAX_PEAK_SIGMAS = 30.0  # largest peak, in noise stds above the mean, the network is given
+PEAK_SAMPLE_VOXELS = 1 << 22  # voxels sampled for the peak quantile
+TARGET_PEAK_SIGMAS = 12.0  # peak mode: the map peaks here (training inputs: 6.5-22, median 11.5)
+ZONE_NOISE_FRACTION = 0.002  # peak mode: the solvent-cube test takes this fraction of the peak
+# as its noise std, so only cubes below 1 % of the peak (5 such stds) are skipped
+
+
+@dataclass(frozen=True)
+class NoiseStats:
+    """Statistics of the solvent noise used to normalise a map.
+
+    Attributes
+    ----------
+    mean : noise mean, in the map's units.
+    std : noise standard deviation (finite, > 0), in the map's units.
+    method : ``"auto"`` (estimated), ``"auto-masked"`` (estimated from the solvent left inside
+        a mask), ``"peak"`` (a zone without solvent, scaled to its peak), ``"user"`` (given)
+        or ``"mask"`` (paper's mode 2, from a mask).
+    solvent_fraction : fraction of the voxels the statistics were taken from (1.0 for user);
+        for ``"auto-masked"``, of the voxels inside the mask; for ``"peak"``, the fraction of
+        the box inside the mask.
+    widened_from : the measured std when :func:`limit_peak` widened ``std``, else None.
+    solvent_std : the std the solvent-cube test compares with when no noise was measured
+        (``"peak"``, ``"mask"``: a small fraction of the peak), else None.
+    """
+
+    mean: float
+    std: float
+    method: str
+    solvent_fraction: float
+    widened_from: float | None = None
+    solvent_std: float | None = None
+
+    @property
+    def noise_fraction(self) -> float:
+        """The std that tells solvent cubes, as a fraction of ``std``: 1, below 1 once widened
+        (the measured std), or far below 1 when no noise was measured (``solvent_std``)."""
+        if self.solvent_std is not None:
+            return self.solvent_std / self.std
+        return 1.0 if self.widened_from is None else self.widened_from / self.std
+
+
+def _positive(value: float, name: str) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} {value!r} is not a positive number; check the noise "
+                         "statistics or the model's metadata")
+    return value
+
+
+def _sample(array: NDArray[Any], limit: int = SAMPLE_VOXELS) -> NDArray[Any]:
+    """A deterministic, evenly strided sample: ``limit`` values or more, fewer than twice that
+    (all of them for a small array)."""
+    flat = array.reshape(-1)
+    step = max(1, flat.size // limit)
+    return flat[::step]
+
+
+# --------------------------------------------------------------------------- dynamic range
+
+
+def peak_sigmas(volume: NDArray[Any], stats: NoiseStats) -> float:
+    """The map's peak (:data:`PEAK_QUANTILE` of its density) in noise stds above the mean.
+
+    Taken from an evenly strided sample of at most :data:`PEAK_SAMPLE_VOXELS` voxels.
+    """
+    peak = float(np.quantile(_sample(np.asarray(volume), PEAK_SAMPLE_VOXELS), PEAK_QUANTILE))
+    return (peak - stats.mean) / stats.std
+
+
+def limit_peak(volume: NDArray[Any], stats: NoiseStats,
+               max_sigmas: float = MAX_PEAK_SIGMAS) -> NoiseStats:
+    """``stats`` with ``std`` widened so the map peaks at ``max_sigmas`` noise stds at most.
+
+    Returns ``stats`` itself when the map's peak (:func:`peak_sigmas`) is within
+    ``max_sigmas``; otherwise a copy with ``std`` scaled by ``peak / max_sigmas`` and
+    ``widened_from`` set to the measured std.
+    """
+    max_sigmas = _positive(max_sigmas, "max_sigmas")
+    peak = peak_sigmas(volume, stats)
+    if not peak > max_sigmas:
+        return stats
+    return replace(stats, std=stats.std * peak / max_sigmas,
+                   widened_from=stats.widened_from or stats.std)
+
+
+def peak_stats(volume: NDArray[Any], background: float, inside_fraction: float = 1.0
+               ) -> NoiseStats:
+    """Statistics for a map with no solvent to measure (method ``"peak"``).
+
+    ``mean`` is the ``background`` (a masked map's constant), ``std`` puts the map's peak
+    (:data:`PEAK_QUANTILE`) at :data:`TARGET_PEAK_SIGMAS`, the middle of the range the network
+    was trained on; the solvent-cube test then takes :data:`ZONE_NOISE_FRACTION` of the peak as
+    its noise std, so only cubes (nearly) empty of density are skipped.
+    """
+    sample = _sample(np.asarray(volume), PEAK_SAMPLE_VOXELS)
+    height = float(np.quantile(sample, PEAK_QUANTILE)) - background
+    if not height > 0:  # density below the background (inverted contrast)
+        height = float(np.quantile(np.abs(sample - np.float32(background)), PEAK_QUANTILE))
+    height = _positive(height, "map: peak above the background")
+    return NoiseStats(float(background), height / TARGET_PEAK_SIGMAS, "peak", inside_fraction,
+                      solvent_std=ZONE_NOISE_FRACTION * height)
+
