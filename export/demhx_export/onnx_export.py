@@ -13,10 +13,11 @@
     and output** (``input``/``output`` of type ``tensor(float16)``): the caller casts a
     float32 batch to float16 and the result back. Same metadata.
 
-Verification, before anything is moved into place: both files are written to temporary
-names in the destination folder, then ONNX Runtime (CPU) runs them on one seeded random
-batch of :data:`VERIFY_BATCH` cubes; the fp32 file must match PyTorch within a relative L2
-error of :data:`TOLERANCE` (1e-4) and the twin within :data:`FP16_TOLERANCE` (1e-2), or
+Verification, before anything is moved into place (shared with the Keras conversion:
+:func:`demhx_export.onnx_io.write_verified`): both files are written to temporary names in
+the destination folder, then ONNX Runtime (CPU) runs them on one seeded random batch of
+:data:`VERIFY_BATCH` cubes; the fp32 file must match PyTorch within a relative L2 error of
+:data:`TOLERANCE` (1e-4) and the twin within :data:`FP16_TOLERANCE` (1e-2), or
 :class:`ExportMismatchError` is raised and the temporary files are removed, leaving any
 existing ``OUT.onnx`` untouched.
 """
@@ -24,7 +25,7 @@ existing ``OUT.onnx`` untouched.
 from __future__ import annotations
 
 import datetime
-import os
+import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ import numpy as np
 import onnx
 import torch
 from demhx.model import sha256_of
+from numpy.typing import NDArray
 
 from demhx_export import __version__
 from demhx_export.network import (
@@ -44,24 +46,29 @@ from demhx_export.network import (
     count_parameters,
     flops_per_cube,
 )
+from demhx_export.onnx_io import (
+    FP16_TOLERANCE,
+    INPUT_NAME,
+    NOISE_STD,
+    OPSET,
+    OUTPUT_NAME,
+    PREFIX,
+    STRIDE_FRACTION,
+    TOLERANCE,
+    VERIFY_BATCH,
+    VOXEL_SIZE,
+    ExportMismatchError,
+    check_contract,
+    check_destination,
+    fp16_twin_path,
+    set_metadata,
+    to_fp16,
+    write_verified,
+)
 
-OPSET = 17
-TOLERANCE = 1e-4  # relative L2 error, ONNX Runtime fp32 vs PyTorch
-FP16_TOLERANCE = 1e-2  # relative L2 error, fp16 twin vs PyTorch
-VERIFY_BATCH = 2  # cubes in the verification batch (exercises the dynamic batch axis)
-VERIFY_SEED = 0
-INPUT_NAME = "input"
-OUTPUT_NAME = "output"
-FP16_SUFFIX = ".fp16.onnx"
-PREFIX = "demhx."
 # contract defaults (the paper's conventions)
-DEFAULTS = {"voxel_size": 1.0, "normalisation": "noise", "noise_std": 0.1, "background": 0.0,
-            "version": "0.1"}
-STRIDE_FRACTION = 4  # default stride = cube_size / 4 (16 voxels for the paper's 64³ cubes)
-
-
-class ExportMismatchError(RuntimeError):
-    """ONNX Runtime's output differs from PyTorch's beyond tolerance; nothing was written."""
+DEFAULTS = {"voxel_size": VOXEL_SIZE, "normalisation": "noise", "noise_std": NOISE_STD,
+            "background": 0.0, "version": "0.1"}
 
 
 @dataclass(frozen=True)
@@ -94,13 +101,6 @@ class ExportReport:
         if self.fp16_path is not None and self.fp16_sha256 is not None:
             entry.update(fp16=self.fp16_path.name, fp16_sha256=self.fp16_sha256)
         return entry
-
-
-def fp16_twin_path(out_path: str | Path) -> Path:
-    """``OUT.fp16.onnx`` for ``OUT.onnx`` (the name the runtime looks for)."""
-    path = Path(out_path)
-    stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
-    return path.with_name(stem + FP16_SUFFIX)
 
 
 def model_metadata(net: UNet3D, config: Mapping[str, Any], out_path: str | Path,
@@ -165,114 +165,53 @@ def export_onnx(net: UNet3D, config: Mapping[str, Any], out_path: str | Path,
     ExportMismatchError : ONNX Runtime disagrees with PyTorch; nothing was written.
     """
     out_path = Path(out_path)
-    if not out_path.name.endswith(".onnx") or out_path.name.endswith(FP16_SUFFIX):
-        raise ValueError(f"{out_path}: the model file name must end in .onnx (and not "
-                         f"{FP16_SUFFIX}, the twin's suffix)")
-    if not out_path.parent.is_dir():
-        raise ValueError(f"{out_path.parent}: output folder does not exist; create it first")
+    check_destination(out_path)
     values = model_metadata(net, config, out_path, metadata)
-    _check_contract(out_path, values)
+    check_contract(out_path, values)
     cube_size = int(values[PREFIX + "cube_size"])
-    twin = fp16_twin_path(out_path)
-    temporary = [_temporary(out_path), _temporary(twin)]
-    try:
-        # 1. export, embed the metadata, save as one file, verify with ONNX Runtime
-        model = _export_graph(net, cube_size, temporary[0])
-        _set_metadata(model, values)
-        onnx.save_model(model, str(temporary[0]))
-        inputs = _verification_batch(cube_size)
-        reference = _torch_forward(net, inputs)
-        error = _relative_error(_ort_forward(temporary[0], inputs), reference)
-        if not error <= tolerance:
-            raise ExportMismatchError(
-                f"{out_path}: ONNX Runtime output differs from PyTorch (relative L2 error "
-                f"{error:.2e} > {tolerance:.0e}); nothing was written")
-        # 2. the fp16 twin, verified the same way
-        error16 = None
-        if fp16:
-            onnx.save_model(to_fp16(model), str(temporary[1]))
-            error16 = _relative_error(_ort_forward(temporary[1], inputs.astype(np.float16)),
-                                      reference)
-            if not error16 <= fp16_tolerance:
-                raise ExportMismatchError(
-                    f"{twin}: fp16 twin differs from PyTorch (relative L2 error {error16:.2e} "
-                    f"> {fp16_tolerance:.0e}); nothing was written")
-        # 3. move into place (the twin first, so the runtime never pairs a new file
-        # with a stale twin)
-        if fp16:
-            os.replace(temporary[1], twin)
-        elif twin.exists():
-            twin.unlink()
-        os.replace(temporary[0], out_path)
-    finally:
-        for path in temporary:
-            path.unlink(missing_ok=True)
-    return ExportReport(path=out_path, sha256=sha256_of(out_path), relative_error=error,
+    model = _export_graph(net, cube_size)
+    set_metadata(model, values, f"demhx 3D U-net, widths {values[PREFIX + 'widths']}, "
+                                f"{values[PREFIX + 'cube_size']}³ cubes")
+    written = write_verified(model, out_path, cube_size, fp16,
+                             reference=lambda inputs: _torch_forward(net, inputs),
+                             reference_name="PyTorch", tolerance=tolerance,
+                             fp16_tolerance=fp16_tolerance)
+    assert written.relative_error is not None  # always measured against a reference
+    return ExportReport(path=out_path, sha256=sha256_of(out_path),
+                        relative_error=written.relative_error,
                         parameters=int(values[PREFIX + "parameters"]),
                         gflop_per_cube=float(values[PREFIX + "gflop_per_cube"]),
-                        metadata=values, fp16_path=twin if fp16 else None,
-                        fp16_sha256=sha256_of(twin) if fp16 else None,
-                        fp16_relative_error=error16)
-
-
-def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The fp16 twin of an fp32 model: float16 weights, compute, input and output."""
-    from onnxconverter_common import float16
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # notes about values clamped to the float16 range
-        twin = float16.convert_float_to_float16(model, keep_io_types=False)
-    twin.doc_string = model.doc_string + " (float16 twin: float16 input and output)"
-    return twin
+                        metadata=values, fp16_path=written.fp16_path,
+                        fp16_sha256=sha256_of(written.fp16_path) if written.fp16_path else None,
+                        fp16_relative_error=written.fp16_relative_error)
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def _export_graph(net: UNet3D, cube_size: int, path: Path) -> onnx.ModelProto:
-    """torch.onnx export (TorchScript exporter: no onnxscript needed) to ``path``; load it."""
+def _export_graph(net: UNet3D, cube_size: int) -> onnx.ModelProto:
+    """torch.onnx export (TorchScript exporter: no onnxscript needed) through a scratch
+    file, loaded and checked."""
     example = torch.zeros(VERIFY_BATCH, 1, cube_size, cube_size, cube_size)
     was_training = net.training
     net.eval()
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with warnings.catch_warnings(), torch.no_grad(), \
+                tempfile.TemporaryDirectory(prefix="demhx-export-") as folder:
+            path = Path(folder) / "graph.onnx"
             warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation
             torch.onnx.export(net, (example,), str(path), dynamo=False, opset_version=OPSET,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                               do_constant_folding=True)
+            model = onnx.load_model(str(path))
     finally:
         net.train(was_training)
-    model = onnx.load_model(str(path))
     onnx.checker.check_model(model)
     return model
 
 
-def _set_metadata(model: onnx.ModelProto, values: Mapping[str, str]) -> None:
-    del model.metadata_props[:]
-    for key, value in values.items():
-        model.metadata_props.add(key=key, value=value)
-    model.producer_name = "demhx-export"
-    model.producer_version = __version__
-    model.doc_string = (f"demhx 3D U-net, widths {values[PREFIX + 'widths']}, "
-                        f"{values[PREFIX + 'cube_size']}³ cubes")
-
-
-def _check_contract(out_path: Path, values: Mapping[str, str]) -> None:
-    """Refuse metadata that the runtime's contract would reject, before exporting."""
-    from demhx.model import spec_from_metadata
-
-    spec_from_metadata(out_path, dict(values))
-
-
-def _verification_batch(cube_size: int) -> np.ndarray:
-    """Seeded standard-normal cubes, ``(VERIFY_BATCH, 1, n, n, n)`` float32."""
-    rng = np.random.default_rng(VERIFY_SEED)
-    return rng.standard_normal((VERIFY_BATCH, 1, cube_size, cube_size, cube_size),
-                               dtype=np.float32)
-
-
-def _torch_forward(net: UNet3D, inputs: np.ndarray) -> np.ndarray:
+def _torch_forward(net: UNet3D, inputs: NDArray[np.float32]) -> NDArray[np.float32]:
     was_training = net.training
     net.eval()
     try:
@@ -280,28 +219,6 @@ def _torch_forward(net: UNet3D, inputs: np.ndarray) -> np.ndarray:
             return net(torch.from_numpy(inputs)).numpy()
     finally:
         net.train(was_training)
-
-
-def _ort_forward(path: Path, inputs: np.ndarray) -> np.ndarray:
-    """Run a model file with ONNX Runtime's CPU provider."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    (output,) = session.run([OUTPUT_NAME], {INPUT_NAME: inputs})
-    return np.asarray(output)
-
-
-def _relative_error(actual: np.ndarray, reference: np.ndarray) -> float:
-    """``‖actual − reference‖₂ / ‖reference‖₂`` in float64 (absolute if the reference is 0);
-    inf for a shape mismatch or non-finite output."""
-    actual = np.asarray(actual, dtype=np.float64)
-    reference = np.asarray(reference, dtype=np.float64)
-    if actual.shape != reference.shape or not np.isfinite(actual).all():
-        return float("inf")
-    scale = float(np.linalg.norm(reference)) or 1.0
-    return float(np.linalg.norm(actual - reference)) / scale
 
 
 def _config_values(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -325,10 +242,6 @@ def _text(value: Any) -> str:
 
 def _model_stem(path: Path) -> str:
     return path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.stem
-
-
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
 __all__ = ["ExportMismatchError", "ExportReport", "export_onnx", "fp16_twin_path",

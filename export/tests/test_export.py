@@ -12,7 +12,7 @@ import pytest
 import torch
 from demhx.model import read_metadata, sha256_of, spec_from_metadata
 
-from demhx_export import onnx_export
+from demhx_export import onnx_io
 from demhx_export.network import UNet3D, count_parameters
 from demhx_export.onnx_export import (
     FP16_TOLERANCE,
@@ -109,8 +109,8 @@ def test_mismatch_is_refused_and_nothing_written(
         tmp_path: Path, tiny_net: UNet3D, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "m.onnx"
     out.write_bytes(b"previous model")
-    real = onnx_export._ort_forward
-    monkeypatch.setattr(onnx_export, "_ort_forward",
+    real = onnx_io.run_onnx
+    monkeypatch.setattr(onnx_io, "run_onnx",
                         lambda path, inputs: real(path, inputs) * 1.001)
     with pytest.raises(ExportMismatchError, match="differs from PyTorch"):
         export_onnx(tiny_net, {"cube_size": 16}, out)
