@@ -3,6 +3,9 @@
 >>> import demhx
 >>> enhanced = demhx.enhance(volume, voxel_size=1.06)         # doctest: +SKIP
 >>> demhx.enhance_file("half1.mrc", "out.mrc", half2="half2.mrc")  # doctest: +SKIP
+>>> runner = demhx.Enhancer("tight-fast")                     # doctest: +SKIP
+>>> options = demhx.EnhanceOptions(tiling="fast", tta=3)       # doctest: +SKIP
+>>> result = runner.process(volume, 1.06, options)            # doctest: +SKIP
 
 The heavy modules (numba, ONNX Runtime, scipy) are imported on first use, so that
 ``import demhx`` stays fast.
@@ -18,15 +21,17 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree
     __version__ = "0.1.0"
 
-__all__ = ["DemhxWarning", "Enhancer", "__version__", "enhance", "enhance_file",
-           "preview_image", "write_preview"]
+__all__ = ["DemhxWarning", "EnhanceOptions", "Enhanced", "Enhancer", "__version__", "enhance",
+           "enhance_file", "preview_image", "write_preview"]
 
 if TYPE_CHECKING:
+    from demhx.errors import DemhxWarning
+    from demhx.options import Enhanced, EnhanceOptions
     from demhx.pipeline import Enhancer, enhance, enhance_file
     from demhx.preview import preview_image, write_preview
-    from demhx.session import DemhxWarning
 
 _LAZY = {"Enhancer", "enhance", "enhance_file"}
+_OPTIONS = {"EnhanceOptions", "Enhanced"}
 _PREVIEW = {"preview_image", "write_preview"}
 
 
@@ -37,12 +42,16 @@ def __getattr__(name: str) -> Any:
         from demhx import pipeline
 
         return getattr(pipeline, name)
+    if name in _OPTIONS:
+        from demhx import options
+
+        return getattr(options, name)
     if name in _PREVIEW:
         from demhx import preview
 
         return getattr(preview, name)
     if name == "DemhxWarning":
-        from demhx.session import DemhxWarning
+        from demhx.errors import DemhxWarning
 
         return DemhxWarning
     raise AttributeError(f"module 'demhx' has no attribute {name!r}")

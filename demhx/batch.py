@@ -26,8 +26,8 @@ from pathlib import Path
 from demhx import mrcio
 from demhx import preview as preview_module
 from demhx.mrcio import OUTPUT_SUFFIXES
-from demhx.pipeline import Enhancer, EnhanceSummary, NoiseStatsLike, Progress, VoxelSize
-from demhx.tiling import TilingScheme
+from demhx.options import EnhanceOptions, EnhanceSummary, VoxelSize
+from demhx.pipeline import Enhancer
 
 LOG = logging.getLogger("demhx")
 OK, FAILED, NOT_RUN = "ok", "failed", "not run"
@@ -37,7 +37,7 @@ TASK_ID, TASK_COUNT, TASK_MIN = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"
                                  "SLURM_ARRAY_TASK_MIN")
 """SLURM's job-array variables: this task's id, the array's task count, its smallest id."""
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-_SHARD_FIX = "give --shard K/N with 1 <= K <= N (e.g. --shard 1/4)"
+_SHARD_FIX = "give shard=K/N with 1 <= K <= N (e.g. shard=1/4)"
 
 
 @dataclass(frozen=True)
@@ -72,26 +72,26 @@ class MapResult:
 class Shard:
     """One job's share of a several-maps run: shard ``index`` (1-based) of ``count``.
 
-    ``origin`` says where it came from (``--shard`` or the SLURM variables), for messages.
+    ``origin`` says where it came from (``shard=`` or the SLURM variables), for messages.
     """
 
     index: int
     count: int
-    origin: str = "--shard"
+    origin: str = "shard="
 
 
-def parse_shard(text: str, origin: str = "--shard") -> Shard:
+def parse_shard(text: str, origin: str = "shard=") -> Shard:
     """``K/N`` as a :class:`Shard`; ValueError naming ``--shard`` and the fix if malformed,
     N < 1 or K outside 1..N."""
     found = _SHARD.match(text)
     if found is None:
-        raise ValueError(f"{origin} {text!r}: expected K/N, this job's share K of N jobs; "
+        raise ValueError(f"shard={text!r}: expected K/N, this job's share K of N jobs; "
                          f"{_SHARD_FIX}")
     index, count = int(found.group(1)), int(found.group(2))
     if count < 1:
-        raise ValueError(f"{origin} {text}: N must be at least 1; {_SHARD_FIX}")
+        raise ValueError(f"shard={text}: N must be at least 1; {_SHARD_FIX}")
     if not 1 <= index <= count:
-        raise ValueError(f"{origin} {text}: K must be between 1 and N = {count}; {_SHARD_FIX}")
+        raise ValueError(f"shard={text}: K must be between 1 and N = {count}; {_SHARD_FIX}")
     return Shard(index, count, origin)
 
 
@@ -104,16 +104,16 @@ def shard_from_environment(environ: Mapping[str, str]) -> Shard | None:
         return None
     names = [name for name in (TASK_ID, TASK_COUNT, TASK_MIN) if name in environ]
     given = ", ".join(f"{name}={environ[name]}" for name in names)
-    fix = "submit a contiguous array (#SBATCH --array=1-N) or pass --shard K/N"
+    fix = "submit a contiguous array (#SBATCH --array=1-N) or pass shard=K/N"
     try:
         task, count = int(environ[TASK_ID]), int(environ[TASK_COUNT])
         first = int(environ[TASK_MIN]) if TASK_MIN in environ else 1
     except ValueError:
-        raise ValueError(f"{given}: not whole numbers, so no default for --shard; "
+        raise ValueError(f"{given}: not whole numbers, so no default for shard=; "
                          f"{fix}") from None
     index = task - first + 1
     if count < 1 or not 1 <= index <= count:
-        raise ValueError(f"{given}: gives --shard {index}/{count}, outside 1..N; {fix}")
+        raise ValueError(f"{given}: gives shard={index}/{count}, outside 1..N; {fix}")
     return Shard(index, count, f"{TASK_ID}={environ[TASK_ID]}")
 
 
@@ -175,12 +175,12 @@ def output_paths(sources: Sequence[str | Path], out_dir: str | Path | None = Non
         ``out_dir`` exists and is not a folder.
     """
     if out_dir is None and suffix is None:
-        raise ValueError("several maps need --out-dir DIR or --suffix SUF to name the outputs")
+        raise ValueError("several maps need out_dir=DIR or suffix=SUF to name the outputs")
     if suffix is not None and not suffix.strip():
-        raise ValueError("--suffix is empty; give text to add to the names, e.g. _demhx")
+        raise ValueError("suffix= is empty; give text to add to the names, e.g. _demhx")
     if out_dir is not None and Path(out_dir).expanduser().exists() and not Path(
             out_dir).expanduser().is_dir():
-        raise NotADirectoryError(f"{out_dir}: --out-dir is a file, not a folder; choose a "
+        raise NotADirectoryError(f"{out_dir}: out_dir= is a file, not a folder; choose a "
                                  "folder")
     paths = [Path(source) for source in sources]
     outputs = [output_path(path, out_dir, suffix) for path in paths]
@@ -190,7 +190,7 @@ def output_paths(sources: Sequence[str | Path], out_dir: str | Path | None = Non
         if _key(output) in inputs:
             raise ValueError(f"{output}: output of {source} is the input "
                              f"{inputs[_key(output)]}; inputs are never overwritten, "
-                             "choose another --out-dir or --suffix")
+                             "choose another out_dir= or suffix=")
     return outputs
 
 
@@ -200,7 +200,7 @@ def preview_paths(preview: str | Path, sources: Sequence[Path], outputs: Sequenc
     :func:`demhx.preview.preview_file_path`); a ``.png`` PATH is for one map only.
     """
     if len(outputs) > 1 and Path(preview).suffix.lower() == ".png":
-        raise ValueError(f"--preview {preview}: with several maps give a folder, in which "
+        raise ValueError(f"preview={preview}: with several maps give a folder, in which "
                          "<output stem>.png is written for each map")
     previews = [preview_module.preview_file_path(preview, output) for output in outputs]
     _check_distinct(list(sources), previews, "preview")
@@ -223,14 +223,14 @@ def create_folders(paths: Sequence[Path]) -> None:
             folder.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise NotADirectoryError(f"{folder}: is a file (or lies under one), not a folder; "
-                                     "choose another --out-dir") from None
+                                     "choose another out_dir=") from None
         except OSError as error:
             raise PermissionError(f"{folder}: output folder cannot be created "
                                   f"({(error.strerror or str(error)).lower()}); choose another "
-                                  "--out-dir or check its permissions") from None
+                                  "out_dir= or check its permissions") from None
         if not os.access(folder, os.W_OK | os.X_OK):
             raise PermissionError(f"{folder}: output folder is not writable; check its "
-                                  "permissions or choose another --out-dir")
+                                  "permissions or choose another out_dir=")
 
 
 def check_inputs(sources: Sequence[str | Path]) -> None:
@@ -264,17 +264,17 @@ def _reason(error: Exception) -> str:
 
 
 def enhance_many(enhancer: Enhancer, sources: Sequence[str | Path],
-                 outputs: Sequence[Path], *, previews: Sequence[Path] | None = None,
-                 voxel_size: VoxelSize | None = None, mask: str | Path | None = None,
-                 noise_stats: NoiseStatsLike = None, overwrite: bool = False,
-                 tiling: str | TilingScheme = "default",
-                 progress: Progress | None = None) -> Iterator[MapResult]:
+                 outputs: Sequence[Path], options: EnhanceOptions | None = None, *,
+                 previews: Sequence[Path] | None = None, voxel_size: VoxelSize | None = None,
+                 mask: str | Path | None = None, overwrite: bool = False
+                 ) -> Iterator[MapResult]:
     """Enhance each map into its output with one model; one :class:`MapResult` per map.
 
     A map that raises an ``Exception`` is reported as failed and the next one runs
-    (``KeyboardInterrupt`` stops the loop). Options as for
-    :meth:`demhx.pipeline.Enhancer.enhance_file`; ``previews`` (one PNG per map) are written
-    after each output (see :func:`demhx.preview.write_file_preview`). The device line is
+    (``KeyboardInterrupt`` stops the loop). ``options`` apply to every map; ``voxel_size``,
+    ``mask`` and ``overwrite`` as for :meth:`demhx.pipeline.Enhancer.process_file`;
+    ``previews`` (one PNG per map) are written after each output (see
+    :func:`demhx.preview.write_file_preview`). The device line is
     logged once, before the first map. Check the inputs first with :func:`check_inputs` to
     refuse a run with an unreadable map before any work.
     """
@@ -286,9 +286,9 @@ def enhance_many(enhancer: Enhancer, sources: Sequence[str | Path],
     repeated = _DropMessage(device_line)
     LOG.addFilter(repeated)
     try:
-        yield from _enhance_each(enhancer, sources, outputs, previews, voxel_size=voxel_size,
-                                 mask=mask, noise_stats=noise_stats, overwrite=overwrite,
-                                 tiling=tiling, progress=progress)
+        yield from _enhance_each(enhancer, sources, outputs, previews,
+                                 options or EnhanceOptions(), voxel_size=voxel_size, mask=mask,
+                                 overwrite=overwrite)
     finally:
         LOG.removeFilter(repeated)
 
@@ -305,9 +305,8 @@ class _DropMessage(logging.Filter):
 
 
 def _enhance_each(enhancer: Enhancer, sources: Sequence[str | Path], outputs: Sequence[Path],
-                  previews: Sequence[Path] | None, *, voxel_size: VoxelSize | None,
-                  mask: str | Path | None, noise_stats: NoiseStatsLike, overwrite: bool,
-                  tiling: str | TilingScheme, progress: Progress | None
+                  previews: Sequence[Path] | None, options: EnhanceOptions, *,
+                  voxel_size: VoxelSize | None, mask: str | Path | None, overwrite: bool
                   ) -> Iterator[MapResult]:
     """The loop of :func:`enhance_many`: one result per map, failures included."""
     for index, (source, output) in enumerate(zip(sources, outputs, strict=True)):
@@ -319,9 +318,8 @@ def _enhance_each(enhancer: Enhancer, sources: Sequence[str | Path], outputs: Se
             # Check the preview path first, then enhance and draw.
             if picture is not None:
                 preview_module.check_preview_path(picture, overwrite)
-            summary = enhancer.enhance_file(source, output, voxel_size=voxel_size, mask=mask,
-                                            noise_stats=noise_stats, overwrite=overwrite,
-                                            tiling=tiling, progress=progress)
+            summary = enhancer.process_file(source, output, options, voxel_size=voxel_size,
+                                            mask=mask, overwrite=overwrite)
             if picture is not None:
                 preview_module.write_file_preview(source, output, picture,
                                                   voxel_size=voxel_size, overwrite=overwrite)

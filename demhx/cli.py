@@ -19,157 +19,28 @@ variables) only this job's share of the maps runs.
 from __future__ import annotations
 
 import contextlib
-import io
 import logging
-import os
-import re
 import sys
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from demhx import _argv, _signals
+from demhx._arguments import PROGRAM, Arguments, parse_arguments
 from demhx._argv import UsageError
-from demhx.errors import cli_terms
+from demhx._help import HELP, USAGE, help_text
+from demhx.errors import _USAGE_ERRORS, cli_terms, describe_error
+
+__all__ = ["HELP", "USAGE", "Arguments", "describe_error", "help_text", "main",
+           "parse_arguments"]
 
 if TYPE_CHECKING:
-    from demhx.batch import MapResult, Shard
+    from demhx.batch import MapResult
+    from demhx.options import EnhanceOptions, Progress
     from demhx.pipeline import Enhancer
 
-PROGRAM = "demhx"
-USAGE = ("usage: demhx IN OUT [--half2 H2] [--model NAME|PATH] [--device auto|cpu|cuda|cuda:N]\n"
-         "             [--batch-size N] [--threads N] [--tiling default|fast|reference]\n"
-         "             [--voxel-size A | --voxel-size X,Y,Z] [--noise-stats MEAN,STD]\n"
-         "             [--mask PATH] [--preview PNG|DIR] [--confidence PATH] [--tta N]\n"
-         "             [--overwrite] [--quiet] [--debug] [--version]\n"
-         "       demhx IN [IN ...] (--out-dir DIR | --suffix SUF | both) [--shard K/N]\n"
-         "             [options]")
-HELP = USAGE + """
-
-Locally sharpen and mask a cryo-EM map (DeepEMhancer method) on ONNX Runtime.
-
-positional arguments:
-  IN                    input map (.mrc, .map, .map.gz), or the first half-map
-  OUT                   output map (float32 MRC, input header kept); must not exist
-                        unless --overwrite
-  IN [IN ...]           with --out-dir or --suffix: any number of maps, enhanced one after
-                        the other with one model load; a map that fails is reported and
-                        the others run; a table ends the run, exit status 1 if any failed
-
-options:
-  --half2 H2            second half-map; averaged with IN in float32 (recommended)
-  --model NAME|PATH     a shipped model's name (listed below) or an ONNX file (default: the
-                        shipped model marked "default")
-  --device DEV          auto (CUDA when usable, else CPU), cpu, cuda or cuda:N
-  --batch-size N        cubes per inference call (default: 1 on CPU, from GPU memory on CUDA)
-  --threads N           CPU threads for inference (default: all physical cores)
-  --tiling SCHEME       default: the reference's cubes thinned to gaps <= 3/4 cube, solvent
-                        cubes skipped, more of them added while overlapping cubes disagree
-                        (predicted CC to the reference below 0.993);
-                        fast: the default's first cubes only (no cubes added);
-                        reference: the paper's stride 16 with plain averaging (slow)
-  --voxel-size A        voxel size in Å, one value or X,Y,Z; overrides the header
-  --noise-stats M,S     solvent noise mean and standard deviation of IN (skips estimation)
-  --mask PATH           binary mask on IN's grid: normalise from the density inside it
-  --out-dir DIR         several maps: write DIR/<input name> (DIR is created if missing)
-  --suffix SUF          several maps: add SUF to each name before the extension, beside
-                        the input or in --out-dir (a.map -> a_demhx.map for _demhx)
-  --shard K/N           several maps: run only job K's share of N (map i, from 0, is in
-                        share i % N + 1); default under a SLURM job array: from
-                        SLURM_ARRAY_TASK_ID (- SLURM_ARRAY_TASK_MIN + 1) and
-                        SLURM_ARRAY_TASK_COUNT. A share without maps exits 0
-  --preview PNG|DIR     also draw the central xy, xz and yz slices of the input (top row)
-                        and the output (bottom row) into a PNG file; a PATH not ending .png
-                        is a folder (created if missing) holding <output stem>.png for each
-                        map. Grey scale per map: its slices' 1st-99.5th percentiles. Needs
-                        matplotlib: pip install "demhx[preview]"
-  --confidence PATH     also write a confidence map to PATH (MRC, OUT's header and grid):
-                        each cube is run in --tta rotations (default 6), OUT is their mean
-                        and PATH the spread, the per-voxel standard deviation over the
-                        rotations in OUT's units (0 in skipped solvent): where the turned
-                        predictions disagree. Costs N times the network time
-  --tta N               rotations per cube: 3, 4, 6, 12 or 24 (groups of the cube's proper
-                        rotations; 24 is all, see README); without --confidence OUT is
-                        their mean alone
-  --overwrite           replace OUT (and the preview) if it exists
-  --quiet               no progress bar, device line or summary (warnings still print);
-                        with several maps the table prints only if a map failed
-  --debug               show the traceback of errors
-  --version             print the version and exit
-  -h, --help            show this help and exit
-
-Options are matched exactly (no abbreviations); --batch_size style spellings work too.
-
-DeepEMhancer's options, with the same meaning:
-  -i, --inputMap IN     IN               -o, --outputMap OUT   OUT
-  -i2, --halfMap2 H2    --half2 H2       -s, --samplingRate A  --voxel-size A
-  --noiseStats M S      --noise-stats M,S
-  -m, --binaryMask PATH --mask PATH      -b, --batch_size N    --batch-size N
-  -g, --gpuIds ID       --device cuda:ID (-1: --device cpu; one GPU per run)
-  -p, --processingType tightTarget       --model tight (no wideTarget or highRes model is
-                        shipped: convert DeepEMhancer's file with demhx-export from-keras)
-  --deepLearningModelPath and --cleaningStrengh are refused with what to use instead.
-
-Exit status: 0 done, 2 usage or input error, 1 failure while running (or any of several
-maps failed), 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (nothing half-written is left behind).
-"""
-_HELP_MODELS_AFTER = "  -h, --help            show this help and exit\n"
-"""The help lists the shipped models after this line."""
-_NAME_WIDTH = 18  # columns of the model-name column in the help's model list
-_USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
-                 IsADirectoryError, NotADirectoryError)
-_ONE_MAP_ONLY = {
-    "half2": ("--half2 does not combine with several inputs, --out-dir or --suffix; run "
-              "demhx H1 OUT --half2 H2 for each pair of half-maps"),
-    "noise_stats": ("--noise-stats gives one map's solvent noise, not several; leave it out "
-                    "(estimated per map) or run each map on its own"),
-}
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-@dataclass(frozen=True)
-class Arguments:
-    """The parsed command line, values converted and checked.
-
-    ``input`` is the (first) input map; ``output`` is OUT, or None with ``--out-dir`` or
-    ``--suffix`` (:attr:`batch`), where ``more_inputs`` holds the other input maps and
-    ``shard`` this job's share of them (None: all).
-    """
-
-    input: str
-    output: str | None
-    half2: str | None = None
-    model: str | None = None
-    device: str = "auto"
-    batch_size: int | None = None
-    threads: int | None = None
-    tiling: str = "default"
-    voxel_size: tuple[float, float, float] | None = None
-    noise_stats: tuple[float, float] | None = None
-    mask: str | None = None
-    overwrite: bool = False
-    quiet: bool = False
-    debug: bool = False
-    more_inputs: tuple[str, ...] = ()
-    out_dir: str | None = None
-    suffix: str | None = None
-    shard: Shard | None = None
-    preview: str | None = None
-    confidence: str | None = None
-    tta: int | None = None
-
-    @property
-    def inputs(self) -> tuple[str, ...]:
-        """All input maps, in order."""
-        return (self.input, *self.more_inputs)
-
-    @property
-    def batch(self) -> bool:
-        """Whether outputs are named by ``--out-dir``/``--suffix`` (any number of inputs)."""
-        return self.out_dir is not None or self.suffix is not None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,48 +65,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _report(error, debug)
 
 
-def help_text(folder: Path | None = None) -> str:
-    """:data:`HELP` with the shipped models, read now from the registry in ``folder`` (default:
-    the installed models), one line each and the default marked."""
-    from demhx import model
-
-    folder = folder or model.models_dir()
-    registry = model.load_registry(folder)
-    lines = ["", "shipped models (--model NAME):"]
-    titles = {name: f"{name} (default)" if name == registry["default"] else name
-              for name in registry["models"]}
-    width = max([_NAME_WIDTH, *(len(title) + 2 for title in titles.values())])
-    for name, entry in registry["models"].items():
-        lines.append(f"  {titles[name]:<{width}}{_describe_model(folder, entry)}")
-    if not registry["models"]:
-        lines.append("  none; pass --model PATH.onnx")
-    return HELP.replace(_HELP_MODELS_AFTER, _HELP_MODELS_AFTER + "\n".join(lines) + "\n", 1)
-
-
-def _describe_model(folder: Path, entry: dict[str, Any]) -> str:
-    """One line about a registered model: its registry description, else its metadata."""
-    from demhx import model
-
-    if entry.get("description"):
-        return " ".join(str(entry["description"]).split())
-    path = folder / str(entry.get("file", ""))
-    try:
-        metadata = model.read_metadata(path)
-    except Exception as error:  # the help still prints when a model cannot be read
-        return f"{path.name}: cannot be read ({describe_error(error)[:80]}); reinstall demhx"
-    values = {key.removeprefix(model.METADATA_PREFIX): value for key, value in metadata.items()}
-    parts = [f"v{values.get('version', '?')}"]
-    if "widths" in values:
-        parts.append(f"widths {values['widths']}")
-    if "parameters" in values:
-        parts.append(f"{int(values['parameters']) / 1e6:.2f} M weights")
-    cube = values.get("cube_size", "?")
-    if "gflop_per_cube" in values:
-        parts.append(f"{float(values['gflop_per_cube']):.0f} GFLOP per {cube}³ cube")
-    parts.append(f"{values.get('voxel_size', '?')} Å/voxel")
-    return ", ".join(parts)
-
-
 def _interrupted(interrupt: KeyboardInterrupt, written: list[str]) -> int:
     """One line saying what stopped the run and what (if anything) was written."""
     name = _signals.signal_name(interrupt)
@@ -250,172 +79,10 @@ def _interrupted(interrupt: KeyboardInterrupt, written: list[str]) -> int:
 def _say(text: str) -> None:
     """Write to stderr; a terminal that hung up (SIGHUP) cannot stop the clean-up."""
     try:
-        sys.stderr.write(text)
+        sys.stderr.write(cli_terms(text))
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
-
-
-def parse_arguments(argv: Sequence[str]) -> Arguments:
-    """Parse the command line with fire into checked :class:`Arguments`; UsageError if wrong."""
-    import fire
-    from fire.decorators import SetParseFn, SetParseFns
-
-    captured: list[dict[str, Any]] = []
-
-    @SetParseFn(str)  # the input and output paths (fire's *varargs) stay text
-    @SetParseFns(**{name: str for name in _argv.VALUED})
-    def command(*paths: str, half2: str | None = None, model: str | None = None,
-                device: str = "auto", batch_size: str | None = None, threads: str | None = None,
-                tiling: str = "default", voxel_size: str | None = None,
-                noise_stats: str | None = None, mask: str | None = None,
-                overwrite: bool = False, quiet: bool = False, debug: bool = False,
-                out_dir: str | None = None, suffix: str | None = None,
-                shard: str | None = None, preview: str | None = None, confidence: str | None = None,
-                tta: str | None = None) -> None:
-        captured.append(dict(locals()))
-
-    messages = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(messages), contextlib.redirect_stderr(messages):
-            fire.Fire(command, command=_argv.fire_argv(argv) + ["--"], name=PROGRAM)
-    except fire.core.FireExit:
-        raise UsageError(_fire_error(messages.getvalue())) from None
-    if not captured:
-        raise UsageError(f"could not read the arguments; see {PROGRAM} --help")
-    return _convert(captured[0])
-
-
-def _fire_error(text: str) -> str:
-    """fire's error text as one line that says what to do."""
-    found = re.search(r"ERROR: (.*)", _ANSI.sub("", text))
-    message = found.group(1).strip() if found else "could not read the arguments"
-    consumed = re.match(r"Could not consume arg: (.*)", message)
-    if consumed:
-        arg = consumed.group(1)
-        if arg.startswith("-"):
-            return f"unknown option {arg.split('=')[0]}; see {PROGRAM} --help"
-        return (f"unexpected extra argument {arg!r}; usage: {PROGRAM} IN OUT [options], "
-                f"see {PROGRAM} --help")
-    missing = re.search(r"required argument: (\w+)", message)
-    if missing:
-        name = {"input": "IN", "output": "OUT"}.get(missing.group(1), missing.group(1))
-        return f"missing {name}; usage: {PROGRAM} IN OUT [options], see {PROGRAM} --help"
-    return f"{message}; see {PROGRAM} --help"
-
-
-def _convert(raw: dict[str, Any]) -> Arguments:
-    """Check and convert fire's strings into typed :class:`Arguments`."""
-    paths = _paths(raw)
-    batch = raw["out_dir"] is not None or raw["suffix"] is not None
-    return Arguments(
-        input=paths[0], output=None if batch else paths[1],
-        more_inputs=tuple(paths[1:]) if batch else (),
-        out_dir=raw["out_dir"], suffix=raw["suffix"], preview=raw["preview"],
-        shard=_shard(raw["shard"], batch),
-        half2=raw["half2"], model=raw["model"], device=str(raw["device"]),
-        batch_size=_positive_int("--batch-size", raw["batch_size"]),
-        threads=_positive_int("--threads", raw["threads"]),
-        tiling=str(raw["tiling"]),
-        voxel_size=_voxel_size(raw["voxel_size"]),
-        noise_stats=_noise_stats(raw["noise_stats"]),
-        mask=raw["mask"],
-        confidence=_one_map_only("--confidence", raw["confidence"], batch),
-        tta=_positive_int("--tta", _one_map_only("--tta", raw["tta"], batch)),
-        **{name: _flag(name, raw[name]) for name in ("overwrite", "quiet", "debug")},
-    )
-
-
-def _one_map_only(option: str, value: str | None, batch: bool) -> str | None:
-    if value is not None and batch:
-        raise UsageError(f"{option} works with the one-map form {PROGRAM} IN OUT; run each map "
-                         "on its own to get its confidence map")
-    return value
-
-
-def _shard(text: str | None, batch: bool) -> Shard | None:
-    """This job's share of several maps: ``--shard``, else SLURM's array variables."""
-    if not batch:
-        if text is not None:
-            raise UsageError(f"--shard {text} shares several maps among jobs; use it with "
-                             f"{PROGRAM} IN [IN ...] --out-dir DIR|--suffix SUF, or leave it "
-                             "out")
-        return None  # one map: a SLURM array's variables do not apply
-    from demhx import batch as several
-
-    try:
-        return several.choose_shard(text, os.environ)
-    except ValueError as error:
-        raise UsageError(str(error)) from None
-
-
-def _paths(raw: dict[str, Any]) -> list[str]:
-    """The positional paths: IN OUT, or with --out-dir/--suffix one or more inputs."""
-    paths = [str(path) for path in raw["paths"]]
-    several = f"{PROGRAM} IN [IN ...] --out-dir DIR|--suffix SUF [options]"
-    if raw["out_dir"] is not None or raw["suffix"] is not None:
-        if not paths:
-            raise UsageError(f"missing IN; usage: {several}, see {PROGRAM} --help")
-        for option in ("half2", "noise_stats") if len(paths) > 1 else ("half2",):
-            if raw[option] is not None:
-                raise UsageError(_ONE_MAP_ONLY[option])
-        return paths
-    if len(paths) < 2:
-        missing = "IN" if not paths else "OUT"
-        raise UsageError(f"missing {missing}; usage: {PROGRAM} IN OUT [options], or {several}; "
-                         f"see {PROGRAM} --help")
-    if len(paths) > 2:
-        raise UsageError(f"unexpected extra argument {paths[2]!r}; usage: {PROGRAM} IN OUT "
-                         f"[options], or for several maps {several}; see {PROGRAM} --help")
-    return paths
-
-
-def _positive_int(option: str, text: str | None) -> int | None:
-    if text is None:
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise UsageError(f"{option} {text!r}: must be a positive integer")
-    return value
-
-
-def _floats(option: str, text: str, count: Sequence[int], form: str) -> list[float]:
-    parts = [part for part in re.split(r"[,\s]+", text.strip().strip("()[]")) if part]
-    try:
-        values = [float(part) for part in parts]
-    except ValueError:
-        values = []
-    if len(values) not in count:
-        raise UsageError(f"{option} {text!r}: expected {form}")
-    return values
-
-
-def _voxel_size(text: str | None) -> tuple[float, float, float] | None:
-    if text is None:
-        return None
-    values = _floats("--voxel-size", text, (1, 3), "one value in Å or three, X,Y,Z")
-    if len(values) == 1:
-        values *= 3
-    x, y, z = values
-    return z, y, x
-
-
-def _noise_stats(text: str | None) -> tuple[float, float] | None:
-    if text is None:
-        return None
-    mean, std = _floats("--noise-stats", text, (2,), "two values, MEAN,STD")
-    return mean, std
-
-
-def _flag(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "false"):
-        return str(value).lower() == "true"
-    raise UsageError(f"--{name} takes no value (got {value!r})")
 
 
 def _run(args: Arguments, written: list[str]) -> int:
@@ -426,18 +93,18 @@ def _run(args: Arguments, written: list[str]) -> int:
     if args.batch:
         return _run_many(args)
     from demhx._progress import ProgressBar
-    from demhx.pipeline import enhance_file
+    from demhx.pipeline import Enhancer
 
     picture = _preview_path(args)  # checked before the run; None without --preview
     bar = ProgressBar(enabled=False if args.quiet else None)
     with _console(args.quiet, args.debug):
         try:
-            summary = enhance_file(
-                args.input, str(args.output), half2=args.half2, voxel_size=args.voxel_size,
-                mask=args.mask, noise_stats=args.noise_stats, overwrite=args.overwrite,
-                model=args.model, device=args.device, batch_size=args.batch_size,
-                threads=args.threads, tiling=args.tiling, progress=bar,
-                confidence=args.confidence, tta=args.tta)
+            enhancer = Enhancer(args.model, device=args.device, batch_size=args.batch_size,
+                                threads=args.threads)
+            summary = enhancer.process_file(
+                args.input, str(args.output), _options(args, bar), half2=args.half2,
+                voxel_size=args.voxel_size, mask=args.mask, confidence=args.confidence,
+                overwrite=args.overwrite)
         finally:
             bar.close()
         written += [str(path) for path in (summary.confidence, summary.output) if path]
@@ -449,6 +116,14 @@ def _run(args: Arguments, written: list[str]) -> int:
                                voxel_size=args.voxel_size, overwrite=args.overwrite)
             logging.getLogger(PROGRAM).info(f"wrote preview {picture}")
     return 0
+
+
+def _options(args: Arguments, progress: Progress) -> EnhanceOptions:
+    """The run's options from the command line (checked as the API checks them)."""
+    from demhx.options import EnhanceOptions
+
+    return EnhanceOptions(noise_stats=args.noise_stats, tiling=args.tiling, tta=args.tta,
+                          progress=progress)
 
 
 def _preview_path(args: Arguments) -> Path | None:
@@ -542,9 +217,8 @@ def _enhance_many(args: Arguments, enhancer: Enhancer, sources: list[Path],
     results: list[MapResult] = []
     try:
         for result in batch.enhance_many(
-                enhancer, sources, outputs, previews=previews, voxel_size=args.voxel_size,
-                mask=args.mask, noise_stats=args.noise_stats, overwrite=args.overwrite,
-                tiling=args.tiling, progress=bar):
+                enhancer, sources, outputs, _options(args, bar), previews=previews,
+                voxel_size=args.voxel_size, mask=args.mask, overwrite=args.overwrite):
             bar.close()
             results.append(result)
             if result.error is not None:
@@ -566,7 +240,7 @@ def _console(quiet: bool, debug: bool = False) -> Iterator[None]:
     warnings as one line, on stderr."""
     logger = logging.getLogger(PROGRAM)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROGRAM}: %(message)s"))
+    handler.setFormatter(_Formatter(f"{PROGRAM}: %(message)s"))
     saved = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
@@ -588,6 +262,13 @@ def _console(quiet: bool, debug: bool = False) -> Iterator[None]:
         logger.propagate = saved[1]
 
 
+class _Formatter(logging.Formatter):
+    """Log lines with the library's option names shown as flags (:func:`cli_terms`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return cli_terms(super().format(record))
+
+
 def _report(error: BaseException, debug: bool) -> int:
     """Print an error as one line (with the traceback first when debugging); its exit status."""
     usage = isinstance(error, _USAGE_ERRORS)
@@ -600,17 +281,3 @@ def _report(error: BaseException, debug: bool) -> int:
     return 2 if usage else 1
 
 
-def describe_error(error: BaseException) -> str:
-    """One line for an exception: its message, or ``file: reason`` for operating-system errors."""
-    if isinstance(error, OSError) and error.strerror and error.filename is not None:
-        text = f"{error.filename}: {error.strerror.lower()}"
-        if isinstance(error, PermissionError):
-            text += "; check the permissions or choose another path"
-    elif isinstance(error, MemoryError):
-        text = ("out of memory; try --batch-size 1, fewer --threads, or a machine with more "
-                "memory")
-    else:
-        text = str(error).strip() or type(error).__name__
-        if not isinstance(error, (*_USAGE_ERRORS, RuntimeError)):
-            text = f"{type(error).__name__}: {text}"
-    return " ".join(cli_terms(text).split())[:500]

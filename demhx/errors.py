@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import re
 
+_USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
+                 IsADirectoryError, NotADirectoryError)
+"""Errors of the input or the options (exit status 2 on the command line)."""
+
 # Parameters of the API that are also options of the command line (``out_dir`` → ``--out-dir``).
 OPTIONS = ("voxel_size", "noise_stats", "half2", "mask", "model", "device", "batch_size",
            "threads", "tiling", "tta", "confidence", "overwrite", "out_dir", "suffix", "shard",
@@ -43,3 +47,20 @@ def cli_terms(text: str) -> str:
         return spelled if following in _NO_SPACE_BEFORE else spelled + " "
 
     return _OPTION.sub(flag, text)
+
+
+def describe_error(error: BaseException) -> str:
+    """One line for an exception, as the command line shows it: its message (options named as
+    flags, :func:`cli_terms`), or ``file: reason`` for operating-system errors."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        text = f"{error.filename}: {error.strerror.lower()}"
+        if isinstance(error, PermissionError):
+            text += "; check the permissions or choose another path"
+    elif isinstance(error, MemoryError):
+        text = ("out of memory; try --batch-size 1, fewer --threads, or a machine with more "
+                "memory")
+    else:
+        text = str(error).strip() or type(error).__name__
+        if not isinstance(error, (*_USAGE_ERRORS, RuntimeError)):
+            text = f"{type(error).__name__}: {text}"
+    return " ".join(cli_terms(text).split())[:500]

@@ -18,8 +18,6 @@ Runtime's own log lines (provider probing) are silenced.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -32,110 +30,34 @@ from typing import Any
 import numpy as np
 
 from demhx import model as model_contract
+from demhx.device import (  # noqa: F401  (re-exported: demhx.session.CPU, ...)
+    _LOG_QUIET,
+    CPU,
+    CUDA,
+    CUDNN_CONV_ALGO_SEARCH,
+    DEVICES,
+    DeviceError,
+    DeviceRequest,
+    InstallError,
+    choose_providers,
+    import_onnxruntime,
+    parse_device,
+)
 from demhx.errors import DemhxWarning  # noqa: F401  (re-exported: demhx.session.DemhxWarning)
 from demhx.model import ModelSpec
+from demhx.validate import check_positive  # noqa: F401  (re-exported)
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 CPU_BATCH_SIZE = 1
 """Cubes per batch on CPU: larger batches are no faster there and cost memory."""
 CUDA_BATCH_SIZE = 8
 """Cubes per batch on CUDA when the free GPU memory cannot be queried."""
 CUDA_MAX_BATCH_SIZE = 32
-CUDNN_CONV_ALGO_SEARCH = "HEURISTIC"
-"""cuDNN convolution algorithm search of the CUDA provider. The default, ``EXHAUSTIVE``, times
-every algorithm for each new input shape: on an H200 the first batch of the default model took
-0.93 s with it and 0.21 s with ``HEURISTIC``, at the same steady speed (2.07 ms per cube)."""
 _CUDA_MEMORY_SHARE = 0.5  # part of the free GPU memory a batch may use
 _ACTIVATIONS_PER_VOXEL = 16  # live activation tensors of the widest level, per cube voxel
-_ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
-_ORT_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu, then pip install onnxruntime "
-            "(on a CUDA machine: pip install \"onnxruntime-gpu[cuda,cudnn]\")")
 _OUT_OF_MEMORY = ("out of memory", "failed to allocate", "bfcarena", "cudaerrormemoryallocation",
                   "smaller than requested bytes", "cudnn_status_alloc_failed",
                   "cublas_status_alloc_failed")  # ONNX Runtime's and CUDA's words for it
-_LOG_QUIET = 3  # ONNX Runtime severity: errors only
 _LOG_SILENT = 4  # fatal only: hides the CUDA-provider probe of onnxruntime-gpu
-
-
-class DeviceError(ValueError):
-    """The requested device cannot run here (a usage error: the fix is an option or install)."""
-
-
-class InstallError(RuntimeError):
-    """ONNX Runtime is missing or broken in this environment."""
-
-
-@dataclass(frozen=True)
-class DeviceRequest:
-    """A parsed ``--device``: kind ``"auto"``, ``"cpu"`` or ``"cuda"``, and a CUDA index."""
-
-    kind: str
-    index: int = 0
-
-
-def parse_device(device: str) -> DeviceRequest:
-    """Parse ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; ValueError with the choices otherwise."""
-    text = str(device).strip().lower()
-    if text in ("auto", "cpu", "cuda"):
-        return DeviceRequest(text)
-    kind, _, index = text.partition(":")
-    if kind == "cuda" and index.isdigit():
-        return DeviceRequest("cuda", int(index))
-    raise ValueError(f"--device {device!r} is not a device; use one of {', '.join(DEVICES)}")
-
-
-def choose_providers(request: DeviceRequest, available: Sequence[str]) -> list[Any]:
-    """ONNX Runtime providers to try, best first, for a device request.
-
-    ``cpu`` gives CPU only; ``cuda`` gives CUDA (the requested GPU) then CPU, and raises
-    :class:`DeviceError` if this ONNX Runtime has no CUDA provider; ``auto`` is ``cuda`` when
-    the provider exists and ``cpu`` otherwise.
-    """
-    has_cuda = CUDA in available
-    if request.kind == "cuda" and not has_cuda:
-        raise DeviceError(
-            "--device cuda: this ONNX Runtime has no CUDA support (providers: "
-            f"{', '.join(available)}); swap it for the CUDA build with pip uninstall -y "
-            "onnxruntime && pip install onnxruntime-gpu (Linux/Windows x86-64 with an NVIDIA "
-            "driver) or use --device cpu")
-    if request.kind == "cpu" or not has_cuda:
-        return [CPU]
-    return [(CUDA, {"device_id": request.index,
-                    "cudnn_conv_algo_search": CUDNN_CONV_ALGO_SEARCH}), CPU]
-
-
-@functools.lru_cache(maxsize=1)
-def import_onnxruntime() -> Any:
-    """``onnxruntime``, after checking the install; :class:`InstallError` names the fix.
-
-    Both ``onnxruntime`` and ``onnxruntime-gpu`` install the same module, so having both
-    leaves a mixture of files in which the last one installed decides, silently, whether
-    CUDA can run (``pip install`` of demhx after ``onnxruntime-gpu`` puts the CPU build back
-    on top), and uninstalling either breaks the other: fail when both are installed or the
-    import is broken. The fix removes both and installs one.
-    """
-    installed = [name for name in _ORT_DISTRIBUTIONS if _distribution_version(name)]
-    if len(installed) > 1:
-        raise InstallError("both onnxruntime and onnxruntime-gpu are installed; they overwrite "
-                           f"each other's files (one module, onnxruntime); fix: {_ORT_FIX}")
-    try:
-        import onnxruntime as ort
-
-        ort.InferenceSession  # noqa: B018 - a half-overwritten install lacks it
-    except (ImportError, AttributeError, OSError) as error:
-        raise InstallError(f"ONNX Runtime cannot be imported: {error}; fix: {_ORT_FIX}"
-                           ) from None
-    ort.set_default_logger_severity(_LOG_QUIET)
-    return ort
-
-
-def _distribution_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -255,20 +177,20 @@ class Runtime:
         text = str(error).strip()
         first = (text.splitlines() or [type(error).__name__])[0][:200]
         if self.device != "cpu" and any(sign in text.lower() for sign in _OUT_OF_MEMORY):
-            smaller = f"--batch-size {cubes // 2}" if cubes > 1 else "--device cpu"
+            smaller = f"batch_size={cubes // 2}" if cubes > 1 else "device=cpu"
             return (f"{self.model_file}: {self.device} ran out of GPU memory for a batch of "
                     f"{cubes} cubes of {self.spec.cube_size}³ ({first}); try {smaller}, free "
-                    "the GPU (nvidia-smi lists what uses it) or use --device cpu")
+                    "the GPU (nvidia-smi lists what uses it) or use device=cpu")
         return (f"{self.model_file}: inference failed on {self.device} ({first}); try a "
-                "smaller --batch-size or --device cpu")
+                "smaller batch_size= or device=cpu")
 
     def _non_finite(self, output: np.ndarray, feed: np.ndarray) -> str:
         """Why a batch came back with NaN or infinite values: the model, named."""
         bad = int(output.size - np.count_nonzero(np.isfinite(output)))
-        fix = ("its float16 twin may overflow: try --device cpu"
+        fix = ("its float16 twin may overflow: try device=cpu"
                if self.io.input_dtype is np.float16 else "check the model file or re-export it")
         if not np.isfinite(feed).all():
-            fix = "the normalised input overflowed float16: try --device cpu"
+            fix = "the normalised input overflowed float16: try device=cpu"
         return (f"{self.model_file}: model {self.spec.label} on {self.device} produced {bad} "
                 f"NaN or infinite values for a batch of cubes; nothing written; {fix}")
 
@@ -279,15 +201,6 @@ class Runtime:
         binding.bind_output(self.io.output_name, kind, int(index or 0))
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0]
-
-
-def check_positive(option: str, value: Any) -> int | None:
-    """``value`` as a positive int (None stays None); ValueError naming the option otherwise."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{option} {value!r}: must be a positive integer")
-    return int(value)
 
 
 def available_cores() -> int:
@@ -307,7 +220,7 @@ def bounded_threads(threads: int | None) -> int | None:
     cores = available_cores()
     if threads is None or threads <= cores:
         return threads
-    warnings.warn(f"--threads {threads} is more than the {cores} CPU cores available; using "
+    warnings.warn(f"threads={threads} is more than the {cores} CPU cores available; using "
                   f"{cores}", DemhxWarning, stacklevel=3)
     return cores
 
@@ -333,8 +246,8 @@ def load_runtime(model: str | Path | None = None, *, device: str = "auto",
     """
     # Validate the options before touching the model.
     request = parse_device(device)
-    batch_size = check_positive("--batch-size", batch_size)
-    threads = bounded_threads(check_positive("--threads", threads))
+    batch_size = check_positive("batch_size", batch_size)
+    threads = bounded_threads(check_positive("threads", threads))
     ort = import_onnxruntime()
     # Resolve the model file and check its sha256 against the registry.
     path, expected = model_contract.resolve_model(model)
@@ -407,9 +320,9 @@ def _actual_device(session: Any, request: DeviceRequest) -> tuple[str, str]:
         return f"cuda:{options.get('device_id', request.index)}", ""
     if request.kind == "cuda":
         raise DeviceError(
-            f"--device cuda:{request.index}: ONNX Runtime has CUDA support but could not start "
+            f"device=cuda:{request.index}: ONNX Runtime has CUDA support but could not start "
             "it (no GPU visible, or the CUDA/cuDNN libraries onnxruntime-gpu needs are "
-            "missing); check nvidia-smi and the onnxruntime-gpu requirements, or use --device cpu")
+            "missing); check nvidia-smi and the onnxruntime-gpu requirements, or use device=cpu")
     if request.kind == "auto" and CUDA in _available_providers():
         return "cpu", "CUDA support is installed but no usable GPU was found"
     return "cpu", ""
@@ -423,8 +336,8 @@ def _batch_size(requested: int | None, io: ModelIO, device: str, spec: ModelSpec
     """The requested batch size, the model's fixed one, or a default for the device."""
     if io.fixed_batch is not None:
         if requested not in (None, io.fixed_batch):
-            raise ValueError(f"--batch-size {requested}: model {spec.path.name} only takes "
-                             f"batches of {io.fixed_batch}; drop --batch-size")
+            raise ValueError(f"batch_size={requested}: model {spec.path.name} only takes "
+                             f"batches of {io.fixed_batch}; drop batch_size=")
         return io.fixed_batch
     if requested is not None:
         return requested

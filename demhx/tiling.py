@@ -55,6 +55,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from demhx import validate
+
 REFERENCE = "reference"
 DEFAULT = "default"
 FAST = "fast"
@@ -132,6 +134,7 @@ def scheme_for(tiling: str | TilingScheme, cube_size: int, model_stride: int) ->
     cube_size : edge of the network's cubes, voxels.
     model_stride : the paper's stride recorded in the model, voxels.
     """
+    validate.check_tiling(tiling)
     if isinstance(tiling, TilingScheme):
         if tiling.stride > cube_size:
             raise ValueError(f"tiling stride {tiling.stride} exceeds the cube size {cube_size}; "
@@ -145,8 +148,20 @@ def scheme_for(tiling: str | TilingScheme, cube_size: int, model_stride: int) ->
         stride = min(cube_size, spacing) // lattice * lattice
         return TilingScheme(tiling, stride, "uniform", DEFAULT_SKIP_THRESHOLD, lattice,
                             DEFAULT_TARGET_CC if tiling == DEFAULT else None)
-    raise ValueError(f"--tiling {tiling!r} is not a tiling scheme; use one of "
-                     f"{', '.join(SCHEMES)}")
+    raise AssertionError(f"scheme {tiling!r} passed validate.check_tiling but has no layout")
+
+
+def skip_level(scheme: TilingScheme, noise_std: float, noise_fraction: float = 1.0
+               ) -> float | None:
+    """The largest ``|value|`` below which a cube is skipped as solvent, in normalised units.
+
+    ``noise_std``: the model's normalised noise std; ``noise_fraction``: the solvent's noise
+    std as a fraction of it (below 1 when the std was widened to keep the peak in range), so
+    that solvent cubes are still told by their noise. None: the scheme skips nothing.
+    """
+    if scheme.skip_threshold is None:
+        return None
+    return scheme.skip_threshold * noise_std * noise_fraction
 
 
 def axis_layout(length: int, cube_size: int, stride: int,

@@ -29,6 +29,11 @@ Inputs
     :data:`MAX_NOISE_STDS` (1e5) noise stds above the noise mean (a std given in the wrong
     units) are refused: the network knows 6.5–22, and such inputs overflow float16 on a GPU.
 
+Options and arrays (the one place each is checked; messages name the API's parameters,
+    which the command line shows as its flags, see :mod:`demhx.errors`)
+    :func:`voxel_triplet`, :func:`check_volume`, :func:`check_mask`, :func:`check_tiling`,
+    :func:`check_positive`.
+
 Outputs
     :func:`check_output` — an output that has non-finite voxels, is all zero, or peaks more
     than :data:`MAX_OUTPUT_RATIO` times above the input's density is a runtime failure
@@ -40,8 +45,10 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from demhx.errors import DemhxWarning
 
@@ -55,6 +62,61 @@ MAX_NOISE_STDS = 1e5  # a map peaking this many noise stds above the noise mean 
 SAMPLE_VOXELS = 1 << 18  # voxels sampled for the median and the percentile
 MIN_SAMPLE_VOXELS = 100  # fewer non-constant voxels than this: no outlier test
 _SLAB_VOXELS = 1 << 22  # voxels per slab when searching (bounded temporary memory)
+
+
+def voxel_triplet(voxel_size: float | Sequence[float], what: str = "voxel size"
+                  ) -> tuple[float, float, float]:
+    """A positive finite voxel size per axis (z, y, x) in Å from a scalar or three values."""
+    values = np.atleast_1d(np.asarray(voxel_size, dtype=np.float64)).ravel()
+    if values.size == 1:
+        values = np.repeat(values, 3)
+    if values.size != 3 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"{what} {voxel_size!r} Å is not one positive value or three; "
+                         "pass voxel_size=")
+    return float(values[0]), float(values[1]), float(values[2])
+
+
+def check_volume(volume: Any, name: str = "volume") -> NDArray[np.float32]:
+    """A 3-D finite float32 C-contiguous view or copy of ``volume``."""
+    array = np.asarray(volume)
+    if array.ndim != 3 or min(array.shape) < 1:
+        raise ValueError(f"{name}: shape {array.shape} is not a 3-D (z, y, x) map")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise ValueError(f"{name}: data type {array.dtype} is not real numbers")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name}: contains NaN or infinite voxels; fix or replace the map")
+    return array
+
+
+def check_mask(mask: Any, shape: tuple[int, ...]) -> NDArray[np.float32]:
+    """The mask as a checked float32 volume of the map's ``shape`` with a voxel above 0."""
+    checked = check_volume(mask, "mask")
+    if checked.shape != shape:
+        raise ValueError(f"mask: shape {checked.shape} (z, y, x) differs from the map {shape}; "
+                         "make the mask on the map's grid")
+    if not np.any(checked > 0):
+        raise ValueError("mask: is empty (no voxel > 0); pass a mask that covers the particle")
+    return checked
+
+
+def check_tiling(tiling: Any) -> None:
+    """ValueError unless ``tiling`` names a scheme of :mod:`demhx.tiling` or is a scheme."""
+    from demhx import tiling as schemes
+
+    if not isinstance(tiling, schemes.TilingScheme) and tiling not in schemes.SCHEMES:
+        raise ValueError(f"tiling={tiling!r} is not a tiling scheme; use one of "
+                         f"{', '.join(schemes.SCHEMES)}")
+
+
+def check_positive(option: str, value: Any) -> int | None:
+    """``value`` as a positive int (None stays None); ValueError naming the parameter
+    ``option`` (``"batch_size"``) otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{option}={value!r}: must be a positive integer")
+    return int(value)
 
 
 def check_voxel_size(voxel_size: Sequence[float], what: str, fix: str) -> None:
@@ -169,8 +231,8 @@ def check_noise_range(peak: float, std: float, method: str, name: str) -> None:
         return
     raise ValueError(f"{name}: with the noise std {std:.4g} ({method}) the map reaches "
                      f"{peak / std:.3g} noise stds, far beyond the few tens the network was "
-                     "trained on; check the noise statistics (--noise-stats MEAN,STD takes the "
-                     "solvent's mean and std in the map's units) or the mask (--mask)")
+                     "trained on; check the noise statistics (noise_stats=MEAN,STD takes the "
+                     "solvent's mean and std in the map's units) or the mask (mask=)")
 
 
 def check_output(result: np.ndarray, input_peak: float, output: str, cause: str,
@@ -189,7 +251,7 @@ def check_output(result: np.ndarray, input_peak: float, output: str, cause: str,
     if not finite.all():
         bad = int(result.size - np.count_nonzero(finite))
         raise RuntimeError(f"{cause} produced {bad} NaN or infinite voxels; nothing written to "
-                           f"{output}; check the model file, or try --device cpu")
+                           f"{output}; check the model file, or try device=cpu")
     if not result.any():
         raise RuntimeError(f"the output is all zero ({zero_cause}); nothing written to {output}")
     peak = float(np.abs(result).max())

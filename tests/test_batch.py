@@ -72,9 +72,9 @@ def test_output_paths_refuse_clashes(tmp_path: Path) -> None:
         batch.output_paths([a, tmp_path / "a_d.mrc"], suffix="_d")
     with pytest.raises(ValueError, match="inputs are never overwritten"):
         batch.output_paths([a], tmp_path)
-    with pytest.raises(ValueError, match="--suffix is empty"):
+    with pytest.raises(ValueError, match="suffix= is empty"):
         batch.output_paths([a], suffix=" ")
-    with pytest.raises(ValueError, match="--out-dir DIR or --suffix SUF"):
+    with pytest.raises(ValueError, match="out_dir=DIR or suffix=SUF"):
         batch.output_paths([a])
     a.write_bytes(b"x")
     with pytest.raises(NotADirectoryError, match="not a folder"):
@@ -272,14 +272,14 @@ def test_model_error_stops_before_any_map(maps: list[Path], tmp_path: Path,
 def test_interrupt_keeps_finished_maps(maps: list[Path], model: Path, tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    real = pipeline.Enhancer.enhance_file
+    real = pipeline.Enhancer.process_file
 
     def stop_at_second(self: pipeline.Enhancer, source: Path, *args: object, **kwargs: object):
         if Path(source) == maps[1]:
             raise KeyboardInterrupt
         return real(self, source, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.Enhancer, "enhance_file", stop_at_second)
+    monkeypatch.setattr(pipeline.Enhancer, "process_file", stop_at_second)
     out = tmp_path / "out"
     assert cli.main([*map(str, maps), "--out-dir", str(out), "--model", str(model), "-q"]) == 130
     err = capsys.readouterr().err
@@ -319,22 +319,22 @@ def test_shards_partition_the_maps(total: int, count: int) -> None:
 ])
 def test_parse_shard(text: str, expected: tuple[int, int]) -> None:
     shard = batch.parse_shard(text)
-    assert (shard.index, shard.count, shard.origin) == (*expected, "--shard")
+    assert (shard.index, shard.count, shard.origin) == (*expected, "shard=")
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("0/2", "--shard 0/2: K must be between 1 and N = 2"),
-    ("3/2", "--shard 3/2: K must be between 1 and N = 2"),
-    ("1/0", "--shard 1/0: N must be at least 1"),
+    ("0/2", "shard=0/2: K must be between 1 and N = 2"),
+    ("3/2", "shard=3/2: K must be between 1 and N = 2"),
+    ("1/0", "shard=1/0: N must be at least 1"),
     ("0/0", "N must be at least 1"),
-    ("-1/2", "--shard '-1/2': expected K/N"),
-    ("2", "--shard '2': expected K/N"),
-    ("a/b", "--shard 'a/b': expected K/N"),
+    ("-1/2", "shard='-1/2': expected K/N"),
+    ("2", "shard='2': expected K/N"),
+    ("a/b", "shard='a/b': expected K/N"),
     ("1/2/3", "expected K/N"),
     ("1.5/2", "expected K/N"),
 ])
 def test_bad_shards_are_refused(text: str, message: str) -> None:
-    with pytest.raises(ValueError, match="give --shard K/N with 1 <= K <= N") as error:
+    with pytest.raises(ValueError, match="give shard=K/N with 1 <= K <= N") as error:
         batch.parse_shard(text)
     assert message in str(error.value)
 
@@ -367,16 +367,16 @@ def test_shard_from_environment(environ: dict[str, str],
     {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": ""},
 ])
 def test_bad_slurm_variables_are_refused(environ: dict[str, str]) -> None:
-    with pytest.raises(ValueError, match="--shard") as error:
+    with pytest.raises(ValueError, match="shard=") as error:
         batch.shard_from_environment(environ)
     text = str(error.value)
-    assert "SLURM_ARRAY_TASK_ID=" in text and "pass --shard K/N" in text
+    assert "SLURM_ARRAY_TASK_ID=" in text and "pass shard=K/N" in text
     assert "\n" not in text
 
 
 def test_shard_option_overrides_the_environment() -> None:
     environ = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "4"}
-    assert batch.choose_shard("2/3", environ) == batch.Shard(2, 3, "--shard")
+    assert batch.choose_shard("2/3", environ) == batch.Shard(2, 3, "shard=")
     assert batch.choose_shard(None, environ) == batch.Shard(1, 4, "SLURM_ARRAY_TASK_ID=1")
     assert batch.choose_shard(None, {}) is None
 

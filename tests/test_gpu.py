@@ -107,5 +107,5 @@ def test_out_of_gpu_memory_is_a_clear_error(gpu_identity: Path, tmp_path: Path,
     path = write_model(tmp_path, "big.onnx", scale_model(1.0, 64, meta=metadata(cube_size=64)))
     runtime = session.load_runtime(path, device="cuda", batch_size=64)
     with pytest.raises(RuntimeError, match=r"ran out of GPU memory for a batch of 64 cubes of "
-                                           r"64³ .*try --batch-size 32"):
+                                           r"64³ .*try batch_size=32"):
         runtime.run(np.ones((64, 1, 64, 64, 64), np.float32))

@@ -148,7 +148,7 @@ def test_default_tiling_skips_solvent_and_stays_close_to_reference(
 def test_mask_model_needs_a_mask(models: dict[str, Path]) -> None:
     enhancer = pipeline.Enhancer(models["masked"], device="cpu")
     volume = _blobby((20, 20, 20))
-    with pytest.raises(ValueError, match="masked.onnx: .* expects masked input.*--mask"):
+    with pytest.raises(ValueError, match="masked.onnx: .* expects masked input.*mask="):
         enhancer.enhance(volume, 1.0)
     mask = np.zeros(volume.shape, np.float32)
     mask[5:15, 5:15, 5:15] = 1
@@ -162,7 +162,7 @@ def test_mask_model_needs_a_mask(models: dict[str, Path]) -> None:
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"voxel_size": 0.0}, "voxel size 0.0 Å"),
     ({"voxel_size": (1.0, float("nan"), 1.0)}, "voxel size"),
-    ({"tiling": "quick"}, "--tiling 'quick'"),
+    ({"tiling": "quick"}, "tiling='quick'"),
     ({"noise_stats": (1.0, 2.0, 3.0)}, "two values"),
 ])
 def test_bad_arguments(identity: pipeline.Enhancer, kwargs: dict, message: str) -> None:
@@ -377,12 +377,12 @@ def test_enhance_file_writes_the_confidence_map_with_the_output_header(
 
 
 @pytest.mark.parametrize(("kwargs", "error", "message"), [
-    ({"confidence": "out.mrc"}, ValueError, "--confidence is the output map itself"),
+    ({"confidence": "out.mrc"}, ValueError, "confidence= is the output map itself"),
     ({"confidence": "in.mrc"}, ValueError, "output is the input"),
-    ({"confidence": "exists.mrc"}, FileExistsError, "--overwrite"),
+    ({"confidence": "exists.mrc"}, FileExistsError, "overwrite="),
     ({"confidence": "spread.txt"}, ValueError, "spread.txt"),
-    ({"confidence": "spread.mrc", "tta": 5}, ValueError, "--tta 5"),
-    ({"tta": 2}, ValueError, "--tta 2"),
+    ({"confidence": "spread.mrc", "tta": 5}, ValueError, "tta=5"),
+    ({"tta": 2}, ValueError, "tta=2"),
 ])
 def test_confidence_errors_write_nothing(tmp_path: Path, models: dict[str, Path],
                                          kwargs: dict, error: type, message: str) -> None:
@@ -425,13 +425,13 @@ def test_flattened_solvent_warns_widens_and_still_runs_weak_density(
     assert info.cubes.skipped > 0
     for centre in (strong, weak):
         assert result[centre] == pytest.approx(volume[centre] - noise.mean, rel=1e-3)
-    assert "widened from" in pipeline._describe_stats(noise)
+    assert "widened from" in normalise.describe(noise)
 
 
 def test_user_noise_stats_beyond_the_range_warn_but_are_kept(
         identity: pipeline.Enhancer) -> None:
     volume, _, _ = _flattened_map()
-    with pytest.warns(DemhxWarning, match="with --noise-stats std 0.01 the map peaks at"):
+    with pytest.warns(DemhxWarning, match="with noise_stats= std 0.01 the map peaks at"):
         _, info = identity.run(volume, 1.0, noise_stats=(0.0, 0.01))
     assert (info.noise.std, info.noise.widened_from) == (0.01, None)
 
@@ -505,7 +505,7 @@ def test_model_grid_bounded_before_allocation(identity: pipeline.Enhancer,
     from demhx import validate
 
     monkeypatch.setattr(validate, "MAX_GRID_VOXELS", 30 ** 3)
-    monkeypatch.setattr(pipeline, "noise_statistics", _never)
+    monkeypatch.setattr(normalise, "statistics_for", _never)
     with pytest.raises(ValueError, match=r"volume: resampled to the model's 1 Å voxels the map "
                        r"would have \(x×y×z\) 40×40×40 voxels"):
         identity.enhance(_blobby((20, 20, 20)), 2.0)
@@ -534,7 +534,7 @@ def test_half_maps_must_share_the_grid(tmp_path: Path, models: dict[str, Path]) 
                        r".*h1\.mrc 1.5,-2,3.25"):
         demhx.enhance_file(half1, tmp_path / "out.mrc", half2=half2, model=models["identity"],
                            device="cpu")
-    with pytest.raises(ValueError, match="--half2 is the input map"):
+    with pytest.raises(ValueError, match="half2= is the input map"):
         demhx.enhance_file(half1, tmp_path / "out.mrc", half2=tmp_path / "." / "h1.mrc",
                            model=models["identity"], device="cpu")
     assert not (tmp_path / "out.mrc").exists()

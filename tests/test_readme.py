@@ -49,10 +49,10 @@ def test_cpu_wheel_variant_is_the_quick_start_test_command_plus_the_index() -> N
 
 
 def test_readme_names_the_fix_demhx_prints_for_two_onnxruntime_packages() -> None:
-    from demhx import session
+    from demhx import device
 
     text = _normalised((ROOT / "README.md").read_text(encoding="utf-8"))
     fix = "pip uninstall -y onnxruntime onnxruntime-gpu"
-    assert fix in session._ORT_FIX and fix in text
+    assert fix in device._ORT_FIX and fix in text
     cuda = 'pip install "onnxruntime-gpu[cuda,cudnn]"'
-    assert cuda in session._ORT_FIX and cuda in text
+    assert cuda in device._ORT_FIX and cuda in text

@@ -12,7 +12,7 @@ import pytest
 from conftest import write_mrc
 from onnx_fixtures import CUBE, identity_path, metadata, scale_model, write_model
 
-from demhx import session
+from demhx import device, session
 from demhx.session import CPU, CUDA, DemhxWarning, DeviceError, DeviceRequest
 
 HAS_CUDA = CUDA in session.import_onnxruntime().get_available_providers()
@@ -33,7 +33,7 @@ def test_parse_device(text: str, request_: DeviceRequest) -> None:
 
 @pytest.mark.parametrize("text", ["gpu", "cuda:", "cuda:x", "cpu:0", ""])
 def test_parse_device_refuses_unknown(text: str) -> None:
-    with pytest.raises(ValueError, match="--device .* use one of auto, cpu, cuda, cuda:N"):
+    with pytest.raises(ValueError, match="device=.* use one of auto, cpu, cuda, cuda:N"):
         session.parse_device(text)
 
 
@@ -46,7 +46,7 @@ def test_choose_providers() -> None:
         (CUDA, {"device_id": 0, **heuristic}), CPU]
     assert session.choose_providers(DeviceRequest("cuda", 2), both)[0] == (
         CUDA, {"device_id": 2, **heuristic})
-    with pytest.raises(DeviceError, match="pip install onnxruntime-gpu.*--device cpu"):
+    with pytest.raises(DeviceError, match="pip install onnxruntime-gpu.*device=cpu"):
         session.choose_providers(DeviceRequest("cuda"), [CPU])
 
 
@@ -71,7 +71,7 @@ def test_batch_size_and_threads_must_be_positive(identity: Path) -> None:
 
 @pytest.mark.skipif(HAS_CUDA, reason="this ONNX Runtime has CUDA")
 def test_cuda_without_cuda_is_a_clear_error(identity: Path) -> None:
-    with pytest.raises(DeviceError, match="no CUDA support.*--device cpu"):
+    with pytest.raises(DeviceError, match="no CUDA support.*device=cpu"):
         session.load_runtime(identity, device="cuda")
 
 
@@ -87,7 +87,7 @@ def test_cuda_provider_without_gpu_falls_back(identity: Path, tmp_path: Path,
     assert runtime.device == "cpu" and runtime.model_file == identity  # float32, not the twin
     assert runtime.io.input_dtype is np.float32 and not runtime.io_binding
     assert "no usable GPU" in runtime.description
-    with pytest.raises(DeviceError, match="could not start it.*--device cpu"):
+    with pytest.raises(DeviceError, match="could not start it.*device=cpu"):
         session.load_runtime(identity, device="cuda:0")
 
 
@@ -133,7 +133,7 @@ def test_fixed_batch_model(tmp_path: Path) -> None:
 def test_both_onnxruntime_packages_installed_is_an_error(
         monkeypatch: pytest.MonkeyPatch, installed: set[str], fails: bool) -> None:
     """As the README says: both installed stops with the fix (remove both, install one)."""
-    monkeypatch.setattr(session, "_distribution_version",
+    monkeypatch.setattr(device, "_distribution_version",
                         lambda name: "1.0" if name in installed else None)
     session.import_onnxruntime.cache_clear()
     try:
@@ -155,7 +155,7 @@ def test_both_onnxruntime_packages_stop_the_command_line(
         capsys: pytest.CaptureFixture[str]) -> None:
     from demhx import cli
 
-    monkeypatch.setattr(session, "_distribution_version", lambda name: "1.0")
+    monkeypatch.setattr(device, "_distribution_version", lambda name: "1.0")
     session.import_onnxruntime.cache_clear()
     source = write_mrc(tmp_path / "in.mrc",
                        np.random.default_rng(0).standard_normal((20, 20, 20)).astype(np.float32))
@@ -237,8 +237,8 @@ def test_padded_batches_reach_the_model_in_one_shape(identity: Path) -> None:
 
 @pytest.mark.parametrize(("device", "message"), [
     ("cuda:0", r"cuda:0 ran out of GPU memory for a batch of 4 cubes of 16³ .*try "
-               r"--batch-size 2, free the GPU"),
-    ("cpu", r"inference failed on cpu \(.*out of memory\); try a smaller --batch-size"),
+               r"batch_size=2, free the GPU"),
+    ("cpu", r"inference failed on cpu \(.*out of memory\); try a smaller batch_size="),
 ])
 def test_out_of_gpu_memory_is_named_with_the_fix(identity: Path, device: str,
                                                  message: str) -> None:
