@@ -18,7 +18,7 @@ from conftest import real_map, sha256, stored_from_canonical, write_mrc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from demhx import mrcio
+from demhx import _temporaries, mrcio
 
 LABEL = "demhx 0.1.0 model tight 1.0"
 # Fields write_map sets itself: stats, labels, and the MRC2014 format fields.
@@ -294,7 +294,8 @@ def test_voxel_size_messages_read_x_y_z(tmp_path: Path, voxel_size: tuple,
 
 def test_voxel_size_override_is_written(tmp_path: Path) -> None:
     source = write_mrc(tmp_path / "in.mrc", _canonical((4, 5, 6)), voxel_size=(0, 0, 0))
-    with pytest.raises(ValueError, match=r"in\.mrc: header voxel size is 0/0/0 Å.*--voxel-size"):
+    with pytest.raises(ValueError,
+                       match=r"in\.mrc: header voxel size is 0/0/0 Å.*pass voxel_size=$"):
         mrcio.read_map(source)
     read = mrcio.read_map(source, voxel_size=(1.5, 2.0, 2.5))
     assert read.voxel_size == (1.5, 2.0, 2.5)
@@ -308,7 +309,8 @@ def test_voxel_size_override_is_written(tmp_path: Path) -> None:
 @pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), (1.0, 2.0), "abc"])
 def test_bad_voxel_size_override(tmp_path: Path, value: object) -> None:
     source = write_mrc(tmp_path / "in.mrc", _canonical((4, 5, 6)))
-    with pytest.raises(ValueError, match=r"in\.mrc: voxel size .* --voxel-size"):
+    with pytest.raises(ValueError,
+                       match=r"in\.mrc: voxel size .* pass a positive voxel_size= in Å$"):
         mrcio.read_map(source, voxel_size=value)  # type: ignore[arg-type]
 
 
@@ -332,7 +334,7 @@ def test_write_refuses_existing_unless_overwrite(tmp_path: Path) -> None:
     read = mrcio.read_map(write_mrc(tmp_path / "in.mrc", _canonical((4, 5, 6))))
     output = tmp_path / "out.mrc"
     output.write_bytes(b"old")
-    with pytest.raises(FileExistsError, match=r"out\.mrc: .*--overwrite"):
+    with pytest.raises(FileExistsError, match=r"out\.mrc: .*pass overwrite= to replace it"):
         mrcio.write_map(output, read.data, read, LABEL)
     assert output.read_bytes() == b"old"
     mrcio.write_map(output, read.data, read, LABEL, overwrite=True)
@@ -380,7 +382,8 @@ def test_output_path_same_inode_and_existing(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=f"{alias}: output is the input"):
             mrcio.check_output_path(tmp_path / alias, [source], True)
     shutil.copy(source, tmp_path / "copy.mrc")
-    with pytest.raises(FileExistsError, match=r"copy\.mrc: output exists; pass --overwrite"):
+    with pytest.raises(FileExistsError,
+                       match=r"copy\.mrc: output exists; pass overwrite= to replace"):
         mrcio.check_output_path(tmp_path / "copy.mrc", [source], False)
     assert mrcio.check_output_path(tmp_path / "copy.mrc", [source], True).name == "copy.mrc"
 
@@ -492,10 +495,10 @@ def test_integer_and_half_modes_read_as_float32(tmp_path: Path, dtype: str) -> N
 def test_implausible_voxel_sizes_refused(tmp_path: Path, voxel_size: float) -> None:
     source = write_mrc(tmp_path / "in.mrc", _canonical((4, 5, 6)), voxel_size=(voxel_size,) * 3)
     with pytest.raises(ValueError, match=r"in\.mrc: header voxel size .* outside the range "
-                       r"demhx accepts .*--voxel-size"):
+                       r"demhx accepts .*with voxel_size=$"):
         mrcio.read_map(source)
     assert mrcio.read_map(source, voxel_size=1.0).voxel_size == (1.0, 1.0, 1.0)
-    with pytest.raises(ValueError, match=r"ok\.mrc: --voxel-size .*\(1 nm = 10 Å\)"):
+    with pytest.raises(ValueError, match=r"ok\.mrc: voxel_size= .*\(1 nm = 10 Å\)"):
         mrcio.read_map(write_mrc(tmp_path / "ok.mrc", _canonical((4, 5, 6))),
                        voxel_size=voxel_size)
 
@@ -590,7 +593,7 @@ def test_stale_temporaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     import subprocess
     import sys
 
-    monkeypatch.setattr(mrcio, "_reported", set())
+    monkeypatch.setattr(_temporaries, "_reported", set())
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     owner = mrcio._owner()
@@ -610,3 +613,36 @@ def test_stale_temporaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         warnings.simplefilter("always")
         assert mrcio.clean_stale_temporaries(tmp_path) == []
     assert again == []
+
+
+def test_messages_name_parameters_and_read_as_flags_on_the_command_line(tmp_path: Path) -> None:
+    from demhx.errors import cli_terms
+
+    def shown(error: pytest.ExceptionInfo[BaseException]) -> str:
+        return " ".join(cli_terms(str(error.value)).split())  # as the command line shows it
+
+    source = write_mrc(tmp_path / "in.mrc", _canonical((4, 5, 6)), voxel_size=(0, 0, 0))
+    with pytest.raises(ValueError) as caught:
+        mrcio.read_map(source)
+    assert str(caught.value).endswith("not positive; pass voxel_size=")
+    assert shown(caught).endswith("not positive; pass --voxel-size")
+    with pytest.raises(ValueError) as caught:
+        mrcio.read_map(source, voxel_size=-1.0)
+    assert shown(caught).endswith("pass a positive --voxel-size in Å")
+    with pytest.raises(ValueError) as caught:
+        mrcio.read_map(source, voxel_size=0.01)
+    assert str(caught.value).startswith(f"{source}: voxel_size= 0.01/0.01/0.01 Å is outside")
+    assert shown(caught).startswith(f"{source}: --voxel-size 0.01/0.01/0.01 Å is outside")
+    with pytest.raises(FileExistsError) as caught:
+        mrcio.check_output_path(source.with_name("in.mrc"), [], False)
+    assert shown(caught) == (f"{source}: output exists; pass --overwrite to replace it or "
+                             "choose another output path")
+
+
+def test_the_private_modules_names_are_those_of_mrcio() -> None:
+    from demhx import _mrcheader, _mrcread
+
+    assert mrcio.read_map is _mrcread.read_map and mrcio.MrcMap is _mrcheader.MrcMap
+    assert mrcio.new_temporary is _temporaries.new_temporary
+    assert mrcio.clean_stale_temporaries is _temporaries.clean_stale_temporaries
+    assert mrcio._write_mrc is _mrcheader._write_mrc
