@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (bench/speed.py: the CC)
 from tiling_study import CachedSession, source_map  # noqa: E402
 
-from demhx import mrcio, pipeline, resample, tiling  # noqa: E402
+from demhx import mrcio, normalise, pipeline, resample, tiling  # noqa: E402
 from demhx.blend import select_cubes  # noqa: E402
 from demhx.refine import SAMPLE_STEP, predicted_cc  # noqa: E402
 
@@ -38,8 +38,9 @@ def model_grid_input(path: Path, enhancer: pipeline.Enhancer
     runtime = enhancer.runtime
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stats = pipeline.noise_statistics(source.data, source.voxel_size, runtime, None, None)
-    normalised = pipeline._normalised(source.data, stats, runtime, None)
+        stats = normalise.statistics_for(source.data, source.voxel_size, runtime.spec, None,
+                                         None)
+    normalised = normalise.normalise_for(source.data, stats, runtime.spec, None)
     shape = resample.target_shape(normalised.shape, source.voxel_size,
                                   runtime.spec.voxel_size)
     if shape != normalised.shape:
@@ -104,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     reference, _ = blend(reference_plan, reference_plan.corners, predictions, spec.background)
     scheme = tiling.scheme_for("default", spec.cube_size, spec.stride)
     plan: tiling.TilingPlan | None = tiling.plan_tiling(volume.shape, spec.cube_size, scheme)
-    skip = (None if scheme.skip_threshold is None
-            else scheme.skip_threshold * spec.noise_std * noise_fraction)
+    skip = tiling.skip_level(scheme, spec.noise_std, noise_fraction)
     print(f"{path.name}: model grid {volume.shape}, {reference_plan.cube_count} reference cubes")
     print(f"{'cubes run':>9} {'predicted':>9} {'true CC':>8}")
     stopped = False
