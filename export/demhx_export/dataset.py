@@ -17,16 +17,18 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from demhx import normalise
+from numpy.typing import NDArray
 
 from demhx_export.metrics import cc, fsc, fsc_resolution
+from demhx_export.onnx_io import NOISE_STD
 from demhx_export.synth import VOXEL_SIZE, SynthOptions, SynthPair, options_dict, simulate_pair
 
-# Standard deviation of the solvent noise after normalisation (the model contract's noise_std).
-NOISE_STD = 0.1
 DEFAULT_STRUCTURES = Path(__file__).resolve().parents[3] / "shared" / "data" / "structures"
 SPLITS = ("train", "val", "test")
 
@@ -68,33 +70,30 @@ def plan_samples(split: str, count: int | None, seed: int,
     return plan
 
 
-def normalise_pair(pair: SynthPair) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+def normalise_pair(pair: SynthPair
+                   ) -> tuple[NDArray[np.float32], dict[str, NDArray[np.float32]], dict[str, Any]]:
     """Input and targets scaled so that the input's solvent noise has mean 0 and std 0.1.
 
     The statistics are the runtime's own choice (``demhx.normalise.choose_stats``: the
     solvent of an unmasked map, the solvent left inside a deposited-style mask, or the peak
-    of a zone), so the network sees every input as the runtime will hand it over. Without
-    the runtime installed, or when it refuses the map, the known simulated noise is used, as
-    a user passing ``--noise-stats`` would. The method is recorded.
+    of a zone) and the scaling its own ``demhx.normalise.normalise``, so the network sees
+    every input as the runtime will hand it over. When the runtime refuses the map the known
+    simulated noise is used, as a user passing ``--noise-stats`` would. The targets get the
+    same scale without the offset (their background is 0). The method is recorded.
     """
-    mean, std = pair.params["noise_mean"], pair.params["noise_std"]
-    method = "simulated"
     try:
-        from demhx import normalise as runtime_normalise
-    except ImportError:
-        runtime_normalise = None
-    if runtime_normalise is not None:
-        try:
-            stats = runtime_normalise.choose_stats(pair.input, (VOXEL_SIZE,) * 3)
-            mean, std, method = float(stats.mean), float(stats.std), f"runtime:{stats.method}"
-        except ValueError as refusal:
-            method = f"simulated (runtime refused: {str(refusal).split(';')[0]})"
-    scale = NOISE_STD / std
-    inputs = ((pair.input - mean) * scale).astype(np.float32)
-    targets = {name: (t * scale).astype(np.float32)
+        stats = normalise.choose_stats(pair.input, (VOXEL_SIZE,) * 3)
+        method = f"runtime:{stats.method}"
+    except ValueError as refusal:
+        stats = normalise.user_stats(pair.params["noise_mean"], pair.params["noise_std"])
+        method = f"simulated (runtime refused: {str(refusal).split(';')[0]})"
+    inputs = normalise.normalise(pair.input, stats, NOISE_STD)
+    scale_only = replace(stats, mean=0.0)
+    targets = {name: normalise.normalise(t, scale_only, NOISE_STD)
                for name, t in (pair.targets or {"locscale": pair.target}).items()}
-    return inputs, targets, {"noise_mean": mean, "noise_std": std, "normalisation": method,
-                            "simulated_noise_std": pair.params["noise_std"]}
+    return inputs, targets, {"noise_mean": float(stats.mean), "noise_std": float(stats.std),
+                             "normalisation": method,
+                             "simulated_noise_std": pair.params["noise_std"]}
 
 
 def make_sample(item: dict[str, Any], outdir: str, options: SynthOptions) -> dict[str, Any]:

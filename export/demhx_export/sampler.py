@@ -11,9 +11,13 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 from scipy import ndimage
+
+from demhx_export.onnx_io import NOISE_STD  # std of normalised solvent noise: fills patches
 
 # Centres kept per map and class (molecule / solvent), drawn once.
 CENTRES_PER_CLASS = 4096
@@ -21,7 +25,6 @@ BLUR_PROBABILITY = 0.2
 BLUR_SIGMA = (0.5, 1.5)  # voxels
 PATCH_PROBABILITY = 0.2
 PATCH_EDGE = (1 / 8, 1 / 4)  # fraction of the cube edge
-NOISE_STD = 0.1  # std of normalised solvent noise, used to fill corrupted patches
 
 
 Rotation = tuple[tuple[int, ...], tuple[bool, ...]]
@@ -38,7 +41,7 @@ def cube_rotations() -> list[Rotation]:
     return rotations
 
 
-def rotate(cube: np.ndarray, rotation: Rotation) -> np.ndarray:
+def rotate(cube: NDArray[Any], rotation: Rotation) -> NDArray[Any]:
     """Apply one of :func:`cube_rotations` to the last three axes of ``cube``."""
     perm, flips = rotation
     lead = cube.ndim - 3
@@ -81,8 +84,8 @@ class CubeSampler:
         self.target = target
         self.rng = np.random.default_rng(seed)
         self.rotations = cube_rotations()
-        self._maps: list[tuple[np.ndarray, np.ndarray] | None] = []
-        self._centres: list[tuple[np.ndarray, np.ndarray]] = []
+        self._maps: list[tuple[NDArray[Any], NDArray[Any]] | None] = []
+        self._centres: list[tuple[NDArray[Any], NDArray[Any]]] = []
         for i, entry in enumerate(self.entries):
             inputs, target_map, signal = self._load(entry["id"])
             self._centres.append(_draw_centres(signal, np.random.default_rng([seed, i])))
@@ -91,16 +94,18 @@ class CubeSampler:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def batch(self) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         """One batch: input and target, each (B, 1, c, c, c) float32."""
         return self._batch(self.rng, self.augment)
 
-    def fixed_batches(self, n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def fixed_batches(self, n: int, seed: int
+                      ) -> list[tuple[NDArray[np.float32], NDArray[np.float32]]]:
         """``n`` deterministic batches without augmentation (for validation)."""
         rng = np.random.default_rng(seed)
         return [self._batch(rng, augment=False) for _ in range(n)]
 
-    def _batch(self, rng: np.random.Generator, augment: bool) -> tuple[np.ndarray, np.ndarray]:
+    def _batch(self, rng: np.random.Generator, augment: bool
+               ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         c = self.cube_size
         inputs = np.empty((self.batch_size, 1, c, c, c), dtype=np.float32)
         targets = np.empty_like(inputs)
@@ -111,7 +116,7 @@ class CubeSampler:
             inputs[b, 0], targets[b, 0] = x, y
         return inputs, targets
 
-    def _cube(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _cube(self, rng: np.random.Generator) -> tuple[NDArray[Any], NDArray[Any]]:
         """A cube from a random map, centred on a molecule or solvent voxel."""
         i = int(rng.integers(len(self.entries)))
         signal_centres, solvent_centres = self._centres[i]
@@ -125,8 +130,8 @@ class CubeSampler:
         window = tuple(slice(int(s), int(s) + c) for s in corner)
         return inputs[window].copy(), target[window].copy()
 
-    def _augment(self, x: np.ndarray, y: np.ndarray,
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def _augment(self, x: NDArray[Any], y: NDArray[Any],
+                 rng: np.random.Generator) -> tuple[NDArray[Any], NDArray[Any]]:
         """Random rotation of both cubes; blur and patch corruption of the input."""
         rotation = self.rotations[int(rng.integers(len(self.rotations)))]
         x, y = rotate(x, rotation), rotate(y, rotation)
@@ -140,7 +145,7 @@ class CubeSampler:
             x[patch] = rng.normal(0.0, NOISE_STD, size=(edge,) * 3)
         return x.astype(np.float32, copy=False), y
 
-    def _load(self, sample_id: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _load(self, sample_id: str) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
         """Input, target and signal mask of one sample, padded to at least one cube."""
         path = self.dir / f"{sample_id}.npz"
         with np.load(path) as data:
@@ -158,7 +163,8 @@ class CubeSampler:
         return arrays[0], arrays[1], arrays[2]
 
 
-def _draw_centres(signal: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _draw_centres(signal: NDArray[Any], rng: np.random.Generator
+                  ) -> tuple[NDArray[Any], NDArray[Any]]:
     """Up to CENTRES_PER_CLASS voxel coordinates in the molecule and in the solvent."""
     out = []
     for wanted in (1, 0):
