@@ -53,10 +53,12 @@ import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
-Predict = Callable[[np.ndarray], np.ndarray]
+Predict = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 
 DEFAULT_COUNT = 6
 """Rotations of ``--confidence`` when ``--tta`` is not given (cost: that many network runs)."""
@@ -84,7 +86,7 @@ class Rotation:
                              "(determinant -1); only proper rotations keep a chiral map")
 
     @cached_property
-    def matrix(self) -> np.ndarray:
+    def matrix(self) -> NDArray[np.int64]:
         """Signed permutation matrix ``A`` (3, 3) int: centred coordinates ``u = A @ u_rotated``.
 
         Rotating by ``a`` then by ``b`` is the rotation of matrix ``a.matrix @ b.matrix``.
@@ -95,7 +97,7 @@ class Rotation:
         return matrix
 
     @classmethod
-    def from_matrix(cls, matrix: np.ndarray) -> Rotation:
+    def from_matrix(cls, matrix: NDArray[Any]) -> Rotation:
         """The rotation of a signed permutation matrix (see :attr:`matrix`)."""
         matrix = np.asarray(matrix)
         sources = tuple(int(np.flatnonzero(matrix[:, axis])[0]) for axis in range(3))
@@ -111,7 +113,7 @@ class Rotation:
         """This rotation followed by ``other``."""
         return Rotation.from_matrix(self.matrix @ other.matrix)
 
-    def view(self, array: np.ndarray) -> np.ndarray:
+    def view(self, array: NDArray[Any]) -> NDArray[Any]:
         """The rotated array as a view (no copy) of ``array`` (``ndim >= 3``, last three turned)."""
         if array.ndim < 3:
             raise ValueError(f"rotation needs an array with three spatial axes, got shape "
@@ -121,7 +123,7 @@ class Rotation:
         axes = tuple(lead + axis for axis, flip in enumerate(self.flips) if flip)
         return np.flip(turned, axes) if axes else turned
 
-    def apply(self, array: np.ndarray) -> np.ndarray:
+    def apply(self, array: NDArray[Any]) -> NDArray[Any]:
         """The rotated array as a new C-contiguous array."""
         return np.ascontiguousarray(self.view(array))
 
@@ -158,13 +160,13 @@ SUBSETS: dict[int, tuple[Rotation, ...]] = {
 def rotation_subset(count: int) -> tuple[Rotation, ...]:
     """The subset of :data:`SUBSETS` with ``count`` rotations; ValueError naming the choices."""
     if isinstance(count, bool) or count not in SUBSETS:
-        raise ValueError(f"--tta {count!r}: not a number of rotations demhx offers; use one of "
+        raise ValueError(f"tta={count!r}: not a number of rotations demhx offers; use one of "
                          f"{', '.join(str(n) for n in SUBSETS)}")
     return SUBSETS[count]
 
 
-def predict_augmented(predict: Predict, cubes: np.ndarray, rotations: Sequence[Rotation],
-                      batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def predict_augmented(predict: Predict, cubes: NDArray[np.float32], rotations: Sequence[Rotation],
+                      batch_size: int) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
     """Mean and variance over ``rotations`` of the turned-back predictions of each cube.
 
     Parameters

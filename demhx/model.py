@@ -245,7 +245,7 @@ def resolve_model(model: str | Path | None, folder: Path | None = None) -> tuple
         model = registry["default"]
         if model is None:
             raise FileNotFoundError("no default model is shipped with this demhx; "
-                                    "pass --model PATH.onnx")
+                                    "pass model=PATH.onnx")
     text = str(model)
     if text.endswith(".onnx") or Path(text).is_file() or "/" in text:
         path = Path(text).expanduser()
@@ -257,7 +257,7 @@ def resolve_model(model: str | Path | None, folder: Path | None = None) -> tuple
     if entry is None:
         names = ", ".join(sorted(registry["models"])) or "none"
         raise ValueError(f"{text}: unknown model name; registered models: {names}, "
-                         "or pass --model PATH.onnx")
+                         "or pass model=PATH.onnx")
     return folder / entry["file"], entry.get("sha256")
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from demhx.mrcio import new_temporary
 
@@ -46,11 +47,11 @@ class PreviewRow:
     limits : the map values shown as black and white (its percentiles, see the module).
     """
 
-    panels: tuple[np.ndarray, np.ndarray, np.ndarray]
+    panels: tuple[NDArray[np.float32], NDArray[np.float32], NDArray[np.float32]]
     limits: tuple[float, float]
 
 
-def central_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def central_slices(volume: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     """The central xy, xz and yz slices of a ``(z, y, x)`` map, vertical axis pointing up.
 
     Returns
@@ -68,7 +69,7 @@ def central_slices(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return xy[::-1], xz[::-1], yz[::-1]
 
 
-def contrast_limits(slices: tuple[np.ndarray, ...],
+def contrast_limits(slices: tuple[NDArray[Any], ...],
                     percentiles: tuple[float, float] = PERCENTILES) -> tuple[float, float]:
     """The values shown as black and white: ``percentiles`` of all voxels of ``slices``.
 
@@ -83,14 +84,14 @@ def contrast_limits(slices: tuple[np.ndarray, ...],
     return low, high
 
 
-def to_grey(image: np.ndarray, limits: tuple[float, float]) -> np.ndarray:
+def to_grey(image: NDArray[Any], limits: tuple[float, float]) -> NDArray[np.float32]:
     """``image`` mapped linearly from ``limits`` to [0, 1] (float32), values outside clipped."""
     low, high = limits
     grey = (np.asarray(image, dtype=np.float64) - low) / (high - low)
     return np.clip(grey, 0.0, 1.0).astype(np.float32)
 
 
-def preview_row(volume: np.ndarray, percentiles: tuple[float, float] = PERCENTILES
+def preview_row(volume: NDArray[Any], percentiles: tuple[float, float] = PERCENTILES
                 ) -> PreviewRow:
     """One map's central slices on its own grey scale (the contrast rule of the module)."""
     slices = central_slices(volume)
@@ -99,7 +100,7 @@ def preview_row(volume: np.ndarray, percentiles: tuple[float, float] = PERCENTIL
     return PreviewRow((xy, xz, yz), limits)
 
 
-def preview_panels(input_volume: np.ndarray, output_volume: np.ndarray,
+def preview_panels(input_volume: NDArray[Any], output_volume: NDArray[Any],
                    percentiles: tuple[float, float] = PERCENTILES
                    ) -> tuple[PreviewRow, PreviewRow]:
     """The input's and the output's rows; the two ``(z, y, x)`` maps must share one grid."""
@@ -110,9 +111,9 @@ def preview_panels(input_volume: np.ndarray, output_volume: np.ndarray,
     return preview_row(input_volume, percentiles), preview_row(output_volume, percentiles)
 
 
-def preview_image(input_volume: np.ndarray, output_volume: np.ndarray, *,
+def preview_image(input_volume: NDArray[Any], output_volume: NDArray[Any], *,
                   percentiles: tuple[float, float] = PERCENTILES, gap: int = GAP,
-                  background: float = BACKGROUND) -> np.ndarray:
+                  background: float = BACKGROUND) -> NDArray[np.float32]:
     """The two rows of panels as one grey image, float32 in [0, 1].
 
     Parameters
@@ -158,7 +159,7 @@ def check_preview_path(path: str | Path, overwrite: bool = False) -> Path:
     if path.is_dir():
         raise IsADirectoryError(f"{path}: preview is a folder; give a file name ending .png")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: preview exists; pass --overwrite to replace it or "
+        raise FileExistsError(f"{path}: preview exists; pass overwrite= to replace it or "
                               "choose another preview path")
     return path
 
@@ -168,11 +169,11 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ImportError(f"--preview needs matplotlib, which is not installed; "
+        raise ImportError(f"preview= needs matplotlib, which is not installed; "
                           f"{PREVIEW_FIX}") from None
 
 
-def write_preview(input_volume: np.ndarray, output_volume: np.ndarray, path: str | Path, *,
+def write_preview(input_volume: NDArray[Any], output_volume: NDArray[Any], path: str | Path, *,
                   names: tuple[str, str] | None = None, overwrite: bool = False,
                   percentiles: tuple[float, float] = PERCENTILES) -> Path:
     """Draw the input and output rows (:func:`preview_panels`) into a PNG file, atomically.

@@ -41,8 +41,10 @@ task; it assumes the map is periodic, which the solvent around a particle makes 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 WORKERS = -1  # threads for scipy.fft: all available cores
 
@@ -81,12 +83,12 @@ def _positive_triplet(values: tuple[float, float, float], what: str
     triplet = tuple(float(v) for v in values)
     if len(triplet) != 3 or not all(math.isfinite(v) and v > 0 for v in triplet):
         raise ValueError(f"{what} {values!r} Å is not three positive values (z, y, x); pass "
-                         "--voxel-size")
+                         "voxel_size=")
     return triplet[0], triplet[1], triplet[2]
 
 
-def resample_to_shape(volume: np.ndarray, shape: tuple[int, int, int],
-                      workers: int = WORKERS) -> np.ndarray:
+def resample_to_shape(volume: NDArray[Any], shape: tuple[int, int, int],
+                      workers: int = WORKERS) -> NDArray[np.float32]:
     """Resample a (z, y, x) volume to ``shape`` by Fourier cropping/padding per axis.
 
     Parameters
@@ -97,7 +99,7 @@ def resample_to_shape(volume: np.ndarray, shape: tuple[int, int, int],
 
     Returns
     -------
-    np.ndarray
+    NDArray[np.float32]
         (z, y, x) float32, C-contiguous; a copy of ``volume`` when the shape does not change.
     """
     result = np.asarray(volume)
@@ -113,7 +115,8 @@ def resample_to_shape(volume: np.ndarray, shape: tuple[int, int, int],
     return np.ascontiguousarray(result)
 
 
-def _resample_axis(volume: np.ndarray, size: int, axis: int, workers: int) -> np.ndarray:
+def _resample_axis(volume: NDArray[np.float32], size: int, axis: int, workers: int
+                   ) -> NDArray[np.float32]:
     """Fourier crop/pad one axis of a float32 volume to ``size`` voxels (mean preserved)."""
     import scipy.fft  # imported here: maps already on the model's grid never need it
 
@@ -138,8 +141,8 @@ def _resample_axis(volume: np.ndarray, size: int, axis: int, workers: int) -> np
     return result
 
 
-def resample(volume: np.ndarray, voxel_size: tuple[float, float, float],
-             target_voxel_size: float) -> tuple[np.ndarray, tuple[float, float, float]]:
+def resample(volume: NDArray[Any], voxel_size: tuple[float, float, float],
+             target_voxel_size: float) -> tuple[NDArray[np.float32], tuple[float, float, float]]:
     """Resample a (z, y, x) volume to about ``target_voxel_size`` Å per voxel, per axis.
 
     Returns

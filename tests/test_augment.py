@@ -10,6 +10,7 @@ from scipy import ndimage
 
 from demhx import augment
 from demhx.augment import ROTATIONS, SUBSETS, Rotation
+from demhx.errors import cli_terms
 
 
 def _array(shape: tuple[int, ...] = (2, 3, 4, 5), seed: int = 0) -> np.ndarray:
@@ -84,8 +85,10 @@ def test_four_rotations_reverse_every_axis() -> None:
 
 @pytest.mark.parametrize("count", [0, 1, 5, 8, 48, True])
 def test_unknown_subset_size_names_the_choices(count: int) -> None:
-    with pytest.raises(ValueError, match=r"--tta .*use one of 3, 4, 6, 12, 24"):
+    with pytest.raises(ValueError, match=rf"^tta={count!r}: not a number of rotations demhx "
+                       r"offers; use one of 3, 4, 6, 12, 24$") as caught:
         augment.rotation_subset(count)
+    assert cli_terms(str(caught.value)).startswith(f"--tta {count!r}: not a number")
 
 
 def _smoothing(batch: np.ndarray) -> np.ndarray:

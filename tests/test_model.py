@@ -65,5 +65,5 @@ def test_registry_resolves_names_and_checks_sha256(tmp_path: Path) -> None:
 
 def test_no_default_model(tmp_path: Path) -> None:
     write_registry(tmp_path, {})
-    with pytest.raises(FileNotFoundError, match="no default model.*--model PATH.onnx"):
+    with pytest.raises(FileNotFoundError, match="no default model.*; pass model=PATH.onnx$"):
         model.resolve_model(None, tmp_path)

@@ -113,7 +113,7 @@ def test_check_preview_path(tmp_path: Path) -> None:
         preview.check_preview_path(tmp_path / "absent" / "p.png")
     existing = tmp_path / "p.png"
     existing.write_bytes(b"keep")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="preview exists; pass overwrite= to replace it"):
         preview.check_preview_path(existing)
     assert preview.check_preview_path(existing, overwrite=True) == existing
 
