@@ -38,9 +38,11 @@ import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from numpy.typing import NDArray
 
 from demhx_export.checkpoint import (
     git_commit,
@@ -104,7 +106,7 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _validate(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]],
+def _validate(net: torch.nn.Module, batches: list[tuple[NDArray[Any], NDArray[Any]]],
               device: torch.device | None = None) -> tuple[float, float]:
     """Mean L1 loss and mean per-cube CC over fixed validation batches (float32)."""
     net.eval()
@@ -122,8 +124,8 @@ def _validate(net: torch.nn.Module, batches: list[tuple[np.ndarray, np.ndarray]]
     return float(np.mean(losses)), float(np.mean(ccs)) if ccs else float("nan")
 
 
-def _jitter_scale(inputs: np.ndarray, targets: np.ndarray, rng: np.random.Generator,
-                  jitter: float) -> tuple[np.ndarray, np.ndarray]:
+def _jitter_scale(inputs: NDArray[Any], targets: NDArray[Any], rng: np.random.Generator,
+                  jitter: float) -> tuple[NDArray[Any], NDArray[Any]]:
     """Scale each (input, target) pair by one random factor in [1/(1+j), 1+j].
 
     The runtime's noise estimate is never exact, and the output is scaled back with the same
@@ -396,20 +398,31 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
                          precision=precision, min_lr=float(min_lr), target=str(target),
                          norm=str(norm))
     run_dir = Path(run)
+    train(_resumed_config(config, run_dir), run_dir, max_steps=int(steps),
+          max_minutes=float(max_minutes), threads=threads, device=device, workers=int(workers))
+
+
+def _resumed_config(config: TrainConfig, run_dir: Path) -> TrainConfig:
+    """``config`` for a run that may already exist in ``run_dir``.
+
+    A resumed run keeps the cosine decay length it started with (``--steps`` may only extend
+    the run), and is refused when a setting that defines it (anything but
+    :data:`RUNTIME_SETTINGS`) differs from the one it started with.
+    """
     saved = run_dir / "latest.json"
-    if saved.exists():
-        previous = json.loads(saved.read_text()).get("train", {})
-        if previous.get("schedule") == "cosine":
-            # the decay length was fixed when the run started; --steps may only extend it
-            config = replace(config, decay_steps=int(previous["decay_steps"]))
-        changed = {k: v for k, v in asdict(config).items()
-                   if k in previous and _norm(previous[k]) != _norm(v)
-                   and k not in RUNTIME_SETTINGS}
-        if changed:
-            raise ValueError(f"{run_dir}: run was started with other settings "
-                             f"({', '.join(sorted(changed))}); use a new run folder")
-    train(config, run_dir, max_steps=int(steps), max_minutes=float(max_minutes),
-          threads=threads, device=device, workers=int(workers))
+    if not saved.exists():
+        return config
+    previous = json.loads(saved.read_text()).get("train", {})
+    if previous.get("schedule") == "cosine":
+        # the decay length was fixed when the run started; --steps may only extend it
+        config = replace(config, decay_steps=int(previous["decay_steps"]))
+    changed = {k: v for k, v in asdict(config).items()
+               if k in previous and _norm(previous[k]) != _norm(v)
+               and k not in RUNTIME_SETTINGS}
+    if changed:
+        raise ValueError(f"{run_dir}: run was started with other settings "
+                         f"({', '.join(sorted(changed))}); use a new run folder")
+    return config
 
 
 def _norm(value: object) -> object:
