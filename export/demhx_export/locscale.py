@@ -10,8 +10,11 @@ locally matched filter. Volumes are ``(z, y, x)`` at any (isotropic) voxel size.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import scipy.fft
+from numpy.typing import NDArray
 
 # Edge of the windows in which amplitude profiles are compared, voxels.
 DEFAULT_WINDOW = 24
@@ -25,9 +28,9 @@ MAX_SCALE = 1e4
 _CHUNK = 256
 
 
-def local_amplitude_scaling(volume: np.ndarray, reference: np.ndarray,
-                            region: np.ndarray | None = None, window: int = DEFAULT_WINDOW,
-                            step: int = DEFAULT_STEP) -> np.ndarray:
+def local_amplitude_scaling(volume: NDArray[Any], reference: NDArray[Any],
+                            region: NDArray[Any] | None = None, window: int = DEFAULT_WINDOW,
+                            step: int = DEFAULT_STEP) -> NDArray[np.float32]:
     """Scale the local radial amplitude profile of ``volume`` to that of ``reference``.
 
     Parameters
@@ -75,7 +78,7 @@ def local_amplitude_scaling(volume: np.ndarray, reference: np.ndarray,
     return np.ascontiguousarray(out[crop:-crop, crop:-crop, crop:-crop])
 
 
-def _active_centres(shape: tuple[int, ...], region: np.ndarray | None, step: int) -> np.ndarray:
+def _active_centres(shape: tuple[int, ...], region: NDArray[Any] | None, step: int) -> NDArray[Any]:
     """(n, 3) window centres on the coarse grid whose hat support touches ``region``."""
     axes = [np.arange(0, n + step, step) for n in shape]
     grid = np.stack(np.meshgrid(*axes, indexing="ij"), axis=-1).reshape(-1, 3)
@@ -95,7 +98,7 @@ def _active_centres(shape: tuple[int, ...], region: np.ndarray | None, step: int
     return grid[keep]
 
 
-def _extract(padded: np.ndarray, centres: np.ndarray, half: int) -> np.ndarray:
+def _extract(padded: NDArray[Any], centres: NDArray[Any], half: int) -> NDArray[Any]:
     """(n, w, w, w) windows of edge ``2 * half`` centred on ``centres`` (padded coordinates)."""
     window = 2 * half
     blocks = np.empty((len(centres), window, window, window), dtype=np.float32)
@@ -104,8 +107,8 @@ def _extract(padded: np.ndarray, centres: np.ndarray, half: int) -> np.ndarray:
     return blocks
 
 
-def _profile_ratio(blocks_in: np.ndarray, blocks_ref: np.ndarray, shells: np.ndarray,
-                   n_shells: int) -> np.ndarray:
+def _profile_ratio(blocks_in: NDArray[Any], blocks_ref: NDArray[Any], shells: NDArray[Any],
+                   n_shells: int) -> NDArray[Any]:
     """(n, n_shells) ratio of the reference's to the map's radial amplitude, per window."""
     membership = np.zeros((shells.size, n_shells), dtype=np.float32)
     membership[np.arange(shells.size), shells.ravel()] = 1.0
@@ -119,7 +122,7 @@ def _profile_ratio(blocks_in: np.ndarray, blocks_ref: np.ndarray, shells: np.nda
     return np.minimum(ratio, MAX_SCALE).astype(np.float32)
 
 
-def _window_shells(window: int) -> tuple[np.ndarray, int]:
+def _window_shells(window: int) -> tuple[NDArray[Any], int]:
     """Shell index of every rFFT coefficient of a ``window``-cube, and the number of shells."""
     f = np.fft.fftfreq(window)
     fx = np.fft.rfftfreq(window)
@@ -128,7 +131,7 @@ def _window_shells(window: int) -> tuple[np.ndarray, int]:
     return shells, int(shells.max()) + 1
 
 
-def _soft_sphere(window: int) -> np.ndarray:
+def _soft_sphere(window: int) -> NDArray[Any]:
     """Spherical taper of a window: 1 inside radius w/2 - 4, cosine edge to 0 at w/2."""
     c = (window - 1) / 2
     r = np.sqrt(((np.indices((window,) * 3) - c) ** 2).sum(axis=0))
@@ -137,7 +140,7 @@ def _soft_sphere(window: int) -> np.ndarray:
     return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
 
 
-def _hat(step: int) -> np.ndarray:
+def _hat(step: int) -> NDArray[Any]:
     """Trilinear blending weights of edge ``2 * step - 1``; shifted copies sum to 1."""
     w = 1.0 - np.abs(np.arange(-step + 1, step)) / step
     return (w[:, None, None] * w[None, :, None] * w[None, None, :]).astype(np.float32)

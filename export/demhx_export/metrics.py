@@ -11,6 +11,7 @@ from typing import Any
 import gemmi
 import numpy as np
 import scipy.fft
+from numpy.typing import NDArray
 
 # Gaussian width of a model map at resolution R, as sigma = factor * R (ChimeraX ``molmap``).
 MOLMAP_SIGMA_PER_RESOLUTION = 0.225
@@ -18,7 +19,7 @@ MOLMAP_SIGMA_PER_RESOLUTION = 0.225
 MODEL_MAP_PADDING = 8.0
 
 
-def shell_index(shape: tuple[int, ...], real: bool = True) -> np.ndarray:
+def shell_index(shape: tuple[int, ...], real: bool = True) -> NDArray[Any]:
     """Integer Fourier-shell index of every (r)FFT coefficient of a volume of ``shape``.
 
     Shell ``k`` holds the coefficients with ``k - 0.5 <= |q| < k + 0.5`` where ``|q|`` is the
@@ -28,7 +29,7 @@ def shell_index(shape: tuple[int, ...], real: bool = True) -> np.ndarray:
     return np.rint(radius).astype(np.int64)
 
 
-def frequency_radius(shape: tuple[int, ...], real: bool = True) -> np.ndarray:
+def frequency_radius(shape: tuple[int, ...], real: bool = True) -> NDArray[np.float64]:
     """|s| in cycles per voxel of every (r)FFT coefficient of a volume of ``shape``."""
     axes = [np.fft.fftfreq(n) for n in shape[:-1]]
     axes.append(np.fft.rfftfreq(shape[-1]) if real else np.fft.fftfreq(shape[-1]))
@@ -36,7 +37,8 @@ def frequency_radius(shape: tuple[int, ...], real: bool = True) -> np.ndarray:
     return np.sqrt(sum(g.astype(np.float64) ** 2 for g in grids))
 
 
-def fsc(a: np.ndarray, b: np.ndarray, voxel_size: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def fsc(a: NDArray[Any], b: NDArray[Any], voxel_size: float = 1.0
+        ) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """Fourier shell correlation of two maps of the same shape.
 
     Parameters
@@ -62,8 +64,8 @@ def fsc(a: np.ndarray, b: np.ndarray, voxel_size: float = 1.0) -> tuple[np.ndarr
     return frequencies, values
 
 
-def shell_sums(shells: np.ndarray, n_shells: int, fa: np.ndarray,
-               fb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def shell_sums(shells: NDArray[Any], n_shells: int, fa: NDArray[Any],
+               fb: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any], NDArray[Any]]:
     """Per-shell sums Re(fa fb*), |fa|^2 and |fb|^2 over shells ``0 .. n_shells - 1``."""
     keep = shells < n_shells
     idx = shells[keep]
@@ -74,7 +76,7 @@ def shell_sums(shells: np.ndarray, n_shells: int, fa: np.ndarray,
     return cross, power_a, power_b
 
 
-def fsc_resolution(frequencies: np.ndarray, values: np.ndarray, threshold: float) -> float:
+def fsc_resolution(frequencies: NDArray[Any], values: NDArray[Any], threshold: float) -> float:
     """Resolution (Å) where the FSC first falls below ``threshold``, linearly interpolated.
 
     Shell 0 is skipped. Returns the Nyquist resolution if the curve never falls below the
@@ -91,7 +93,7 @@ def fsc_resolution(frequencies: np.ndarray, values: np.ndarray, threshold: float
     return float(1.0 / frequencies[-1])
 
 
-def cc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+def cc(a: NDArray[Any], b: NDArray[Any], mask: NDArray[Any] | None = None) -> float:
     """Pearson correlation of two maps, over all voxels or over ``mask > 0.5``."""
     if a.shape != b.shape:
         raise ValueError(f"cc: shapes differ, {a.shape} vs {b.shape}")
@@ -106,8 +108,8 @@ def cc(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
     return float((x * y).sum() / denominator) if denominator > 0 else 0.0
 
 
-def model_mask(model_map: np.ndarray, volume: float, voxel_size: float = 1.0,
-               dilation: float = 2.0, soft_edge: float = 3.0) -> np.ndarray:
+def model_mask(model_map: NDArray[Any], volume: float, voxel_size: float = 1.0,
+               dilation: float = 2.0, soft_edge: float = 3.0) -> NDArray[np.float32]:
     """Tight soft mask from a model-simulated map: threshold, dilation, cosine edge.
 
     Parameters
@@ -133,7 +135,7 @@ def model_mask(model_map: np.ndarray, volume: float, voxel_size: float = 1.0,
     return (0.5 + 0.5 * np.cos(np.pi * t)).astype(np.float32)
 
 
-def guinier_b(volume: np.ndarray, voxel_size: float, resolution: float,
+def guinier_b(volume: NDArray[Any], voxel_size: float, resolution: float,
               low_resolution: float = 10.0) -> float:
     """Global B-factor (Å²) from the slope of ln(radial amplitude) against s² (Guinier plot).
 
@@ -156,8 +158,8 @@ def guinier_b(volume: np.ndarray, voxel_size: float, resolution: float,
     return float(-4.0 * slope)
 
 
-def sharpen(volume: np.ndarray, voxel_size: float, b_factor: float,
-            resolution: float | None = None, edge: float = 0.1) -> np.ndarray:
+def sharpen(volume: NDArray[Any], voxel_size: float, b_factor: float,
+            resolution: float | None = None, edge: float = 0.1) -> NDArray[np.float32]:
     """Apply exp(+B s² / 4) (sharpen by ``b_factor`` Å²), optionally low-pass at ``resolution``."""
     spectrum = scipy.fft.rfftn(volume.astype(np.float32), workers=1)
     s = frequency_radius(volume.shape) / voxel_size
@@ -173,7 +175,7 @@ def sharpen(volume: np.ndarray, voxel_size: float, b_factor: float,
 def model_map(structure: str | Path | gemmi.Structure, shape: tuple[int, int, int],
               origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
               voxel_size: float | tuple[float, float, float] = 1.0,
-              resolution: float = 3.0) -> np.ndarray:
+              resolution: float = 3.0) -> NDArray[Any]:
     """Map simulated from an atomic model on the grid of a given map.
 
     Atoms are blurred to a Gaussian of sigma ``0.225 * resolution`` (ChimeraX ``molmap``),
@@ -214,7 +216,7 @@ def model_map(structure: str | Path | gemmi.Structure, shape: tuple[int, int, in
 
 
 def density_on_grid(model: gemmi.Model, size_xyz: tuple[int, int, int],
-                    cell_xyz: tuple[float, float, float], blur: float = 0.0) -> np.ndarray:
+                    cell_xyz: tuple[float, float, float], blur: float = 0.0) -> NDArray[Any]:
     """Electron-scattering density of ``model`` on a periodic P1 grid, returned as (z, y, x)."""
     calculator = gemmi.DensityCalculatorE()
     spacing = min(c / n for c, n in zip(cell_xyz, size_xyz, strict=True))
