@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import math
 import os
 import warnings
 import zlib
@@ -73,7 +72,8 @@ def read_map(path: str | Path, voxel_size: VoxelSizeLike | None = None) -> MrcMa
     path = Path(path)
     # Validate the file, the override and the header before reading any data.
     compression = _check_input_file(path)
-    override = None if voxel_size is None else _voxel_override(path, voxel_size)
+    override = (None if voxel_size is None
+                else validate.voxel_triplet(voxel_size, f"{path}: voxel size"))
     header, extended_header = _read_header(path)
     _check_header(path, header)
     _check_data_size(path, header, compression)
@@ -131,20 +131,6 @@ def _check_input_file(path: Path) -> str | None:
         raise ValueError(f"{path}: is {size} bytes, shorter than an MRC header "
                          f"({HEADER_BYTES} bytes); not an MRC map, check the file")
     return None
-
-
-def _voxel_override(path: Path, voxel_size: VoxelSizeLike) -> tuple[float, float, float]:
-    """The user's voxel size as (z, y, x) Å, checked positive and finite."""
-    try:
-        values = [float(v) for v in np.atleast_1d(np.asarray(voxel_size, dtype=float)).ravel()]
-    except (TypeError, ValueError):
-        values = []
-    if len(values) == 1:
-        values *= 3
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise ValueError(f"{path}: voxel size {voxel_size!r} Å is not one positive value or "
-                         "three (z, y, x); pass a positive voxel_size= in Å")
-    return values[0], values[1], values[2]
 
 
 def _read_header(path: Path) -> tuple[np.recarray, NDArray[np.void]]:

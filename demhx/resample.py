@@ -46,6 +46,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from demhx import validate
+
 WORKERS = -1  # threads for scipy.fft: all available cores
 
 
@@ -65,7 +67,7 @@ def target_shape(shape: tuple[int, int, int], voxel_size: tuple[float, float, fl
         ``round(n * voxel_size / target_voxel_size)`` per axis, at least 1; an axis whose
         voxel size already equals the target (to 1e-9 relative) keeps its size exactly.
     """
-    sizes = _positive_triplet(voxel_size, "voxel size")
+    sizes = validate.voxel_triplet(voxel_size)
     target = float(target_voxel_size)
     if not (math.isfinite(target) and target > 0):
         raise ValueError(f"target voxel size {target_voxel_size!r} Å is not positive; check "
@@ -76,15 +78,6 @@ def target_shape(shape: tuple[int, int, int], voxel_size: tuple[float, float, fl
         exact = abs(ratio - 1.0) <= 1e-9
         result.append(int(count) if exact else max(1, int(math.floor(count * ratio + 0.5))))
     return result[0], result[1], result[2]
-
-
-def _positive_triplet(values: tuple[float, float, float], what: str
-                      ) -> tuple[float, float, float]:
-    triplet = tuple(float(v) for v in values)
-    if len(triplet) != 3 or not all(math.isfinite(v) and v > 0 for v in triplet):
-        raise ValueError(f"{what} {values!r} Å is not three positive values (z, y, x); pass "
-                         "voxel_size=")
-    return triplet[0], triplet[1], triplet[2]
 
 
 def resample_to_shape(volume: NDArray[Any], shape: tuple[int, int, int],
@@ -150,7 +143,7 @@ def resample(volume: NDArray[Any], voxel_size: tuple[float, float, float],
     volume : (z, y, x) float32 on the new grid (a copy when the grid does not change).
     voxel_size : the achieved voxel sizes, ``old_n * old_voxel / new_n`` Å per axis.
     """
-    sizes = _positive_triplet(voxel_size, "voxel size")
+    sizes = validate.voxel_triplet(voxel_size)
     old_shape = np.shape(volume)
     if len(old_shape) != 3:
         raise ValueError(f"cannot resample a volume of shape {old_shape}; it must be 3-D")

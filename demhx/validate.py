@@ -67,12 +67,15 @@ _SLAB_VOXELS = 1 << 22  # voxels per slab when searching (bounded temporary memo
 def voxel_triplet(voxel_size: float | Sequence[float], what: str = "voxel size"
                   ) -> tuple[float, float, float]:
     """A positive finite voxel size per axis (z, y, x) in Å from a scalar or three values."""
-    values = np.atleast_1d(np.asarray(voxel_size, dtype=np.float64)).ravel()
+    try:
+        values = np.atleast_1d(np.asarray(voxel_size, dtype=np.float64)).ravel()
+    except (TypeError, ValueError):
+        values = np.zeros(0)
     if values.size == 1:
         values = np.repeat(values, 3)
     if values.size != 3 or not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise ValueError(f"{what} {voxel_size!r} Å is not one positive value or three; "
-                         "pass voxel_size=")
+        raise ValueError(f"{what} {voxel_size!r} Å is not one positive value or three "
+                         "(z, y, x); pass a positive voxel_size= in Å")
     return float(values[0]), float(values[1]), float(values[2])
 
 

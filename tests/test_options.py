@@ -109,7 +109,7 @@ def test_api_errors_name_parameters_and_the_cli_names_flags(identity: pipeline.E
                                                             tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]
                                                             ) -> None:
-    with pytest.raises(ValueError, match=r"pass voxel_size=$"):
+    with pytest.raises(ValueError, match=r"pass a positive voxel_size= in Å$"):
         validate.voxel_triplet((1.0, 2.0))
     with pytest.raises(ValueError, match=r"threads=0: must be a positive integer"):
         pipeline.Enhancer(threads=0)
