@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -154,12 +154,11 @@ def _warn_oblique_cell(item: mrcio.MrcMap) -> None:
                   DemhxWarning, stacklevel=4)
 
 
-def _read_mask(path: Path, template: mrcio.MrcMap) -> NDArray[Any]:
+def _read_mask(path: Path, template: mrcio.MrcMap) -> NDArray[np.float32]:
+    """The mask file's data, checked against the map (:func:`demhx.validate.check_mask`)."""
     mask = mrcio.read_map(path, template.voxel_size)
-    if mask.data.shape != template.data.shape:
-        raise ValueError(f"{path}: mask shape {mask.data.shape} (z, y, x) differs from the map "
-                         f"{template.path} {template.data.shape}; make the mask on the map's grid")
-    return mask.data
+    return validate.check_mask(mask.data, template.data.shape, str(path),
+                               f"the map {template.path}")
 
 
 def _check_output(result: NDArray[np.float32], info: RunInfo, runtime: Runtime,

@@ -92,14 +92,19 @@ def check_volume(volume: Any, name: str = "volume") -> NDArray[np.float32]:
     return array
 
 
-def check_mask(mask: Any, shape: tuple[int, ...]) -> NDArray[np.float32]:
-    """The mask as a checked float32 volume of the map's ``shape`` with a voxel above 0."""
-    checked = check_volume(mask, "mask")
+def check_mask(mask: Any, shape: tuple[int, ...], name: str = "mask", map_name: str = "the map"
+               ) -> NDArray[np.float32]:
+    """The mask as a checked float32 volume of the map's ``shape`` with a voxel above 0.
+
+    ``name`` (the mask's file) and ``map_name`` (the map's) are named in the messages.
+    """
+    checked = check_volume(mask, name)
     if checked.shape != shape:
-        raise ValueError(f"mask: shape {checked.shape} (z, y, x) differs from the map {shape}; "
-                         "make the mask on the map's grid")
+        raise ValueError(f"{name}: shape {checked.shape} (z, y, x) of the mask differs from "
+                         f"{map_name} {shape}; make the mask on the map's grid")
     if not np.any(checked > 0):
-        raise ValueError("mask: is empty (no voxel > 0); pass a mask that covers the particle")
+        raise ValueError(f"{name}: the mask is empty (no voxel > 0); pass a mask that covers "
+                         "the particle")
     return checked
 
 
