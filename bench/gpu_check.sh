@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check of issue 15 on a lent GPU machine, in under 5 minutes: the gpu-marked tests, the
-# noise-estimation bench, and 256³ runs (default and reference tiling) with stage times.
+# GPU check on a CUDA machine, in under 6 minutes: the gpu-marked tests, the
+# noise-estimation bench, 256³ runs (default and reference tiling) with stage times, and the
+# reference tiling on one GPU against every GPU.
 #
 # Use as .device/measure.sh of ../shared/tools/device (run.sh installs onnxruntime-gpu and the
 # demhx wheel into a scratch site folder first, then runs this from the project root):
@@ -62,5 +63,17 @@ from demhx.pipeline import enhance_file
 print(enhance_file('$W/m256.mrc', '$W/o-$tiling.mrc', device='cuda', tiling='$tiling',
                    overwrite=True).line())
 " 2>&1 | grep -E "stage times|wrote|wall|device|Error|error" | tee -a "$LOG"
+done
+# 4. Several GPUs (when the machine has them): the reference tiling on one GPU and on all,
+#    for the scaling; on a one-GPU machine, cuda:all is cuda:0 and the line says so.
+say "several GPUs: reference tiling, cuda:0 against cuda:all"
+for devices in cuda:0 cuda:all; do
+    timeout 100 /usr/bin/time -f "$devices: wall %e s" python3 -c "
+from demhx.device import cuda_device_count
+from demhx.pipeline import enhance_file
+print('$devices', cuda_device_count(), 'GPUs visible')
+print(enhance_file('$W/m256.mrc', '$W/o-multi.mrc', device='$devices', tiling='reference',
+                   overwrite=True).line())
+" 2>&1 | grep -E "GPUs visible|wrote|wall|Error|error" | tee -a "$LOG"
 done
 say "done"

@@ -175,18 +175,17 @@ def _deepemhancer_options(values: dict[str, tuple[str, str]]) -> None:
 
 
 def gpu_device(spelling: str, text: str) -> str:
-    """DeepEMhancer's GPU id (``-g 0``; ``-1`` for the CPU) as a demhx ``--device``."""
+    """DeepEMhancer's GPU ids (``-g 0``, ``-g 0,1``; ``-1`` for the CPU) as a demhx
+    ``--device`` (``cuda:0``, ``cuda:0,1``, ``cpu``)."""
     ids = [part.strip() for part in text.split(",")]
     if ids == ["-1"]:
         return "cpu"
     if len(ids) == 1 and ids[0].isdigit():
         return f"cuda:{int(ids[0])}"
-    if all(part.isdigit() for part in ids):
-        raise UsageError(f"{spelling} {text}: demhx runs on one GPU; pass one id (e.g. "
-                         f"{spelling} {ids[0]}, or --device cuda:{ids[0]}) and give other maps "
-                         "to other GPUs in separate runs")
-    raise UsageError(f"{spelling} {text!r}: expected a GPU id (0, 1, ...) or -1 for the CPU; "
-                     "or use --device auto|cpu|cuda|cuda:N")
+    if all(part.isdigit() for part in ids):  # several GPUs share every map's cubes
+        return "cuda:" + ",".join(str(int(part)) for part in ids)
+    raise UsageError(f"{spelling} {text!r}: expected GPU ids (0 or 0,1,...) or -1 for the "
+                     "CPU; or use --device auto|cpu|cuda|cuda:N|cuda:N,M|cuda:all")
 
 
 def processing_model(spelling: str, text: str) -> str:

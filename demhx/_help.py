@@ -7,7 +7,8 @@ from typing import Any
 
 from demhx.errors import describe_error
 
-USAGE = ("usage: demhx IN OUT [--half2 H2] [--model NAME|PATH] [--device auto|cpu|cuda|cuda:N]\n"
+USAGE = ("usage: demhx IN OUT [--half2 H2] [--model NAME|PATH]\n"
+         "             [--device auto|cpu|cuda|cuda:N|cuda:N,M,...|cuda:all]\n"
          "             [--batch-size N] [--threads N] [--tiling default|fast|reference]\n"
          "             [--voxel-size A | --voxel-size X,Y,Z] [--noise-stats MEAN,STD]\n"
          "             [--mask PATH] [--preview PNG|DIR] [--confidence PATH] [--tta N]\n"
@@ -30,7 +31,9 @@ options:
   --half2 H2            second half-map; averaged with IN in float32 (recommended)
   --model NAME|PATH     a shipped model's name (listed below) or an ONNX file (default: the
                         shipped model marked "default")
-  --device DEV          auto (CUDA when usable, else CPU), cpu, cuda or cuda:N
+  --device DEV          auto (CUDA when usable, else CPU), cpu, cuda or cuda:N; several
+                        GPUs: cuda:N,M,... or cuda:all (each batch split across them;
+                        --batch-size is per GPU)
   --batch-size N        cubes per inference call (default: 1 on CPU, from GPU memory on CUDA)
   --threads N           CPU threads for inference (default: all physical cores)
   --tiling SCHEME       default: the reference's cubes thinned to gaps <= 3/4 cube, solvent
@@ -75,7 +78,7 @@ DeepEMhancer's options, with the same meaning:
   -i2, --halfMap2 H2    --half2 H2       -s, --samplingRate A  --voxel-size A
   --noiseStats M S      --noise-stats M,S
   -m, --binaryMask PATH --mask PATH      -b, --batch_size N    --batch-size N
-  -g, --gpuIds ID       --device cuda:ID (-1: --device cpu; one GPU per run)
+  -g, --gpuIds IDS      --device cuda:IDS (-g 0,1: --device cuda:0,1; -1: --device cpu)
   -p, --processingType tightTarget       --model tight (no wideTarget or highRes model is
                         shipped: convert DeepEMhancer's file with demhx-export from-keras)
   --deepLearningModelPath and --cleaningStrengh are refused with what to use instead.

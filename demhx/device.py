@@ -1,7 +1,8 @@
 """Where inference runs: the device a user asks for, the providers that give it, the install.
 
 :func:`parse_device` reads ``auto``, ``cpu``, ``cuda`` or ``cuda:N``; :func:`choose_providers`
-is the one place that turns a request into ONNX Runtime providers; :func:`import_onnxruntime`
+is the one place that turns a request into ONNX Runtime providers; :func:`parse_devices` reads
+several GPUs (``cuda:0,1``, ``cuda:all``) for :mod:`demhx.multi_device`; :func:`import_onnxruntime`
 imports ONNX Runtime after checking that exactly one of its builds is installed (every
 session demhx and its export tools open goes through it).
 """
@@ -10,13 +11,16 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import os
+import shutil
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "cuda:N,M,...", "cuda:all")
 CUDNN_CONV_ALGO_SEARCH = "HEURISTIC"
 """cuDNN convolution algorithm search of the CUDA provider. The default, ``EXHAUSTIVE``, times
 every algorithm for each new input shape: on an H200 the first batch of the default model took
@@ -52,6 +56,50 @@ def parse_device(device: str) -> DeviceRequest:
     if kind == "cuda" and index.isdigit():
         return DeviceRequest("cuda", int(index))
     raise ValueError(f"device={device!r} is not a device; use one of {', '.join(DEVICES)}")
+
+
+def parse_devices(device: str) -> tuple[DeviceRequest, ...]:
+    """One request per device: ``cuda:0,1`` (or ``cuda:0,cuda:1``) and ``cuda:all`` name
+    several GPUs, anything else one device (:func:`parse_device`).
+
+    ``cuda:all`` is every GPU this process sees (``CUDA_VISIBLE_DEVICES`` when set, else the
+    GPUs ``nvidia-smi -L`` lists); DeviceError when there is none.
+    """
+    text = str(device).strip().lower()
+    if text == "cuda:all":
+        count = cuda_device_count()
+        if not count:
+            raise DeviceError(f"device={device!r}: no GPU is visible (nvidia-smi lists none, or "
+                              "CUDA_VISIBLE_DEVICES is empty); check nvidia-smi, or use "
+                              "device=cpu")
+        return tuple(DeviceRequest("cuda", index) for index in range(count))
+    if "," not in text:
+        return (parse_device(device),)
+    parts = [part.strip().removeprefix("cuda:") for part in text.removeprefix("cuda:").split(",")]
+    if not text.startswith("cuda:") or not all(part.isdigit() for part in parts):
+        raise ValueError(f"device={device!r} is not a list of GPUs; write cuda:0,1 (or "
+                         "cuda:all for every GPU)")
+    indices = [int(part) for part in parts]
+    if len(set(indices)) != len(indices):
+        raise ValueError(f"device={device!r} names a GPU twice; name each GPU once")
+    return tuple(DeviceRequest("cuda", index) for index in indices)
+
+
+def cuda_device_count() -> int:
+    """GPUs this process may use: ``CUDA_VISIBLE_DEVICES``'s entries when it is set (CUDA
+    numbers them from 0 in that order), else the GPUs ``nvidia-smi -L`` lists (0 if none)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([part for part in visible.split(",") if part.strip()])
+    command = shutil.which("nvidia-smi")
+    if command is None:
+        return 0
+    try:
+        listed = subprocess.run([command, "-L"], capture_output=True, text=True, timeout=10,
+                                check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.splitlines())
 
 
 def choose_providers(request: DeviceRequest, available: Sequence[str]) -> list[Any]:

@@ -21,6 +21,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from demhx import run_array, run_file, validate
+from demhx.device import parse_devices
+from demhx.multi_device import Loaded, load_group
 from demhx.normalise import NoiseStats
 from demhx.options import (
     Enhanced,
@@ -32,7 +34,6 @@ from demhx.options import (
     VoxelSize,
 )
 from demhx.run_array import StageClock, average_half_maps
-from demhx.session import Runtime, load_runtime, parse_device
 from demhx.tiling import TilingScheme
 
 # Names of the first releases, importable from here as before.
@@ -50,8 +51,9 @@ class Enhancer:
     Parameters
     ----------
     model : registered model name, path to an ONNX file, or None for the default model.
-    device : ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-    batch_size : cubes per inference call (None: a default for the device).
+    device : ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``, or several GPUs: ``"cuda:0,1"``,
+        ``"cuda:all"`` (every batch split across them, :mod:`demhx.multi_device`).
+    batch_size : cubes per inference call, per device (None: a default for the device).
     threads : CPU threads for ONNX Runtime (None: all physical cores).
 
     The options are checked at once; the model is loaded on first use (:attr:`runtime`),
@@ -60,18 +62,26 @@ class Enhancer:
 
     def __init__(self, model: str | Path | None = None, *, device: str = "auto",
                  batch_size: int | None = None, threads: int | None = None) -> None:
-        parse_device(device)
+        parse_devices(device)
         self.model, self.device = model, device
         self.batch_size = validate.check_positive("batch_size", batch_size)
         self.threads = validate.check_positive("threads", threads)
-        self._runtime: Runtime | None = None
+        self._runtime: Loaded | None = None
+
+    @classmethod
+    def from_runtime(cls, runtime: Loaded) -> Enhancer:
+        """An enhancer on a model already loaded (:func:`demhx.session.load_runtime`, or a
+        :class:`~demhx.multi_device.RuntimeGroup` of several devices)."""
+        enhancer = cls(runtime.spec.path)
+        enhancer.device, enhancer._runtime = runtime.device, runtime
+        return enhancer
 
     @property
-    def runtime(self) -> Runtime:
-        """The loaded model session (loaded on first access, then kept)."""
+    def runtime(self) -> Loaded:
+        """The loaded model session(s) (loaded on first access, then kept)."""
         if self._runtime is None:
-            self._runtime = load_runtime(self.model, device=self.device,
-                                         batch_size=self.batch_size, threads=self.threads)
+            self._runtime = load_group(self.model, self.device, batch_size=self.batch_size,
+                                       threads=self.threads)
         return self._runtime
 
     def process(self, volume: NDArray[Any], voxel_size: VoxelSize,

@@ -32,9 +32,9 @@ from numpy.typing import NDArray
 from demhx import augment, normalise, resample, tiling, validate
 from demhx.blend import TileCounts, overlap_add, overlap_add_augmented
 from demhx.model import ModelSpec
+from demhx.multi_device import Loaded
 from demhx.normalise import NoiseStats
 from demhx.options import Enhanced, EnhanceOptions, Progress, RunInfo, VoxelSize
-from demhx.session import Runtime
 
 LOG = logging.getLogger("demhx")
 Volume = NDArray[np.float32]
@@ -73,7 +73,7 @@ def average_half_maps(half1: NDArray[Any], half2: NDArray[Any], names: tuple[str
     return result
 
 
-def enhance_array(load: Callable[[], Runtime], volume: NDArray[Any], voxel_size: VoxelSize,
+def enhance_array(load: Callable[[], Loaded], volume: NDArray[Any], voxel_size: VoxelSize,
                   options: EnhanceOptions, *, half2: NDArray[Any] | None = None,
                   mask: NDArray[Any] | None = None, name: str = "volume",
                   clock: StageClock | None = None) -> Enhanced:
@@ -149,12 +149,12 @@ def _check_model_grid(shape: tuple[int, ...], voxel: tuple[float, float, float],
                         "crop the map")
 
 
-def model_cause(runtime: Runtime) -> str:
+def model_cause(runtime: Loaded) -> str:
     """Who made an output, for the messages that blame the model."""
     return f"model {runtime.spec.label} [{runtime.model_file.name}] on {runtime.device}"
 
 
-def _check_finite_output(result: Volume, spread: Volume | None, runtime: Runtime) -> None:
+def _check_finite_output(result: Volume, spread: Volume | None, runtime: Loaded) -> None:
     """RuntimeError blaming the model when the output (or the spread) is not finite."""
     for values in (result,) if spread is None else (result, spread):
         finite = np.isfinite(values)
@@ -165,7 +165,7 @@ def _check_finite_output(result: Volume, spread: Volume | None, runtime: Runtime
                                "device=cpu")
 
 
-def _on_model_grid(normalised: Volume, voxel: tuple[float, float, float], runtime: Runtime,
+def _on_model_grid(normalised: Volume, voxel: tuple[float, float, float], runtime: Loaded,
                    options: EnhanceOptions, noise_fraction: float, clock: StageClock
                    ) -> tuple[Volume, Volume | None, TileCounts, tuple[int, int, int]]:
     """Resample to the model's voxel size, run the tiles; the prediction on the model grid.

@@ -21,9 +21,9 @@ from numpy.typing import NDArray
 
 from demhx import mrcio, validate
 from demhx.errors import DemhxWarning
+from demhx.multi_device import Loaded
 from demhx.options import EnhanceOptions, EnhanceSummary, RunInfo, VoxelSize
 from demhx.run_array import StageClock, average_half_maps, model_cause
-from demhx.session import Runtime
 
 if TYPE_CHECKING:
     from demhx.pipeline import Enhancer
@@ -161,7 +161,7 @@ def _read_mask(path: Path, template: mrcio.MrcMap) -> NDArray[np.float32]:
                                f"the map {template.path}")
 
 
-def _check_output(result: NDArray[np.float32], info: RunInfo, runtime: Runtime,
+def _check_output(result: NDArray[np.float32], info: RunInfo, runtime: Loaded,
                   output: Path) -> None:
     """The output gate: RuntimeError naming the cause for an all-zero or absurd output."""
     cubes = info.cubes
@@ -177,7 +177,7 @@ def _check_output(result: NDArray[np.float32], info: RunInfo, runtime: Runtime,
                           zero_cause)
 
 
-def _label(runtime: Runtime, info: RunInfo) -> str:
+def _label(runtime: Loaded, info: RunInfo) -> str:
     """The output's label: demhx, its version, the model, the tiling (and rotations)."""
     from demhx import __version__
 

@@ -457,7 +457,7 @@ def test_oblique_cell_warns(case: dict, capsys: pytest.CaptureFixture[str]) -> N
     (["-x"], "unknown option -x; options are --half2, --model"),
     (["-p", "wideTarget"], "-p wideTarget: demhx ships no wideTarget model"),
     (["--processingType", "highRes"], "demhx ships no highRes model"),
-    (["-g", "0,1"], "demhx runs on one GPU"),
+    (["-g", "0,x"], "expected GPU ids (0 or 0,1,...) or -1 for the CPU"),
     (["--deepLearningModelPath", "models/"], "demhx-export from-keras"),
     (["--cleaningStrengh", "0.1"], "no small-component clean-up"),
     (["-o", "other.mrc"], "OUT is already given"),

@@ -109,3 +109,33 @@ def test_out_of_gpu_memory_is_a_clear_error(gpu_identity: Path, tmp_path: Path,
     with pytest.raises(RuntimeError, match=r"ran out of GPU memory for a batch of 64 cubes of "
                                            r"64³ .*try batch_size=32"):
         runtime.run(np.ones((64, 1, 64, 64, 64), np.float32))
+
+
+def test_a_group_of_gpu_runtimes_predicts_what_one_does(gpu_identity: Path,
+                                                         tmp_path: Path) -> None:
+    """Two sessions on the first GPU stand in for two GPUs (a one-GPU machine can run it):
+    the parts run in parallel threads through IO binding and come back in order."""
+    from demhx.multi_device import group_of
+
+    path = write_model(tmp_path, "smooth.onnx", smooth_model())
+    single = session.load_runtime(path, device="cuda:0", batch_size=4)
+    group = group_of([session.load_runtime(path, device="cuda:0", batch_size=size)
+                      for size in (2, 3)])
+    batch = np.random.default_rng(1).standard_normal((9, 1, CUBE, CUBE, CUBE), np.float32)
+    np.testing.assert_allclose(group.run(batch), single.run(batch), rtol=1e-5, atol=1e-6)
+    group.close()
+
+
+def test_every_gpu_as_a_group(gpu_identity: Path) -> None:
+    """``cuda:all`` on this machine: one runtime per visible GPU (a group when several)."""
+    from demhx.device import cuda_device_count
+    from demhx.multi_device import RuntimeGroup, load_group
+
+    loaded = load_group(gpu_identity, "cuda:all")
+    count = cuda_device_count()
+    assert count >= 1
+    assert isinstance(loaded, RuntimeGroup) == (count > 1)
+    volume = _volume()
+    expected = enhance(volume, 1.0, model=gpu_identity, device="cpu")
+    np.testing.assert_array_equal(enhance(volume, 1.0, model=gpu_identity, device="cuda:all"),
+                                  expected)

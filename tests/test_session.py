@@ -33,7 +33,8 @@ def test_parse_device(text: str, request_: DeviceRequest) -> None:
 
 @pytest.mark.parametrize("text", ["gpu", "cuda:", "cuda:x", "cpu:0", ""])
 def test_parse_device_refuses_unknown(text: str) -> None:
-    with pytest.raises(ValueError, match="device=.* use one of auto, cpu, cuda, cuda:N"):
+    with pytest.raises(ValueError, match="device=.* use one of auto, cpu, cuda, cuda:N, "
+                       "cuda:N,M,..., cuda:all"):
         session.parse_device(text)
 
 
