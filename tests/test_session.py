@@ -63,6 +63,22 @@ def test_load_runtime_on_cpu(identity: Path) -> None:
     np.testing.assert_array_equal(bound.run(batch), batch)
 
 
+def test_io_binding_reuses_its_buffers_and_returns_independent_results(identity: Path) -> None:
+    """One binding per batch shape, kept; a result is not overwritten by the next batch (the
+    accumulator may still be reading it)."""
+    runtime = session.load_runtime(identity, device="cpu", threads=1)
+    bound = dataclasses.replace(runtime, io_binding=True)
+    rng = np.random.default_rng(1)
+    first, second = (rng.standard_normal((2, 1, CUBE, CUBE, CUBE), np.float32) for _ in "ab")
+    kept = bound.run(first)
+    again = bound.run(second)
+    np.testing.assert_array_equal(kept, first)
+    np.testing.assert_array_equal(again, second)
+    assert len(bound._bound) == 1
+    np.testing.assert_array_equal(bound.run(first[:1]), first[:1])
+    assert len(bound._bound) == 2 and not runtime._bound  # replace() gives its own buffers
+
+
 def test_batch_size_and_threads_must_be_positive(identity: Path) -> None:
     for option, value in (("batch_size", 0), ("batch_size", -2), ("threads", 0),
                           ("batch_size", 1.5), ("batch_size", True)):
