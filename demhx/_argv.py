@@ -5,7 +5,7 @@ fire matches an option by any unambiguous prefix (``-s`` would be ``--suffix``, 
 exactly as :data:`OPTIONS` (or DeepEMhancer's :data:`DEEPEMHANCER`) spells it, and is handed
 to fire as ``--python_name=value``. Anything else that starts with ``-`` is a usage error
 listing the valid options. DeepEMhancer's flags with the same meaning are translated
-(``-i``/``-o`` become IN/OUT, ``-g`` the device, ``-p tightTarget`` the model ``tight``);
+(``-i``/``-o`` become IN/OUT, ``-g`` the device, ``-p tightTarget`` the default model);
 those demhx has no counterpart for are refused with what to use instead.
 """
 
@@ -189,13 +189,17 @@ def gpu_device(spelling: str, text: str) -> str:
 
 
 def processing_model(spelling: str, text: str) -> str:
-    """DeepEMhancer's ``-p`` as a demhx model name: ``tightTarget`` is demhx's ``tight``."""
+    """DeepEMhancer's ``-p`` as a demhx model name: ``tightTarget`` (DeepEMhancer's default) is
+    demhx's default model, which is trained on a tight target too and measured better than
+    ``tight`` (models/README.md)."""
     if text == "tightTarget":
-        return "tight"
+        from demhx import model
+
+        return str(model.load_registry(model.models_dir())["default"])
     if text in _DEEPEMHANCER_MODELS:
-        raise UsageError(f"{spelling} {text}: demhx ships no {text} model (its models are "
-                         "tight, trained like tightTarget, and tight-fast); convert "
-                         f"DeepEMhancer's deepEMhancer_{text}.hd5 with demhx-export from-keras "
-                         "and pass --model FILE.onnx, or use --model tight")
+        raise UsageError(f"{spelling} {text}: demhx ships no {text} model (its models, "
+                         "tight-fast and tight, are trained on tight targets like tightTarget); "
+                         f"convert DeepEMhancer's deepEMhancer_{text}.hd5 with demhx-export "
+                         "from-keras and pass --model FILE.onnx, or leave -p out")
     raise UsageError(f"{spelling} {text!r}: not a DeepEMhancer processing type (tightTarget, "
                      "wideTarget, highRes); demhx chooses models with --model NAME|PATH")

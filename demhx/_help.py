@@ -79,8 +79,9 @@ DeepEMhancer's options, with the same meaning:
   --noiseStats M S      --noise-stats M,S
   -m, --binaryMask PATH --mask PATH      -b, --batch_size N    --batch-size N
   -g, --gpuIds IDS      --device cuda:IDS (-g 0,1: --device cuda:0,1; -1: --device cpu)
-  -p, --processingType tightTarget       --model tight (no wideTarget or highRes model is
-                        shipped: convert DeepEMhancer's file with demhx-export from-keras)
+  -p, --processingType tightTarget       the default model (tight target; no wideTarget or
+                        highRes model is shipped: convert DeepEMhancer's file with
+                        demhx-export from-keras)
   --deepLearningModelPath and --cleaningStrengh are refused with what to use instead.
 
 Exit status: 0 done, 2 usage or input error, 1 failure while running (or any of several

@@ -264,8 +264,8 @@ def test_unknown_tta_count_is_a_usage_error(source: Path, model: Path,
     (["a", "b", "-g", "1"], {"device": "cuda:1"}),
     (["a", "b", "-g", "0,1"], {"device": "cuda:0,1"}),
     (["a", "b", "--gpuIds", "-1"], {"device": "cpu"}),
-    (["a", "b", "-p", "tightTarget"], {"model": "tight"}),
-    (["a", "b", "--processingType", "tightTarget"], {"model": "tight"}),
+    (["a", "b", "-p", "tightTarget"], {"model": "tight-fast"}),
+    (["a", "b", "--processingType", "tightTarget"], {"model": "tight-fast"}),
     (["a", "--", "-b.mrc"], {"output": "./-b.mrc"}),
 ])
 def test_deepemhancer_flags(argv: list[str], expected: dict) -> None:
