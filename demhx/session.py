@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from demhx import model as model_contract
 from demhx.device import (  # noqa: F401  (re-exported: demhx.session.CPU, ...)
@@ -148,7 +149,7 @@ class Runtime:
                 f"model {self.spec.label} [{self.model_file.name}]")
         return f"{line}; {self.note}" if self.note else line
 
-    def run(self, batch: np.ndarray) -> np.ndarray:
+    def run(self, batch: NDArray[Any]) -> NDArray[Any]:
         """Predictions ``(b, 1, c, c, c)`` float32 for a batch of the same shape."""
         count = batch.shape[0]
         feed = self._feed(batch)
@@ -164,12 +165,12 @@ class Runtime:
             raise RuntimeError(self._non_finite(output, feed))
         return output
 
-    def _feed(self, batch: np.ndarray) -> np.ndarray:
+    def _feed(self, batch: NDArray[Any]) -> NDArray[Any]:
         """The batch in the model's input type, padded with zero cubes to ``batch_size``
         when :attr:`pad_batches` is set."""
         if not self.pad_batches or batch.shape[0] >= self.batch_size:
             return np.ascontiguousarray(batch, dtype=self.io.input_dtype)
-        feed: np.ndarray = np.zeros((self.batch_size,) + batch.shape[1:],
+        feed: NDArray[Any] = np.zeros((self.batch_size,) + batch.shape[1:],
                                     dtype=self.io.input_dtype)
         feed[:batch.shape[0]] = batch
         return feed
@@ -186,7 +187,7 @@ class Runtime:
         return (f"{self.model_file}: inference failed on {self.device} ({first}); try a "
                 "smaller batch_size= or device=cpu")
 
-    def _non_finite(self, output: np.ndarray, feed: np.ndarray) -> str:
+    def _non_finite(self, output: NDArray[Any], feed: NDArray[Any]) -> str:
         """Why a batch came back with NaN or infinite values: the model, named."""
         bad = int(output.size - np.count_nonzero(np.isfinite(output)))
         fix = ("its float16 twin may overflow: try device=cpu"
@@ -196,7 +197,7 @@ class Runtime:
         return (f"{self.model_file}: model {self.spec.label} on {self.device} produced {bad} "
                 f"NaN or infinite values for a batch of cubes; nothing written; {fix}")
 
-    def _run_bound(self, feed: np.ndarray) -> np.ndarray:
+    def _run_bound(self, feed: NDArray[Any]) -> NDArray[Any]:
         """Run through IO binding on buffers kept on the device for this batch shape: the
         input is copied into its buffer, the output read from its own, and neither is
         allocated again (with :attr:`pad_batches` every batch has one shape)."""

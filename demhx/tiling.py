@@ -52,8 +52,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from demhx import validate
 
@@ -165,7 +167,7 @@ def skip_level(scheme: TilingScheme, noise_std: float, noise_fraction: float = 1
 
 
 def axis_layout(length: int, cube_size: int, stride: int,
-                lattice: int | None = None) -> tuple[int, int, np.ndarray]:
+                lattice: int | None = None) -> tuple[int, int, NDArray[Any]]:
     """Cube positions along one axis of ``length`` voxels.
 
     Without ``lattice``, cubes every ``stride`` voxels. With it, the layout of stride
@@ -195,7 +197,7 @@ def axis_layout(length: int, cube_size: int, stride: int,
     return padded_length, offset, np.array(steps, dtype=np.int64) * lattice
 
 
-def window_1d(cube_size: int, stride: int, window: str) -> np.ndarray:
+def window_1d(cube_size: int, stride: int, window: str) -> NDArray[Any]:
     """Blending weights along one cube edge, float64, all > 0.
 
     ``"cosine"`` is flat in the middle and rises as ``sin²`` over ``taper = min(cube_size -
@@ -212,7 +214,7 @@ def window_1d(cube_size: int, stride: int, window: str) -> np.ndarray:
     return weights
 
 
-def window_3d(cube_size: int, stride: int, window: str) -> np.ndarray:
+def window_3d(cube_size: int, stride: int, window: str) -> NDArray[Any]:
     """Separable blending window ``(c, c, c)`` float32, C-contiguous."""
     line = window_1d(cube_size, stride, window)
     cube = line[:, None, None] * line[None, :, None] * line[None, None, :]
@@ -238,8 +240,8 @@ class TilingPlan:
     padded_shape: tuple[int, int, int]
     offset: tuple[int, int, int]
     cube_size: int
-    corners: np.ndarray
-    weights: np.ndarray
+    corners: NDArray[Any]
+    weights: NDArray[Any]
     scheme: TilingScheme
 
     @property
@@ -282,7 +284,7 @@ def plan_tiling(shape: tuple[int, ...], cube_size: int, scheme: TilingScheme) ->
     )
 
 
-def refine_positions(indices: np.ndarray) -> np.ndarray:
+def refine_positions(indices: NDArray[Any]) -> NDArray[Any]:
     """Lattice indices of one axis with one more: the middle of the first widest gap.
 
     ``indices`` is increasing; it comes back unchanged when no gap is wider than 1.
@@ -316,7 +318,7 @@ def refine_plan(plan: TilingPlan) -> TilingPlan | None:
     return dataclasses.replace(plan, corners=np.ascontiguousarray(corners, dtype=np.int64))
 
 
-def pad_volume(volume: np.ndarray, plan: TilingPlan, fill: float = 0.0) -> np.ndarray:
+def pad_volume(volume: NDArray[Any], plan: TilingPlan, fill: float = 0.0) -> NDArray[Any]:
     """The volume placed in a new float32 C-contiguous array of ``plan.padded_shape``.
 
     The padding holds ``fill`` (0: the solvent mean of a normalised map).
@@ -328,6 +330,6 @@ def pad_volume(volume: np.ndarray, plan: TilingPlan, fill: float = 0.0) -> np.nd
     return padded
 
 
-def crop(padded: np.ndarray, plan: TilingPlan) -> np.ndarray:
+def crop(padded: NDArray[Any], plan: TilingPlan) -> NDArray[Any]:
     """The original box of a padded volume (a view)."""
     return padded[plan.region]

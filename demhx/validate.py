@@ -151,13 +151,13 @@ def check_grid(shape: Sequence[int], what: str, fix: str) -> None:
                      f"({MAX_GRID_VOXELS:.3g} voxels, 8 GiB as float32); {fix}")
 
 
-def _sample(volume: np.ndarray, limit: int = SAMPLE_VOXELS) -> np.ndarray:
+def _sample(volume: NDArray[Any], limit: int = SAMPLE_VOXELS) -> NDArray[Any]:
     flat = volume.reshape(-1)
     step = max(1, flat.size // limit)
     return np.asarray(flat[::step], dtype=np.float64)
 
 
-def extreme_limits(volume: np.ndarray, name: str) -> tuple[float, float] | None:
+def extreme_limits(volume: NDArray[Any], name: str) -> tuple[float, float] | None:
     """The range beyond which a voxel of ``volume`` is extreme, or None when none can be told.
 
     Raises ValueError when the map's own scale is outside :data:`MAGNITUDE_RANGE`.
@@ -179,7 +179,7 @@ def extreme_limits(volume: np.ndarray, name: str) -> tuple[float, float] | None:
     return centre - OUTLIER_FACTOR * scale, centre + OUTLIER_FACTOR * scale
 
 
-def repair_extreme_voxels(volume: np.ndarray, name: str) -> np.ndarray:
+def repair_extreme_voxels(volume: NDArray[Any], name: str) -> NDArray[Any]:
     """``volume``, or a copy with its extreme voxels replaced (with a warning naming them).
 
     Parameters
@@ -218,12 +218,12 @@ def repair_extreme_voxels(volume: np.ndarray, name: str) -> np.ndarray:
     return repaired
 
 
-def _slabs(volume: np.ndarray) -> list[tuple[int, np.ndarray]]:
+def _slabs(volume: NDArray[Any]) -> list[tuple[int, NDArray[Any]]]:
     rows = max(1, _SLAB_VOXELS // max(1, volume[0].size))
     return [(start, volume[start:start + rows]) for start in range(0, volume.shape[0], rows)]
 
 
-def _extreme_indices(volume: np.ndarray, low: float, high: float) -> list[tuple[int, int, int]]:
+def _extreme_indices(volume: NDArray[Any], low: float, high: float) -> list[tuple[int, int, int]]:
     """(z, y, x) of the voxels outside [low, high]."""
     found: list[tuple[int, int, int]] = []
     for start, slab in _slabs(volume):
@@ -243,7 +243,7 @@ def check_noise_range(peak: float, std: float, method: str, name: str) -> None:
                      "solvent's mean and std in the map's units) or the mask (mask=)")
 
 
-def check_output(result: np.ndarray, input_peak: float, output: str, cause: str,
+def check_output(result: NDArray[Any], input_peak: float, output: str, cause: str,
                  zero_cause: str) -> None:
     """RuntimeError unless ``result`` is finite, not all zero and in proportion to the input.
 
