@@ -1,19 +1,20 @@
-"""Noise estimation speed: ``choose_stats`` now against the SciPy version it replaced.
+"""Noise estimation speed: ``choose_stats`` now against the estimator of an earlier commit.
 
-    python bench/noise_speed.py [--repeats 5] [--edge 256] [--base 5a5a334] [--maps DIR]
+    python bench/noise_speed.py [--repeats 5] [--edge 256] [--base d241659] [--maps DIR]
 
 For every map of ``../shared/data/maps`` and a synthetic ``edge``³ map (the 256³ map of
 ``bench/speed.py``: blobs on a helix in white noise, 1 Å), runs ``normalise.choose_stats``
-of this tree ("new") and of ``demhx/normalise.py`` at commit ``--base`` ("old": two
-``scipy.ndimage.uniform_filter`` passes, boolean indexing and NumPy reductions), loaded from
-git. Prints the statistics both give, their difference, the median time of ``--repeats``
-runs of each (after one untimed run, so numba's compilation is not counted) and the ratio.
+of this tree ("new") and of ``demhx/normalise.py`` at commit ``--base`` with the estimator
+modules it imports at that commit ("old", loaded from git as the package ``demhx_base``; the
+default is the last single-threaded version, ``5a5a334`` the SciPy one). Prints the
+statistics both give, their difference, the median time of ``--repeats`` runs of each (after
+one untimed run, so numba's compilation is not counted) and the ratio.
 
-Both versions run on one core: NumPy, ``scipy.ndimage`` and the numba kernels of
-``demhx/_kernels.py`` do not start threads. On a shared machine compare the ratio (old and
-new alternate within one run), not the absolute times. Exits with status 1 when a map's
-statistics differ by more than the tolerance: method, solvent fraction, std within
-:data:`STD_TOLERANCE` (relative) and mean within :data:`MEAN_TOLERANCE` noise stds.
+The new kernels split their planes between :func:`numba.get_num_threads` threads
+(``NUMBA_NUM_THREADS=1`` for one); the old ones run on one core. On a shared machine compare
+the ratio (old and new alternate within one run), not the absolute times. Exits with status
+1 when a map's statistics differ by more than the tolerance: method, solvent fraction, std
+within :data:`STD_TOLERANCE` (relative) and mean within :data:`MEAN_TOLERANCE` noise stds.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
+import numba
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 MAPS = ROOT.parent / "shared" / "data" / "maps"
-BASE = "5a5a334"  # the last commit with the SciPy estimator
+BASE = "d241659"  # the last commit with one thread and separate selection passes
+ESTIMATOR_MODULES = ("normalise", "_solvent", "_noisestats", "_noise_kernels")
 STD_TOLERANCE = 0.005  # relative
 MEAN_TOLERANCE = 0.005  # noise stds
 
@@ -48,22 +51,31 @@ from demhx.normalise import NoiseStats  # noqa: E402
 
 
 def old_normalise(commit: str) -> ModuleType | None:
-    """``demhx/normalise.py`` at ``commit``, imported as a module of its own (None without
-    git or the commit, e.g. in a copy of the tree)."""
-    try:
-        source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:demhx/normalise.py"],
-                                capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    folder = Path(tempfile.mkdtemp(prefix="demhx-old-"))
-    path = folder / "normalise_old.py"
-    path.write_text(source, encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("normalise_old", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["normalise_old"] = module
-    spec.loader.exec_module(module)
-    return module
+    """``demhx/normalise.py`` at ``commit`` with the estimator modules it imports from
+    (``_solvent``, ``_noisestats``, ``_noise_kernels``, where the commit has them), imported as
+    a package of their own (``demhx_base``); None without git or the commit."""
+    sources = {}
+    for name in ESTIMATOR_MODULES:
+        try:
+            sources[name] = subprocess.run(
+                ["git", "-C", str(ROOT), "show", f"{commit}:demhx/{name}.py"],
+                capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            if name == "normalise":
+                return None
+    folder = Path(tempfile.mkdtemp(prefix="demhx-base-")) / "demhx_base"
+    folder.mkdir()
+    (folder / "__init__.py").write_text("", encoding="utf-8")
+    for name, source in sources.items():
+        for other in sources:
+            source = source.replace(f"demhx.{other} ", f"demhx_base.{other} ")
+            source = source.replace(f"from demhx import {other}\n",
+                                    f"from demhx_base import {other}\n")
+            source = source.replace(f"from demhx import {other} as",
+                                    f"from demhx_base import {other} as")
+        (folder / f"{name}.py").write_text(source, encoding="utf-8")
+    sys.path.insert(0, str(folder.parent))
+    return importlib.import_module("demhx_base.normalise")
 
 
 def cases(maps: Path, edge: int) -> Iterator[tuple[str, np.ndarray, tuple[float, float, float]]]:
@@ -119,8 +131,8 @@ def main() -> int:
         print(f"old: commit {args.base} not available (no git history here): new times only")
         old = normalise
     print(f"machine: {machine()}")
-    print(f"old: demhx/normalise.py at {args.base}; new: this tree; median of {args.repeats} "
-          "runs each (alternating), one core")
+    print(f"old: demhx/normalise.py at {args.base}; new: this tree ({numba.get_num_threads()} "
+          f"threads); median of {args.repeats} runs each (alternating)")
     print(f"{'map':26s} {'method':11s} {'old mean':>12s} {'new mean':>12s} {'old std':>11s} "
           f"{'new std':>11s} {'Δstd rel':>9s} {'old s':>7s} {'new s':>7s} {'ratio':>6s}")
     failures = 0

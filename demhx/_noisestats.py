@@ -22,12 +22,15 @@ The public names are re-exported by :mod:`demhx.normalise`, where callers take t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+MAD_TO_STD = 1.4826  # median absolute deviation of a Gaussian, in standard deviations
 SAMPLE_VOXELS = 1 << 18  # voxels sampled for medians and for the constant-value search
 PEAK_QUANTILE = 0.9999  # the "peak" of a map: this quantile of its density
 TRAINED_PEAK_SIGMAS = (6.5, 22.0)  # training inputs' peaks, noise stds (bench/input_range.py)
@@ -89,6 +92,66 @@ def _sample(array: NDArray[Any], limit: int = SAMPLE_VOXELS) -> NDArray[Any]:
     return flat[::step]
 
 
+def _median(values: NDArray[np.float32]) -> np.float32:
+    """``np.median`` of a float32 sample, the same value, from one partition: the middle
+    value, or the float32 mean of the two middle ones."""
+    middle = values.size // 2
+    if values.dtype != np.float32 or values.size < 2 or np.isnan(values.max()):
+        return np.float32(np.median(values))
+    part = np.partition(values, middle)
+    upper = np.float32(0) + part[middle]  # NumPy's mean adds to 0: -0 becomes 0
+    if values.size % 2:
+        return np.float32(upper)
+    return np.float32((part[:middle].max() + upper) / np.float32(2))
+
+
+def _masked_sample(values: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.float32]:
+    """``_sample(values[mask])`` without the intermediate copy of ``values[mask]``."""
+    from demhx import _noise_kernels
+
+    count = int(np.count_nonzero(mask))
+    step = max(1, count // SAMPLE_VOXELS)
+    sample = np.empty(-(-count // step), dtype=values.dtype)
+    _noise_kernels.masked_sample(values, mask, step, sample)
+    return sample
+
+
+def _robust_centre_spread(values: NDArray[Any]) -> tuple[float, float]:
+    """Median and MAD-based standard deviation of a (sampled) set of values."""
+    sample = _sample(values)
+    if sample.size == 0:
+        return 0.0, 0.0
+    centre = float(_median(sample))
+    spread = MAD_TO_STD * float(_median(np.abs(sample - np.float32(centre))))
+    return centre, spread
+
+
+def run_split(kernel: Callable[..., None], length: int, *args: Any) -> None:
+    """``kernel(start, stop, *args)`` over ``[0, length)`` in contiguous parts, one per thread.
+
+    As many threads as :func:`numba.get_num_threads` allows (``NUMBA_NUM_THREADS``,
+    :func:`numba.set_num_threads`), at most the cores this process may use. The kernels
+    release the GIL and each part writes its own planes or rows, so the result does not
+    depend on the number of threads.
+    """
+    import numba
+
+    from demhx.session import available_cores
+
+    parts = max(1, min(numba.get_num_threads(), available_cores(), length // 32))
+    bounds = [length * part // parts for part in range(parts + 1)]
+    if parts == 1:
+        kernel(0, length, *args)
+        return
+    with ThreadPoolExecutor(parts - 1) as pool:
+        rest = [pool.submit(kernel, bounds[part], bounds[part + 1], *args)
+                for part in range(1, parts)]
+        kernel(bounds[0], bounds[1], *args)
+        for future in rest:
+            future.result()
+
+
+
 # --------------------------------------------------------------------------- dynamic range
 
 
@@ -97,8 +160,34 @@ def peak_sigmas(volume: NDArray[Any], stats: NoiseStats) -> float:
 
     Taken from an evenly strided sample of at most :data:`PEAK_SAMPLE_VOXELS` voxels.
     """
-    peak = float(np.quantile(_sample(np.asarray(volume), PEAK_SAMPLE_VOXELS), PEAK_QUANTILE))
+    peak = float(top_quantile(_sample(np.asarray(volume), PEAK_SAMPLE_VOXELS), PEAK_QUANTILE))
     return (peak - stats.mean) / stats.std
+
+
+def top_quantile(values: NDArray[Any], quantile: float) -> Any:
+    """``np.quantile(values, quantile)`` (linear), the same value, for a quantile near 1 of a
+    large float32 sample: only the values above a threshold taken from a coarser sample are
+    sorted, and the two neighbours NumPy interpolates between are taken from them."""
+    size = values.size
+    virtual = size * quantile + (1 + quantile * -1) - 1  # NumPy's index for alpha = beta = 1
+    below = math.floor(virtual)
+    needed = size - below  # the values at or above the lower neighbour
+    coarse = np.sort(values[::16])
+    if values.dtype != np.float32 or values.ndim != 1 or not 0 <= virtual < size - 1 \
+            or needed > size // 64 or np.isnan(coarse[-1]) or np.isnan(values.max()):
+        return np.quantile(values, quantile)
+    for margin in (4, 32):  # the top values may cluster between the coarse sample's
+        top = values[values >= coarse[max(0, coarse.size - margin * (needed // 16 + 64))]]
+        if top.size >= needed:
+            break
+    else:
+        return np.quantile(values, quantile)
+    top.sort()
+    lower, upper = top[top.size - needed], top[top.size - needed + 1]
+    gamma, difference = virtual - below, upper - lower
+    if gamma >= 0.5:  # NumPy's _lerp, in float32
+        return upper - difference * (1 - gamma)
+    return lower + difference * gamma
 
 
 def limit_peak(volume: NDArray[Any], stats: NoiseStats,
@@ -127,7 +216,7 @@ def peak_stats(volume: NDArray[Any], background: float, inside_fraction: float =
     its noise std, so only cubes (nearly) empty of density are skipped.
     """
     sample = _sample(np.asarray(volume), PEAK_SAMPLE_VOXELS)
-    height = float(np.quantile(sample, PEAK_QUANTILE)) - background
+    height = float(top_quantile(sample, PEAK_QUANTILE)) - background
     if not height > 0:  # density below the background (inverted contrast)
         height = float(np.quantile(np.abs(sample - np.float32(background)), PEAK_QUANTILE))
     height = _positive(height, "map: peak above the background")

@@ -56,7 +56,16 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from demhx._noisestats import SAMPLE_VOXELS, NoiseStats, _sample, peak_sigmas
+from demhx._noisestats import (
+    SAMPLE_VOXELS,
+    NoiseStats,
+    _masked_sample,
+    _median,
+    _robust_centre_spread,
+    _sample,
+    peak_sigmas,
+    run_split,
+)
 
 WINDOW_VOXELS = 7  # edge of the local-statistics window along the finest axis, voxels
 SEED_FRACTION = 0.2  # fraction of the low-density voxels taken as the first solvent guess
@@ -67,7 +76,6 @@ MIN_MASK_FRACTION = 0.01  # a coherent constant region this large makes a map ma
 MASK_COHERENCE = 0.25  # coherent: this fraction of the region survives a one-voxel erosion
 MIN_SOLVENT_FRACTION = 0.02  # fewer solvent voxels than this: estimation refused
 MIN_SOLVENT_VOXELS = 200
-MAD_TO_STD = 1.4826  # median absolute deviation of a Gaussian, in standard deviations
 MIN_EDGE_BAND_VOXELS = 4  # masked maps: voxels this close to the constant region are left out
 MAX_EDGE_BAND_VOXELS = 24  # widest band left out where a soft mask edge attenuates the noise
 EDGE_TOLERANCE = 0.05  # the edge band ends where the noise level rises by less than 5 % a voxel
@@ -170,9 +178,7 @@ def _estimate_unmasked(volume: NDArray[np.float32], voxel_size: tuple[float, flo
     if padding is not None:
         local_std[padding] = np.nan  # never solvent
     # First guess, then refinements of the solvent set.
-    solvent = _seed(local_mean, local_std)
-    for _ in range(ITERATIONS):
-        solvent = _refine(local_mean, local_std, solvent)
+    solvent = _solvent_set(local_mean, local_std)
     del local_mean, local_std
     return _stats_of(volume, solvent)
 
@@ -206,79 +212,124 @@ def _local_moments(volume: NDArray[Any], window: tuple[int, int, int]
 
     The values, less the median (against cancellation), and their squares are averaged by
     box filters with ``scipy.ndimage.uniform_filter``'s mirrored boundary and arithmetic
-    (:func:`demhx._noise_kernels.local_moments`, the same floats as that filter).
+    (:func:`demhx._noise_kernels.local_moments`, the same floats as that filter), split
+    between threads: the z pass by rows, the y and x passes by planes.
     """
-    from demhx import _noise_kernels
+    from demhx import _noise_kernels as kernels
 
-    centre = np.median(_sample(volume)).astype(np.float32)
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
+    centre = float(_median(_sample(volume)))
     local_mean, local_std = np.empty_like(volume), np.empty_like(volume)
-    _noise_kernels.local_moments(np.ascontiguousarray(volume, dtype=np.float32), float(centre),
-                           *window, local_mean, local_std)
+    run_split(kernels.z_moments, volume.shape[1], volume, centre, window[0],
+                      local_mean, local_std)
+    run_split(kernels.plane_moments, volume.shape[0], window[1], window[2],
+                      local_mean, local_std)
     return local_mean, local_std
+
+
+# A set of voxels: its mask and, per plane z, the number of its voxels ahead of the plane
+# (``before[z]``; ``before[-1]`` the count), which lets threads sample it plane by plane.
+_Selection = tuple[NDArray[np.bool_], NDArray[np.int64]]
 
 
 def _seed(local_mean: NDArray[np.float32], local_std: NDArray[np.float32],
           candidates: NDArray[np.bool_] | None = None) -> NDArray[np.bool_]:
     """First solvent guess: the lowest-variance part of the low-density half of the box (of
     the ``candidates`` when given)."""
-    from demhx import _noise_kernels
-
-    pool = _sample(local_mean) if candidates is None else _masked_sample(local_mean, candidates)
-    low = np.ones(local_mean.shape, dtype=bool)
-    _noise_kernels.select_within(local_mean, -np.inf, float(np.median(pool)), low)
-    _noise_kernels.select_within(local_std, -np.inf, _FLOAT32_MAX, low)  # finite local stds only
-    threshold = np.quantile(_masked_sample(local_std, low), SEED_FRACTION)
-    _noise_kernels.select_within(local_std, -np.inf, float(threshold), low)
-    return low
+    return _seed_selection(local_mean, local_std, candidates)[0]
 
 
 def _refine(local_mean: NDArray[np.float32], local_std: NDArray[np.float32],
             solvent: NDArray[np.bool_]) -> NDArray[np.bool_]:
     """Voxels whose local mean and std lie within the current solvent's robust ranges."""
-    from demhx import _noise_kernels
-
-    result = np.ones(local_mean.shape, dtype=bool)
-    for values in (local_mean, local_std):
-        centre, spread = _robust_centre_spread(_masked_sample(values, solvent))
-        lower, upper = centre - CLIP_SIGMAS * spread, centre + CLIP_SIGMAS * spread
-        _noise_kernels.select_within(values, lower, upper, result)
-    return result
+    counts = np.count_nonzero(solvent.reshape(solvent.shape[0], -1), axis=1)
+    before = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return _refined(local_mean, local_std, (solvent.copy(), before))[0]
 
 
-def _masked_sample(values: NDArray[np.float32], mask: NDArray[np.bool_]) -> NDArray[np.float32]:
-    """``_sample(values[mask])`` without the intermediate copy of ``values[mask]``."""
-    from demhx import _noise_kernels
+def _solvent_set(local_mean: NDArray[np.float32], local_std: NDArray[np.float32],
+                 candidates: NDArray[np.bool_] | None = None) -> _Selection:
+    """:func:`_seed`, then :data:`ITERATIONS` times :func:`_refine`."""
+    solvent = _seed_selection(local_mean, local_std, candidates)
+    for _ in range(ITERATIONS):
+        solvent = _refined(local_mean, local_std, solvent)
+    return solvent
 
-    count = int(np.count_nonzero(mask))
+
+def _seed_selection(local_mean: NDArray[np.float32], local_std: NDArray[np.float32],
+                    candidates: NDArray[np.bool_] | None) -> _Selection:
+    pool = _sample(local_mean) if candidates is None else _masked_sample(local_mean, candidates)
+    median = float(_median(pool))
+    # local mean at most the median, finite local std ...
+    low = _select(local_mean, local_std, (-np.inf, median, -np.inf, _FLOAT32_MAX), None)
+    # ... and the lowest local stds among those
+    threshold = float(np.quantile(_samples(local_std, local_std, low)[0], SEED_FRACTION))
+    return _select(local_std, local_std, (-np.inf, threshold, -np.inf, threshold), low)
+
+
+def _refined(local_mean: NDArray[np.float32], local_std: NDArray[np.float32],
+             solvent: _Selection) -> _Selection:
+    """:func:`_refine` of a selection (whose mask is overwritten)."""
+    bounds = []
+    for sample in _samples(local_mean, local_std, solvent):
+        centre, spread = _robust_centre_spread(sample)
+        bounds += [centre - CLIP_SIGMAS * spread, centre + CLIP_SIGMAS * spread]
+    return _select(local_mean, local_std, bounds, None, solvent[0])
+
+
+def _select(first: NDArray[np.float32], second: NDArray[np.float32], bounds: Any,
+            within: _Selection | None, out: NDArray[np.bool_] | None = None) -> _Selection:
+    """The voxels with ``bounds[0] <= first <= bounds[1]`` and ``bounds[2] <= second <=
+    bounds[3]`` (compared in float32), of ``within`` when given (its mask is overwritten)."""
+    from demhx import _noise_kernels as kernels
+
+    mask = within[0] if within is not None else (
+        np.empty(first.shape, dtype=bool) if out is None else out)
+    counts = np.empty(first.shape[0], dtype=np.int64)
+    run_split(kernels.select_pair, first.shape[0], first, second,
+                      np.asarray(bounds, dtype=np.float64), within is not None, mask, counts)
+    before = np.zeros(first.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=before[1:])
+    return mask, before
+
+
+def _samples(first: NDArray[np.float32], second: NDArray[np.float32], selection: _Selection
+             ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """``_sample(first[mask])`` and ``_sample(second[mask])`` of a selection, in one pass."""
+    from demhx import _noise_kernels as kernels
+
+    mask, before = selection
+    count = int(before[-1])
     step = max(1, count // SAMPLE_VOXELS)
-    sample = np.empty(-(-count // step), dtype=values.dtype)
-    _noise_kernels.masked_sample(values, mask, step, sample)
-    return sample
+    samples = np.empty((2, -(-count // step)), dtype=np.float32)
+    run_split(kernels.sample_pair, mask.shape[0], first, second, mask, before, step,
+                      samples[0], samples[1])
+    return samples[0], samples[1]
 
 
-def _robust_centre_spread(values: NDArray[Any]) -> tuple[float, float]:
-    """Median and MAD-based standard deviation of a (sampled) set of values."""
-    sample = _sample(values)
-    if sample.size == 0:
-        return 0.0, 0.0
-    centre = float(np.median(sample))
-    spread = MAD_TO_STD * float(np.median(np.abs(sample - np.float32(centre))))
-    return centre, spread
-
-
-def _stats_of(volume: NDArray[np.float32], solvent: NDArray[np.bool_]) -> NoiseStats:
+def _stats_of(volume: NDArray[np.float32], solvent: _Selection) -> NoiseStats:
     """Mean and std of the raw voxels in ``solvent``; refuses too small or flat sets."""
-    count = int(np.count_nonzero(solvent))
+    count = int(solvent[1][-1])
     fraction = count / volume.size
     if count < MIN_SOLVENT_VOXELS or fraction < MIN_SOLVENT_FRACTION:
         raise ValueError(f"map: found solvent in only {fraction:.1%} of the box, too little "
                          "to estimate the noise; " + _FIX)
-    from demhx import _noise_kernels
-
-    mean, std = _noise_kernels.masked_mean_std(volume, solvent)
+    mean, std = _mean_std(volume, solvent)
     if not (math.isfinite(std) and std > 0):
         raise ValueError("map: the solvent has no noise (std 0), it looks masked; " + _FIX)
     return NoiseStats(mean, std, "auto", fraction)
+
+
+def _mean_std(volume: NDArray[np.float32], solvent: _Selection) -> tuple[float, float]:
+    """:func:`demhx._noise_kernels.masked_mean_std` of a selection, split between threads."""
+    from demhx import _noise_kernels as kernels
+
+    mask, before = solvent
+    sums = np.empty(volume.shape[0])
+    run_split(kernels.plane_sums, volume.shape[0], volume, mask, 0.0, False, sums)
+    mean = float(np.cumsum(sums)[-1]) / int(before[-1])  # planes added in order
+    run_split(kernels.plane_sums, volume.shape[0], volume, mask, mean, True, sums)
+    return mean, math.sqrt(float(np.cumsum(sums)[-1]) / int(before[-1]))
 
 def _is_masked(constant: NDArray[np.bool_] | None, fraction: float) -> bool:
     """A coherent constant region (not scattered repeated values) of a sizeable fraction."""
@@ -311,9 +362,7 @@ def _masked_noise(volume: NDArray[np.float32], voxel_size: tuple[float, float, f
         return None
     # The estimator of estimate_noise, on the candidates only.
     local_std[~candidates] = np.nan
-    solvent = _seed(local_mean, local_std, candidates)
-    for _ in range(ITERATIONS):
-        solvent = _refine(local_mean, local_std, solvent)
+    solvent = _solvent_set(local_mean, local_std, candidates)[0]
     del local_mean, local_std
     values = volume[solvent]
     if not _looks_like_solvent(volume, values, inside_count,

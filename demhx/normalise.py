@@ -63,6 +63,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from demhx._noisestats import (  # noqa: F401  (re-exported: demhx.normalise.NoiseStats, ...)
+    MAD_TO_STD,
     MAX_PEAK_SIGMAS,
     PEAK_QUANTILE,
     PEAK_SAMPLE_VOXELS,
@@ -81,7 +82,6 @@ from demhx._solvent import (  # noqa: F401  (re-exported: demhx.normalise.estima
     CLIP_SIGMAS,
     EDGE_TOLERANCE,
     ITERATIONS,
-    MAD_TO_STD,
     MASK_COHERENCE,
     MASKED_FRACTION,
     MAX_EDGE_BAND_VOXELS,
