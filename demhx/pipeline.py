@@ -95,9 +95,10 @@ class Enhancer:
         :func:`enhance`); ``name`` starts the messages of input errors; ``clock`` receives
         the stage times.
         """
-        return run_array.enhance_array(lambda: self.runtime, volume, voxel_size,
-                                       options or EnhanceOptions(), half2=half2, mask=mask,
-                                       name=name, clock=clock)
+        with run_array.host_threads(self.threads):
+            return run_array.enhance_array(lambda: self.runtime, volume, voxel_size,
+                                           options or EnhanceOptions(), half2=half2,
+                                           mask=mask, name=name, clock=clock)
 
     def process_file(self, source: str | Path, output: str | Path,
                      options: EnhanceOptions | None = None, *,

@@ -21,9 +21,10 @@ of white noise; downsampling a map finer than the model's voxel size lowers it (
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,24 @@ class StageClock:
         if LOG.isEnabledFor(logging.DEBUG):
             LOG.debug("stage times: " + ", ".join(f"{stage} {seconds:.3f} s" for stage, seconds
                                                   in self.seconds.items()))
+
+
+@contextlib.contextmanager
+def host_threads(threads: int | None) -> Iterator[None]:
+    """Host kernels (noise statistics, tiling) use at most ``threads`` threads while inside
+    (numba's thread count, which they follow); None leaves numba's count as it is."""
+    if threads is None:
+        yield
+        return
+    import numba
+
+    previous = numba.get_num_threads()
+    most = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]
+    numba.set_num_threads(max(1, min(threads, most)))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
 
 
 def average_half_maps(half1: NDArray[Any], half2: NDArray[Any], names: tuple[str, str] = (

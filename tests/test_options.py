@@ -117,3 +117,17 @@ def test_api_errors_name_parameters_and_the_cli_names_flags(identity: pipeline.E
                      "--threads", "0"]) == 2
     error = capsys.readouterr().err
     assert "--threads" in error and "threads=" not in error
+
+
+def test_threads_bound_the_host_kernels_during_a_run(identity: pipeline.Enhancer) -> None:
+    """``threads`` reaches numba (the noise and tiling kernels follow its thread count) for
+    the run only."""
+    import numba
+
+    before = numba.get_num_threads()
+    seen: list[int] = []
+    options = EnhanceOptions(noise_stats=(0.0, 0.01), tiling="fast",
+                             progress=lambda done, total: seen.append(numba.get_num_threads()))
+    identity.process(_blob(), 1.0, options)  # the fixture's enhancer has threads=1
+    assert seen and set(seen) == {1}
+    assert numba.get_num_threads() == before
