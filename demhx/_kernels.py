@@ -58,8 +58,9 @@ def extract_cubes(padded: NDArray[np.float32], corners: NDArray[np.int64], first
         x0 = corners[first + index, 2]
         for i in range(size):
             for j in range(size):
+                line, source = batch[index, 0, i, j], padded[z0 + i, y0 + j, x0:x0 + size]
                 for k in range(size):
-                    batch[index, 0, i, j, k] = padded[z0 + i, y0 + j, x0 + k]
+                    line[k] = source[k]
 
 
 def extract_cubes_reference(padded: NDArray[np.float32], corners: NDArray[np.int64], first: int,
@@ -90,16 +91,58 @@ def accumulate_weighted(values: NDArray[np.float32], corners: NDArray[np.int64],
     accumulator : (Z, Y, X) float32, C-contiguous
         Running weighted sum (starts at 0).
     """
+    none = np.zeros((0, 0, 0), dtype=np.float32)
+    accumulate_blend(values, corners, first, count, weights, accumulator, 0, none,
+                     none.astype(np.uint8))
+
+
+@njit(cache=_CACHE, nogil=True)
+def accumulate_blend(values: NDArray[np.float32], corners: NDArray[np.int64], first: int,
+                     count: int, weights: NDArray[np.float32], accumulator: NDArray[np.float32],
+                     sample: int, squares: NDArray[np.float32], counts: NDArray[np.uint8]
+                     ) -> None:  # pragma: no cover - compiled
+    """:func:`accumulate_weighted`, and with ``sample >= 1`` also
+    :func:`accumulate_sampled_squares` (same arguments), in one pass over the values.
+
+    The padded volume is visited plane by plane, and each plane receives the cubes that
+    cross it in cube order: every voxel gets the same additions in the same order as cube
+    by cube, while the planes of the accumulator stay in cache across the cubes of a batch.
+    """
     size = weights.shape[0]
+    low, high = accumulator.shape[0], 0
     for index in range(count):
-        z0 = corners[first + index, 0]
-        y0 = corners[first + index, 1]
-        x0 = corners[first + index, 2]
-        for i in range(size):
-            for j in range(size):
-                for k in range(size):
-                    accumulator[z0 + i, y0 + j, x0 + k] += values[index, 0, i, j, k] * weights[
-                        i, j, k]
+        low = min(low, corners[first + index, 0])
+        high = max(high, corners[first + index, 0] + size)
+    for z in range(low, high):
+        for index in range(count):
+            z0, y0, x0 = corners[first + index, 0], corners[first + index, 1], corners[
+                first + index, 2]
+            if z0 <= z < z0 + size:
+                plane = values[index, 0, z - z0]
+                for j in range(size):
+                    line, window = plane[j], weights[z - z0, j]
+                    out = accumulator[z, y0 + j, x0:x0 + size]
+                    for k in range(size):
+                        out[k] += line[k] * window[k]
+                if sample >= 1 and z % sample == 0:
+                    _sampled_plane(plane, z // sample, y0, x0, sample, squares, counts)
+
+
+@njit(cache=_CACHE, nogil=True)
+def _sampled_plane(plane: NDArray[np.float32], zs: int, y0: int, x0: int, sample: int,
+                   squares: NDArray[np.float32], counts: NDArray[np.uint8]
+                   ) -> None:  # pragma: no cover - compiled
+    """The squares and counts of one sampled plane ``zs`` of a cube at ``(y0, x0)``."""
+    j0, k0 = (-y0) % sample, (-x0) % sample
+    ys, xs = (y0 + j0) // sample, (x0 + k0) // sample
+    size = plane.shape[1]
+    for b in range((plane.shape[0] - j0 + sample - 1) // sample):
+        line = plane[j0 + b * sample]
+        out, seen = squares[zs, ys + b], counts[zs, ys + b]
+        for c in range((size - k0 + sample - 1) // sample):
+            value = line[k0 + c * sample]
+            out[xs + c] += value * value
+            seen[xs + c] += 1
 
 
 def accumulate_weighted_reference(values: NDArray[np.float32], corners: NDArray[np.int64],
@@ -141,18 +184,11 @@ def accumulate_sampled_squares(values: NDArray[np.float32], corners: NDArray[np.
     """
     size = values.shape[2]
     for index in range(count):
-        z0 = corners[first + index, 0]
-        y0 = corners[first + index, 1]
-        x0 = corners[first + index, 2]
-        for i in range((sample - z0 % sample) % sample, size, sample):
-            for j in range((sample - y0 % sample) % sample, size, sample):
-                for k in range((sample - x0 % sample) % sample, size, sample):
-                    value = values[index, 0, i, j, k]
-                    zs = (z0 + i) // sample
-                    ys = (y0 + j) // sample
-                    xs = (x0 + k) // sample
-                    squares[zs, ys, xs] += value * value
-                    counts[zs, ys, xs] += 1
+        z0, y0, x0 = corners[first + index, 0], corners[first + index, 1], corners[first + index, 2]
+        i0 = (-z0) % sample
+        for a in range((size - i0 + sample - 1) // sample):
+            _sampled_plane(values[index, 0, i0 + a * sample], (z0 + i0) // sample + a, y0, x0,
+                           sample, squares, counts)
 
 
 def accumulate_sampled_squares_reference(values: NDArray[np.float32], corners: NDArray[np.int64],
@@ -174,19 +210,27 @@ def accumulate_sampled_squares_reference(values: NDArray[np.float32], corners: N
 @njit(cache=_CACHE, nogil=True)
 def cube_abs_max(padded: NDArray[np.float32], corners: NDArray[np.int64], size: int,
                  out: NDArray[np.float32]) -> None:  # pragma: no cover - compiled
-    """Write the largest ``|value|`` of every cube of edge ``size`` into ``out[n]`` (float32)."""
+    """Write the largest ``|value|`` of every cube of edge ``size`` into ``out[n]`` (float32).
+
+    NaNs are passed over. Compared as bit patterns with the sign cleared (ordered as the
+    magnitudes they encode, and a vectorisable integer maximum).
+    """
+    bits = padded.view(np.int32)
+    largest = out.view(np.int32)
     for index in range(corners.shape[0]):
         z0 = corners[index, 0]
         y0 = corners[index, 1]
         x0 = corners[index, 2]
-        largest = np.float32(0.0)
+        top = np.int32(0)
         for i in range(size):
             for j in range(size):
+                line = bits[z0 + i, y0 + j, x0:x0 + size]
                 for k in range(size):
-                    value = abs(padded[z0 + i, y0 + j, x0 + k])
-                    if value > largest:
-                        largest = value
-        out[index] = largest
+                    magnitude = line[k] & np.int32(0x7FFFFFFF)
+                    if magnitude > np.int32(0x7F800000):  # NaN
+                        magnitude = np.int32(0)
+                    top = max(top, magnitude)
+        largest[index] = top
 
 
 def cube_abs_max_reference(padded: NDArray[np.float32], corners: NDArray[np.int64], size: int,
@@ -223,28 +267,68 @@ def divide_by_window_sum(values: NDArray[np.float32], ran: NDArray[np.uint8], st
     fill : float
         Value of the voxels that no cube that ran covers.
     """
+    divide_into(values, ran, stride, weights, fill, 0, 0, 0, values)
+
+
+@njit(cache=_CACHE, nogil=True)
+def divide_into(values: NDArray[np.float32], ran: NDArray[np.uint8], stride: int,
+                weights: NDArray[np.float32], fill: float, z0: int, y0: int, x0: int,
+                out: NDArray[np.float32]) -> None:  # pragma: no cover - compiled
+    """:func:`divide_by_window_sum` of the box of ``values`` at ``(z0, y0, x0)`` of
+    ``out``'s shape, written to ``out`` (``values`` itself, or a separate array)."""
     size = weights.shape[0]
     # Per axis and position: the lattice indices whose cubes cover it and ran somewhere.
     zs, z_count = _covering(values.shape[0], size, stride, _used(ran, 0))
     ys, y_count = _covering(values.shape[1], size, stride, _used(ran, 1))
-    xs, x_count = _covering(values.shape[2], size, stride, _used(ran, 2))
-    for z in range(values.shape[0]):
-        for y in range(values.shape[1]):
-            for x in range(values.shape[2]):
-                total = np.float32(0.0)
-                for a in range(z_count[z]):
-                    i = zs[z, a]
-                    for b in range(y_count[y]):
-                        j = ys[y, b]
-                        for c in range(x_count[x]):
-                            k = xs[x, c]
-                            if ran[i, j, k]:
-                                total += weights[z - i * stride, y - j * stride,
-                                                 x - k * stride]
-                if total > 0:
-                    values[z, y, x] = values[z, y, x] / total
-                else:
-                    values[z, y, x] = fill
+    row = np.empty(values.shape[2], dtype=np.float32)
+    # Where every row of the window is the same (a uniform window), the sum along a row
+    # depends only on which cubes cover it: it is made once per change of those.
+    same_rows = np.all(weights == weights[0, 0])
+    last_z, last_y = -1, -1
+    for z in range(out.shape[0]):
+        for y in range(out.shape[1]):
+            if not (same_rows and last_z >= 0 and _same_points(zs, z_count, z + z0, last_z)
+                    and _same_points(ys, y_count, y + y0, last_y)):
+                _window_row(ran, stride, weights, z + z0, zs[z + z0, :z_count[z + z0]],
+                            y + y0, ys[y + y0, :y_count[y + y0]], row)
+                last_z, last_y = z + z0, y + y0
+            line = values[z + z0, y + y0]
+            for x in range(out.shape[2]):
+                total = row[x + x0]
+                out[z, y, x] = line[x + x0] / total if total > 0 else fill
+
+
+@njit(cache=_CACHE, nogil=True)
+def _window_row(ran: NDArray[np.uint8], stride: int, weights: NDArray[np.float32], z: int,
+                z_points: NDArray[np.int64], y: int, y_points: NDArray[np.int64],
+                row: NDArray[np.float32]) -> None:  # pragma: no cover - compiled
+    """The sum of the windows of the cubes that ran along the row ``(z, y)``, into ``row``.
+
+    Summed cube by cube in cube order (lattice points ``(i, j, k)`` in increasing order), as
+    :func:`accumulate_weighted` sums the values, so every voxel sees the same additions.
+    """
+    size = weights.shape[2]
+    row[:] = 0
+    for i in z_points:
+        for j in y_points:
+            line = weights[z - i * stride, y - j * stride]
+            for k in range(ran.shape[2]):
+                if ran[i, j, k]:
+                    start = k * stride
+                    for t in range(min(size, row.shape[0] - start)):
+                        row[start + t] += line[t]
+
+
+@njit(cache=_CACHE, nogil=True)
+def _same_points(table: NDArray[np.int64], count: NDArray[np.int64], p: int, q: int
+                 ) -> bool:  # pragma: no cover - compiled
+    """Whether positions ``p`` and ``q`` are covered by the same lattice points."""
+    if count[p] != count[q]:
+        return False
+    for a in range(count[p]):
+        if table[p, a] != table[q, a]:
+            return False
+    return True
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -287,3 +371,47 @@ def divide_by_window_sum_reference(values: NDArray[np.float32], ran: NDArray[np.
     values[...] = np.where(covered, values / np.where(covered, total, 1), fill)
 
 
+
+
+@njit(cache=_CACHE, nogil=True)
+def overlap_sums(sums: NDArray[np.floating], squares: NDArray[np.floating],
+                 counts: NDArray[np.uint8], background: float, totals: NDArray[np.float64]
+                 ) -> None:  # pragma: no cover - compiled
+    """The five sums of :func:`demhx.refine.predicted_cc`, in float64, into ``totals``.
+
+    ``sums``, ``squares`` and ``counts`` are 3-D arrays of one shape (views of any strides):
+    per voxel the sum of the predictions of the ``n = counts`` cubes covering it, and of their
+    squares. ``totals`` receives the sums over the voxels with ``n >= 2`` of the predictions'
+    sample variance and of the squared output (``mean = sums / n``), over the covered voxels
+    of ``mean² / n``, and over all voxels of the output (``background`` where ``n = 0``) and
+    of its square.
+    """
+    totals[:] = 0
+    for z in range(counts.shape[0]):
+        for y in range(counts.shape[1]):  # summed per row, then added up
+            variance = power = per_cube = total = square_total = 0.0
+            for x in range(counts.shape[2]):
+                n = np.float64(counts[z, y, x])
+                mean = np.float64(sums[z, y, x]) / n if n >= 1 else np.float64(background)
+                square = mean * mean
+                if n >= 2:
+                    variance += max(np.float64(squares[z, y, x]) - n * square, 0.0) / (n - 1)
+                    power += square
+                if n >= 1:
+                    per_cube += square / n
+                total += mean
+                square_total += square
+            totals += np.array((variance, power, per_cube, total, square_total))
+
+
+def overlap_sums_reference(sums: NDArray[np.floating], squares: NDArray[np.floating],
+                           counts: NDArray[np.uint8], background: float,
+                           totals: NDArray[np.float64]) -> None:
+    """NumPy twin of :func:`overlap_sums` (same arguments; the same sums up to rounding)."""
+    count = counts.astype(np.float64)
+    covered, multi = count >= 1, count >= 2
+    mean = np.where(covered, sums / np.maximum(count, 1), background)
+    square = mean * mean
+    variance = np.maximum(squares - count * square, 0) / np.maximum(count - 1, 1)
+    totals[:] = (variance[multi].sum(), square[multi].sum(),
+                 (square[covered] / count[covered]).sum(), mean.sum(), square.sum())

@@ -168,11 +168,15 @@ def _blend(padded: NDArray[Any], plan: TilingPlan, evaluate: Evaluate, batch_siz
     ran = np.zeros(plan.grid_shape, dtype=np.uint8)
     step = plan.scheme.step
     ran[corners[:, 0] // step, corners[:, 1] // step, corners[:, 2] // step] = 1
-    _kernels.divide_by_window_sum(accumulator, ran, step, plan.weights, background)
     if spread is not None:
         _kernels.divide_by_window_sum(spread, ran, step, plan.weights, 0.0)
         np.sqrt(spread, out=spread)
-    return np.ascontiguousarray(crop(accumulator, plan)), counts
+    if plan.shape == plan.padded_shape:  # no padding: divided in place
+        _kernels.divide_by_window_sum(accumulator, ran, step, plan.weights, background)
+        return accumulator, counts
+    output = np.empty(plan.shape, dtype=np.float32)  # the box only, divided into its copy
+    _kernels.divide_into(accumulator, ran, step, plan.weights, background, *plan.offset, output)
+    return output, counts
 
 
 def _offset(progress: Progress | None, done: int) -> Progress | None:
@@ -198,10 +202,12 @@ class _Sums:
             mean, variance = predictions
             _kernels.accumulate_weighted(variance, corners, first, count, self.weights,
                                          self.variance)
-        _kernels.accumulate_weighted(mean, corners, first, count, self.weights,
+        if self.sampled is None:
+            _kernels.accumulate_weighted(mean, corners, first, count, self.weights,
+                                         self.accumulator)
+        else:
+            self.sampled.add_blended(mean, corners, first, count, self.weights,
                                      self.accumulator)
-        if self.sampled is not None:
-            self.sampled.add(mean, corners, first, count)
 
 
 def _predict_checked(predict: Predict, batch: NDArray[Any]) -> NDArray[Any]:

@@ -24,7 +24,6 @@ from demhx import _kernels
 from demhx.tiling import TilingPlan
 
 SAMPLE_STEP = 2  # voxels between the samples of the refinement estimate, per axis
-_SLAB = 8  # planes of the sampled grid per step of predicted_cc
 
 
 def predicted_cc(sums: NDArray[Any], squares: NDArray[Any], counts: NDArray[Any],
@@ -53,19 +52,12 @@ def predicted_cc(sums: NDArray[Any], squares: NDArray[Any], counts: NDArray[Any]
     stable, up to 0.007 optimistic on EMD-6824 — hence the default's target of 0.993 for the
     0.99 bar.
     """
-    # One pass over slabs (a few MB of float64 at a time): sums over the overlaps of the
-    # variance and of the squared output, over the covered voxels of output² / k, and over
-    # all voxels of the output and its square.
+    # One pass: sums over the overlaps of the variance and of the squared output, over the
+    # covered voxels of output² / k, and over all voxels of the output and its square.
     totals = np.zeros(5)
-    for start in range(0, counts.shape[0], _SLAB):
-        part = slice(start, start + _SLAB)
-        count = counts[part].astype(np.float64)
-        covered, multi = count >= 1, count >= 2
-        mean = np.where(covered, sums[part] / np.maximum(count, 1), background)
-        square = mean * mean
-        variance = np.maximum(squares[part] - count * square, 0) / np.maximum(count - 1, 1)
-        totals += (variance[multi].sum(), square[multi].sum(),
-                   (square[covered] / count[covered]).sum(), mean.sum(), square.sum())
+    if np.ndim(counts) != 3:
+        sums, squares, counts = (np.reshape(a, (1, 1, -1)) for a in (sums, squares, counts))
+    _kernels.overlap_sums(sums, squares, counts, float(background), totals)
     overlap_variance, overlap_power, per_cube, total, power = totals
     size = counts.size
     spread = power / size - (total / size) ** 2
@@ -90,6 +82,13 @@ class SampledSums:
     def add(self, predictions: NDArray[Any], corners: NDArray[Any], first: int, count: int) -> None:
         _kernels.accumulate_sampled_squares(predictions, corners, first, count, SAMPLE_STEP,
                                             self.squares, self.counts)
+
+    def add_blended(self, predictions: NDArray[Any], corners: NDArray[Any], first: int,
+                    count: int, weights: NDArray[Any], accumulator: NDArray[Any]) -> None:
+        """:meth:`add`, and the window-weighted predictions into ``accumulator``, in one pass
+        (:func:`demhx._kernels.accumulate_blend`)."""
+        _kernels.accumulate_blend(predictions, corners, first, count, weights, accumulator,
+                                  SAMPLE_STEP, self.squares, self.counts)
 
     def short_of_target(self, accumulator: NDArray[Any], plan: TilingPlan, background: float
                         ) -> bool:
