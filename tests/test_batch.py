@@ -11,7 +11,7 @@ import pytest
 from conftest import synthetic_map, write_mrc
 from onnx_fixtures import identity_path
 
-from demhx import batch, cli, pipeline
+from demhx import batch, cli, multi_device, pipeline
 
 
 @pytest.fixture
@@ -122,8 +122,8 @@ def test_several_maps_one_model_load(maps: list[Path], model: Path, tmp_path: Pa
                                      monkeypatch: pytest.MonkeyPatch,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     loads = []
-    real_load = pipeline.load_runtime
-    monkeypatch.setattr(pipeline, "load_runtime",
+    real_load = multi_device.load_runtime
+    monkeypatch.setattr(multi_device, "load_runtime",
                         lambda *a, **k: loads.append(1) or real_load(*a, **k))
     before = _bytes(maps)
     out = tmp_path / "enhanced"  # created
@@ -167,7 +167,7 @@ def test_unreadable_inputs_stop_the_run_before_the_first_map(
     """Every input is checked before the first map runs (and before the model loads): one
     line names each unreadable one, exit 2, nothing written."""
     loads = []
-    monkeypatch.setattr(pipeline, "load_runtime", lambda *a, **k: loads.append(1))
+    monkeypatch.setattr(multi_device, "load_runtime", lambda *a, **k: loads.append(1))
     broken = tmp_path / "in" / "broken.mrc"
     broken.write_bytes(b"not a map" * 200)
     missing = tmp_path / "in" / "missing.mrc"
