@@ -87,18 +87,19 @@ class Enhancer:
     def process(self, volume: NDArray[Any], voxel_size: VoxelSize,
                 options: EnhanceOptions | None = None, *, half2: NDArray[Any] | None = None,
                 mask: NDArray[Any] | None = None, name: str = "volume",
-                clock: StageClock | None = None) -> Enhanced:
+                mask_name: str = "mask", clock: StageClock | None = None) -> Enhanced:
         """Enhance an array: the map, the spread (with ``options.confidence``) and the run.
 
         ``volume``: (z, y, x), the first half-map when ``half2`` is given; ``voxel_size``: Å,
         one value or (z, y, x); ``mask``: a binary mask on the map's grid (see
-        :func:`enhance`); ``name`` starts the messages of input errors; ``clock`` receives
-        the stage times.
+        :func:`enhance`); ``name`` and ``mask_name`` start the messages of input errors;
+        ``clock`` receives the stage times.
         """
         with run_array.host_threads(self.threads):
             return run_array.enhance_array(lambda: self.runtime, volume, voxel_size,
                                            options or EnhanceOptions(), half2=half2,
-                                           mask=mask, name=name, clock=clock)
+                                           mask=mask, name=name, mask_name=mask_name,
+                                           clock=clock)
 
     def process_file(self, source: str | Path, output: str | Path,
                      options: EnhanceOptions | None = None, *,

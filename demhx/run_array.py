@@ -95,12 +95,13 @@ def average_half_maps(half1: NDArray[Any], half2: NDArray[Any], names: tuple[str
 def enhance_array(load: Callable[[], Loaded], volume: NDArray[Any], voxel_size: VoxelSize,
                   options: EnhanceOptions, *, half2: NDArray[Any] | None = None,
                   mask: NDArray[Any] | None = None, name: str = "volume",
-                  clock: StageClock | None = None) -> Enhanced:
+                  mask_name: str = "mask", clock: StageClock | None = None) -> Enhanced:
     """Enhance ``volume`` as ``options`` say, with the model ``load()`` returns.
 
     The inputs are checked before the model is loaded (``load`` is called once, after them).
-    ``name`` (e.g. the file the volume came from) starts the messages of input errors;
-    ``clock`` receives the stage times (logged here when not given).
+    ``name`` (e.g. the file the volume came from) starts the messages of input errors, and
+    ``mask_name`` those of the mask; ``clock`` receives the stage times (logged here when not
+    given).
     """
     start = time.perf_counter()
     own_clock = clock is None
@@ -108,7 +109,8 @@ def enhance_array(load: Callable[[], Loaded], volume: NDArray[Any], voxel_size: 
         clock = StageClock()
     else:
         clock.lap("read")  # the file path started the clock and read the map
-    volume, voxel, checked_mask = _checked_inputs(volume, voxel_size, half2, mask, name)
+    volume, voxel, checked_mask = _checked_inputs(volume, voxel_size, half2, mask,
+                                                  (name, mask_name))
     clock.lap("validate")
     runtime = load()
     clock.lap("session")
@@ -143,9 +145,11 @@ def enhance_array(load: Callable[[], Loaded], volume: NDArray[Any], voxel_size: 
 
 
 def _checked_inputs(volume: NDArray[Any], voxel_size: VoxelSize, half2: NDArray[Any] | None,
-                    mask: NDArray[Any] | None, name: str
+                    mask: NDArray[Any] | None, names: tuple[str, str]
                     ) -> tuple[Volume, tuple[float, float, float], Volume | None]:
-    """The volume (half-maps averaged, extreme voxels repaired), voxel size and mask, checked."""
+    """The volume (half-maps averaged, extreme voxels repaired), voxel size and mask, checked;
+    ``names``: the map's and the mask's, for the messages."""
+    name, mask_name = names
     voxel = validate.voxel_triplet(voxel_size)
     validate.check_voxel_size(voxel, f"{name}: voxel size (z/y/x)",
                               "give the voxel size in Å (voxel_size=; 1 nm = 10 Å)")
@@ -153,7 +157,9 @@ def _checked_inputs(volume: NDArray[Any], voxel_size: VoxelSize, half2: NDArray[
     if half2 is not None:
         checked = average_half_maps(checked, validate.check_volume(half2, "half2"))
     checked = validate.repair_extreme_voxels(checked, name)
-    checked_mask = None if mask is None else validate.check_mask(mask, checked.shape)
+    map_name = "the map" if name == "volume" else f"the map {name}"
+    checked_mask = (None if mask is None
+                    else validate.check_mask(mask, checked.shape, mask_name, map_name))
     return checked, voxel, checked_mask
 
 

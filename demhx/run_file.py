@@ -55,11 +55,11 @@ def enhance_file(enhancer: Enhancer, source: str | Path, output: str | Path,
     # Read the map (averaging half-maps in place) and the mask.
     clock = StageClock()
     template = _read_input(Path(source), half2, voxel_size)
-    mask_data = _read_mask(Path(mask), template) if mask is not None else None
+    mask_data = None if mask is None else mrcio.read_map(Path(mask), template.voxel_size).data
     # Enhance, check the result, and write atomically: nothing is written if anything
     # above fails.
     enhanced = enhancer.process(template.data, template.voxel_size, options, mask=mask_data,
-                                name=str(source), clock=clock)
+                                name=str(source), mask_name=str(mask), clock=clock)
     runtime = enhancer.runtime
     _check_output(enhanced.map, enhanced.info, runtime, output)
     label = _label(runtime, enhanced.info)
@@ -152,13 +152,6 @@ def _warn_oblique_cell(item: mrcio.MrcMap) -> None:
                   "processed slightly sheared (the output keeps the input's cell); for an "
                   "exact result resample the map onto an orthogonal grid first",
                   DemhxWarning, stacklevel=4)
-
-
-def _read_mask(path: Path, template: mrcio.MrcMap) -> NDArray[np.float32]:
-    """The mask file's data, checked against the map (:func:`demhx.validate.check_mask`)."""
-    mask = mrcio.read_map(path, template.voxel_size)
-    return validate.check_mask(mask.data, template.data.shape, str(path),
-                               f"the map {template.path}")
 
 
 def _check_output(result: NDArray[np.float32], info: RunInfo, runtime: Loaded,
