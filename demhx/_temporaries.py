@@ -71,13 +71,38 @@ def _process_running(pid: int) -> bool | None:
     return True
 
 
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` started (seconds since the epoch), from Linux's /proc; None where
+    that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        ticks = float(stat.rsplit(")", 1)[1].split()[19])  # field 22, after the command
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _writer_gone(pid: int, modified: float) -> bool:
+    """Whether the process that wrote a temporary file last modified at ``modified`` is gone:
+    no process has its PID, or the one that has it started after the file was last written
+    (the PID was reused: the writer started before creating the file)."""
+    running = _process_running(pid)
+    if running is False:
+        return True
+    started = _process_started(pid) if running else None
+    return started is not None and started > modified + 1.0
+
+
 def clean_stale_temporaries(folder: str | Path) -> list[Path]:
     """Remove the temporary files that killed demhx runs left in ``folder``; name the others.
 
     A temporary file (:data:`TEMPORARY_PATTERN`) whose writer ran on this machine and in this
-    PID namespace and is no longer running is removed, with a warning naming it. One from
-    another machine or container (or whose PID is running again) is only named, once it is
-    older than :data:`STALE_AFTER_SECONDS`: a run elsewhere may still be writing it. Each
+    PID namespace and is no longer running (no process has its PID, or the one that has it
+    started after the file was last written) is removed, with a warning naming it. One from
+    another machine or container is only named, once it is older than
+    :data:`STALE_AFTER_SECONDS`: a run elsewhere may still be writing it. Each
     file is named once per process. Returns the files removed.
     """
     removed: list[Path] = []
@@ -92,7 +117,7 @@ def clean_stale_temporaries(folder: str | Path) -> list[Path]:
         if found is None or path in _reported or not entry.is_file(follow_symlinks=False):
             continue
         pid = int(found["pid"])
-        if found["owner"] == owner and pid != os.getpid() and _process_running(pid) is False:
+        if found["owner"] == owner and pid != os.getpid() and _writer_gone(pid, _mtime(entry)):
             try:
                 path.unlink()
             except OSError:

@@ -615,6 +615,32 @@ def test_stale_temporaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert again == []
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_reused_pid_does_not_keep_a_stale_temporary(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file whose PID now belongs to a process started after the file was last written was
+    left by an earlier process (the writer starts before it creates the file): removed."""
+    import subprocess
+    import sys
+    import time
+
+    monkeypatch.setattr(_temporaries, "_reported", set())
+    owner = mrcio._owner()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        reused = tmp_path / f".a.mrc.demhx-{owner}-{sleeper.pid}-00000000.tmp"
+        current = tmp_path / f".b.mrc.demhx-{owner}-{sleeper.pid}-00000000.tmp"
+        reused.write_bytes(b"x")
+        current.write_bytes(b"x")
+        os.utime(reused, (time.time() - 120, time.time() - 120))  # written before it started
+        with pytest.warns(UserWarning, match="left by an interrupted demhx run"):
+            assert mrcio.clean_stale_temporaries(tmp_path) == [reused]
+        assert current.exists()  # possibly the live process's own file: kept
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
 def test_messages_name_parameters_and_read_as_flags_on_the_command_line(tmp_path: Path) -> None:
     from demhx.errors import cli_terms
 
