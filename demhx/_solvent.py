@@ -137,9 +137,12 @@ def _constant_region(volume: NDArray[Any], path_label: str
 
 
 def _most_common_value(volume: NDArray[Any]) -> np.float32:
+    """The most common value of a sample of the map; a zero is +0 (a masked map's outside
+    holds -0 where the mask zeroed negative values, and which one the sample met first must
+    not decide the sign of the normalised outside)."""
     sample = _sample(volume)
     values, counts = np.unique(sample, return_counts=True)
-    return np.float32(values[int(np.argmax(counts))])
+    return np.float32(values[int(np.argmax(counts))]) + np.float32(0.0)
 
 
 # --------------------------------------------------------------------------- automatic

@@ -595,3 +595,19 @@ def test_normalise_for_follows_the_model_contract(blob_volume: np.ndarray) -> No
     np.testing.assert_array_equal(masked, normalise.normalise(blob_volume, stats, 0.2) * mask)
     np.testing.assert_array_equal(
         normalise.normalise_for(blob_volume, stats, _spec(noise_std=0.2), mask), plain)
+
+
+def test_a_masked_outside_of_signed_zeros_is_plus_zero() -> None:
+    """``map * mask`` leaves -0 where the map was negative: the masked constant is +0 whatever
+    the sample meets first, so the normalised outside does not change sign with it."""
+    from demhx._solvent import _most_common_value
+
+    rng = np.random.default_rng(4)
+    volume = rng.normal(0.0, 1.0, (24, 24, 24)).astype(np.float32)
+    mask = np.zeros(volume.shape, np.float32)
+    mask[6:18, 6:18, 6:18] = 1.0
+    masked = volume * mask  # -0 outside where the map was negative
+    assert np.signbit(masked[mask == 0]).any() and not np.signbit(masked[mask == 0]).all()
+    for values in (masked, -np.abs(masked) * mask):
+        value = _most_common_value(values)
+        assert value == 0 and not np.signbit(value)
