@@ -79,13 +79,10 @@ class SampledSums:
         shape = tuple(-(-n // SAMPLE_STEP) for n in plan.padded_shape)
         return cls(np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.uint8))
 
-    def add(self, predictions: NDArray[Any], corners: NDArray[Any], first: int, count: int) -> None:
-        _kernels.accumulate_sampled_squares(predictions, corners, first, count, SAMPLE_STEP,
-                                            self.squares, self.counts)
-
     def add_blended(self, predictions: NDArray[Any], corners: NDArray[Any], first: int,
                     count: int, weights: NDArray[Any], accumulator: NDArray[Any]) -> None:
-        """:meth:`add`, and the window-weighted predictions into ``accumulator``, in one pass
+        """Add a batch's squared predictions and cube counts on the sampled voxels, and its
+        window-weighted predictions into ``accumulator``, in one pass
         (:func:`demhx._kernels.accumulate_blend`)."""
         _kernels.accumulate_blend(predictions, corners, first, count, weights, accumulator,
                                   SAMPLE_STEP, self.squares, self.counts)
