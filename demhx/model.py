@@ -177,8 +177,11 @@ def open_session(path: Path, options: Any = None, providers: list[Any] | None = 
     """An ``onnxruntime.InferenceSession`` for ``path``; ValueError names the file if it fails.
 
     ``options`` defaults to quiet session options (warnings silenced), ``providers`` to CPU.
+    ONNX Runtime is imported behind its install check (:func:`demhx.device.import_onnxruntime`).
     """
-    import onnxruntime as ort
+    from demhx.device import import_onnxruntime
+
+    ort = import_onnxruntime()
 
     if options is None:
         options = ort.SessionOptions()

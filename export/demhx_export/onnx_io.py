@@ -14,8 +14,8 @@ shape whatever made it:
 :func:`write_verified` saves the model (and its twin) under temporary names in the
 destination folder, runs them with ONNX Runtime on one seeded batch of :data:`VERIFY_BATCH`
 cubes and moves them into place only when the outputs agree with the reference; otherwise the
-temporary files are removed and any existing ``OUT.onnx`` is left untouched. ONNX Runtime is
-opened through the runtime's install check (:func:`demhx.session.import_onnxruntime`), so a
+temporary files are removed and any existing ``OUT.onnx`` is left untouched. Sessions are
+opened by the runtime's :func:`demhx.model.open_session`, behind its install check, so a
 broken install is reported the same way by both packages.
 """
 
@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 import onnx
+from demhx import model as model_contract
 from demhx.model import spec_from_metadata
-from demhx.session import import_onnxruntime
 from numpy.typing import NDArray
 
 from demhx_export import __version__
@@ -51,7 +51,6 @@ TOLERANCE = 1e-4  # relative L2 error of the fp32 model against its reference
 FP16_TOLERANCE = 1e-2  # relative L2 error of the fp16 twin against the same reference
 VERIFY_BATCH = 2  # cubes in the verification batch (exercises the dynamic batch axis)
 VERIFY_SEED = 0
-_LOG_QUIET = 3  # ONNX Runtime severity: errors only
 
 Reference = Callable[[NDArray[np.float32]], NDArray[Any]]
 
@@ -127,11 +126,9 @@ def verification_batch(cube_size: int) -> NDArray[np.float32]:
 
 
 def open_session(path: str | Path) -> Any:
-    """An ONNX Runtime session on the CPU provider, quiet, for a model file."""
-    ort = import_onnxruntime()
-    options = ort.SessionOptions()
-    options.log_severity_level = _LOG_QUIET
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    """An ONNX Runtime session on the CPU provider, quiet, for a model file: the runtime's
+    (:func:`demhx.model.open_session`, behind its install check)."""
+    return model_contract.open_session(Path(path))
 
 
 def run_onnx(path: str | Path, inputs: NDArray[Any]) -> NDArray[np.float32]:
