@@ -13,13 +13,9 @@ The heavy modules (numba, ONNX Runtime, scipy) are imported on first use, so tha
 
 from __future__ import annotations
 
-from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = _metadata.version("demhx")
-except _metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0.1.0"
+from demhx._version import __version__
 
 __all__ = ["DemhxWarning", "EnhanceOptions", "Enhanced", "Enhancer", "__version__", "enhance",
            "enhance_file", "preview_image", "write_preview"]

@@ -10,7 +10,6 @@ session demhx and its export tools open goes through it).
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -148,6 +147,8 @@ def import_onnxruntime() -> Any:
 
 
 def _distribution_version(name: str) -> str | None:
+    import importlib.metadata  # only for this diagnosis: it costs start-up time
+
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:

@@ -38,8 +38,9 @@ def test_licence_version_and_urls_are_declared() -> None:
     assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE"]
     licence = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in licence and "Version 2.0, January 2004" in licence
-    source = (ROOT / "demhx" / "__init__.py").read_text(encoding="utf-8")
-    assert f'__version__ = "{project["version"]}"' in source  # the source-tree fallback
+    assert project["dynamic"] == ["version"]  # read from demhx/_version.py, one place
+    assert _pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {
+        "attr": "demhx._version.__version__"}
     assert project["urls"] and all(url.startswith("https://") for url in project["urls"].values())
     assert any(c.startswith("Development Status") for c in project["classifiers"])
 
