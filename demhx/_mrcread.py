@@ -239,8 +239,7 @@ def _read_canonical(path: Path, header: np.recarray, compression: str | None
 
 
 def _check_finite(path: Path, data: NDArray[Any]) -> None:
-    finite = np.isfinite(data)
-    if not finite.all():
-        count = int(data.size - np.count_nonzero(finite))
+    if not validate.all_finite(data):
+        count = validate.count_nonfinite(data)
         raise ValueError(f"{path}: contains {count} NaN or infinite voxels; fix or replace "
                          "the map")

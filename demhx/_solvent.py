@@ -66,6 +66,7 @@ from demhx._noisestats import (
     peak_sigmas,
     run_split,
 )
+from demhx.validate import all_finite
 
 WINDOW_VOXELS = 7  # edge of the local-statistics window along the finest axis, voxels
 SEED_FRACTION = 0.2  # fraction of the low-density voxels taken as the first solvent guess
@@ -191,7 +192,7 @@ def _checked_volume(volume: NDArray[Any], name: str = "map") -> NDArray[np.float
     if array.ndim != 3 or min(array.shape) < 2:
         raise ValueError(f"{name}: shape {array.shape} is not a 3-D (z, y, x) map")
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
+    if not all_finite(array):
         raise ValueError(f"{name}: contains NaN or infinite voxels; fix or replace the map")
     return array
 

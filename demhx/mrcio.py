@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from demhx import _signals
+from demhx import _signals, validate
 from demhx._mrcheader import (  # noqa: F401  (re-exported: demhx.mrcio.MrcMap, ...)
     COMPLEX_MODES,
     EXTENDED_HEADER_TYPES,
@@ -225,7 +225,7 @@ def _stored_layout(path: Path, data: NDArray[Any], template: MrcMap) -> NDArray[
                          "the template's grid")
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
         raise ValueError(f"{path}: data type {array.dtype} is not real numbers")
-    if not np.isfinite(array).all():
+    if not validate.all_finite(array):
         raise ValueError(f"{path}: data contain NaN or infinite voxels; nothing written")
     permutation = _canonical_permutation(_axis_order(template.path, template.header))
     inverse = tuple(int(axis) for axis in np.argsort(permutation))

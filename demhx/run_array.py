@@ -182,9 +182,8 @@ def model_cause(runtime: Loaded) -> str:
 def _check_finite_output(result: Volume, spread: Volume | None, runtime: Loaded) -> None:
     """RuntimeError blaming the model when the output (or the spread) is not finite."""
     for values in (result,) if spread is None else (result, spread):
-        finite = np.isfinite(values)
-        if not finite.all():
-            bad = int(values.size - np.count_nonzero(finite))
+        if not validate.all_finite(values):
+            bad = validate.count_nonfinite(values)
             raise RuntimeError(f"{model_cause(runtime)} produced {bad} NaN or infinite "
                                "voxels; nothing written; check the model file, or try "
                                "device=cpu")

@@ -79,6 +79,27 @@ def voxel_triplet(voxel_size: float | Sequence[float], what: str = "voxel size"
     return float(values[0]), float(values[1]), float(values[2])
 
 
+def all_finite(array: NDArray[Any]) -> bool:
+    """Whether every value of ``array`` is finite.
+
+    NaN and ±inf carry through ``min`` and ``max``, so two passes without a temporary array
+    answer it (an ``isfinite`` mask is a quarter of the map again, in fresh memory).
+    """
+    if array.size == 0 or array.dtype.kind not in "fc":
+        return True
+    return bool(np.isfinite(array.min()) and np.isfinite(array.max()))
+
+
+def count_nonfinite(array: NDArray[Any]) -> int:
+    """How many values of ``array`` are NaN or infinite (slab by slab: for error messages)."""
+    if array.size == 0:
+        return 0
+    flat = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(-1, 1)
+    rows = max(1, _SLAB_VOXELS // max(1, flat.shape[1]))
+    return sum(int(flat[start:start + rows].size - np.count_nonzero(np.isfinite(
+        flat[start:start + rows]))) for start in range(0, flat.shape[0], rows))
+
+
 def check_volume(volume: Any, name: str = "volume") -> NDArray[np.float32]:
     """A 3-D finite float32 C-contiguous view or copy of ``volume``."""
     array = np.asarray(volume)
@@ -87,7 +108,7 @@ def check_volume(volume: Any, name: str = "volume") -> NDArray[np.float32]:
     if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
         raise ValueError(f"{name}: data type {array.dtype} is not real numbers")
     array = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(array).all():
+    if not all_finite(array):
         raise ValueError(f"{name}: contains NaN or infinite voxels; fix or replace the map")
     return array
 
@@ -255,14 +276,14 @@ def check_output(result: NDArray[Any], input_peak: float, output: str, cause: st
     cause : who made the output (e.g. ``"model tight 0.2 on cpu"``), blamed for bad values.
     zero_cause : why an all-zero output happened (e.g. every cube skipped as solvent).
     """
-    finite = np.isfinite(result)
-    if not finite.all():
-        bad = int(result.size - np.count_nonzero(finite))
-        raise RuntimeError(f"{cause} produced {bad} NaN or infinite voxels; nothing written to "
-                           f"{output}; check the model file, or try device=cpu")
-    if not result.any():
+    low, high = (float(result.min()), float(result.max())) if result.size else (0.0, 0.0)
+    if not (math.isfinite(low) and math.isfinite(high)):  # NaN and ±inf carry through
+        raise RuntimeError(f"{cause} produced {count_nonfinite(result)} NaN or infinite voxels; "
+                           f"nothing written to {output}; check the model file, or try "
+                           "device=cpu")
+    if low == 0.0 and high == 0.0:
         raise RuntimeError(f"the output is all zero ({zero_cause}); nothing written to {output}")
-    peak = float(np.abs(result).max())
+    peak = max(-low, high)
     if input_peak > 0 and peak > MAX_OUTPUT_RATIO * input_peak:
         raise RuntimeError(f"{cause} produced values up to {peak:.3g}, {peak / input_peak:.3g} "
                            f"times the input's density ({input_peak:.3g}), out of all "

@@ -112,3 +112,47 @@ def test_output_gate() -> None:
                        "proportion"):
         validate.check_output(good * np.float32(1e4), float(np.abs(good).max()), "o.mrc",
                               "model m", "why")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_all_finite_and_count_agree_with_isfinite(bad: float, dtype: type) -> None:
+    """The min/max test and the slab count give isfinite's answer wherever the bad values
+    sit (first, last, several), for both float widths; -0.0 and huge finite values pass."""
+    rng = np.random.default_rng(3)
+    volume = rng.standard_normal((9, 700, 31)).astype(dtype)  # slabs of a few planes
+    volume[0, 0, 0], volume[4, 5, 6] = -0.0, np.finfo(dtype).max
+    assert validate.all_finite(volume) and validate.count_nonfinite(volume) == 0
+    for places in ([(0, 0, 0)], [(8, 699, 30)], [(1, 2, 3), (7, 600, 1), (8, 0, 30)]):
+        broken = volume.copy()
+        for place in places:
+            broken[place] = bad
+        assert not validate.all_finite(broken)
+        assert validate.count_nonfinite(broken) == len(places) == int(
+            broken.size - np.count_nonzero(np.isfinite(broken)))
+        assert not validate.all_finite(broken[:, :, ::-1])  # any layout
+
+
+def test_all_finite_on_integers_empty_and_mixed_bad_values() -> None:
+    assert validate.all_finite(np.arange(24, dtype=np.int16).reshape(2, 3, 4))
+    assert validate.all_finite(np.zeros((0, 3, 4), np.float32))
+    assert validate.count_nonfinite(np.zeros((0, 3, 4), np.float32)) == 0
+    mixed = np.zeros((3, 4, 5), np.float32)
+    mixed[0, 0, 0], mixed[2, 3, 4] = np.inf, -np.inf  # min -inf, max inf
+    assert not validate.all_finite(mixed) and validate.count_nonfinite(mixed) == 2
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_output_gate_peak_and_zero_from_min_and_max(sign: float) -> None:
+    """An all-negative (or all-positive) output's peak is its largest magnitude; an output
+    of -0.0 only is all zero; one non-zero voxel is enough to pass."""
+    out = np.full((6, 7, 8), sign * 2.0, np.float32)
+    out[3, 3, 3] = sign * 50.0
+    validate.check_output(out, 50.0 / validate.MAX_OUTPUT_RATIO + 1e-3, "o.mrc", "m", "z")
+    with pytest.raises(RuntimeError, match="values up to 50,"):
+        validate.check_output(out, 50.0 / validate.MAX_OUTPUT_RATIO * 0.9, "o.mrc", "m", "z")
+    with pytest.raises(RuntimeError, match="all zero"):
+        validate.check_output(np.full((4, 4, 4), -0.0, np.float32), 1.0, "o.mrc", "m", "z")
+    single = np.zeros((4, 4, 4), np.float32)
+    single[1, 2, 3] = sign * 1e-30
+    validate.check_output(single, 1.0, "o.mrc", "m", "z")
