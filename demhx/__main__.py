@@ -1,6 +1,6 @@
 """``python -m demhx``: the same command as the ``demhx`` console script."""
 
-from demhx.cli import main
+from demhx.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -18,23 +18,25 @@ variables) only this job's share of the maps runs.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
+import os
 import sys
 import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from demhx import _argv, _signals
+from demhx import _argv, _signals, _warmup
 from demhx._arguments import PROGRAM, Arguments, parse_arguments
 from demhx._argv import UsageError
 from demhx._help import HELP, USAGE, help_text
 from demhx.errors import _USAGE_ERRORS, cli_terms, describe_error
 
 __all__ = ["HELP", "USAGE", "Arguments", "describe_error", "help_text", "main",
-           "parse_arguments"]
+           "parse_arguments", "run"]
 
 if TYPE_CHECKING:
     from demhx.batch import MapResult
@@ -63,6 +65,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _interrupted(interrupt, written)
         except Exception as error:  # every failure becomes one line and an exit status
             return _report(error, debug)
+
+
+def run() -> NoReturn:
+    """The console script (and ``python -m demhx``): :func:`main`, then exit with its status.
+
+    The exit handlers run and the standard streams are flushed, then the process ends without
+    the interpreter's teardown, which only frees memory: with numba's registries, ONNX
+    Runtime and a map's arrays loaded, that teardown took 0.15 s, a tenth of a 256³ run.
+    Every output is complete and closed before :func:`main` returns.
+    """
+    status = 1
+    try:
+        status = main()
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader of the help or version text stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = status or 1
+    atexit._run_exitfuncs()  # logging.shutdown and the others, as a normal exit runs them
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a hung-up terminal
+            pass
+    os._exit(status)
 
 
 def _interrupted(interrupt: KeyboardInterrupt, written: list[str]) -> int:
@@ -96,6 +122,7 @@ def _run(args: Arguments, written: list[str]) -> int:
     from demhx.pipeline import Enhancer
 
     picture = _preview_path(args)  # checked before the run; None without --preview
+    _warmup.start()  # numba's start-up, while the map is read and the model loaded
     bar = ProgressBar(enabled=False if args.quiet else None)
     with _console(args.quiet, args.debug):
         try:
@@ -158,6 +185,7 @@ def _run_many(args: Arguments) -> int:
     if planned is None:  # this job's shard has no maps
         return 0
     sources, outputs, previews, total = planned
+    _warmup.start()
     enhancer = Enhancer(args.model, device=args.device, batch_size=args.batch_size,
                         threads=args.threads)
     with _console(args.quiet, args.debug):

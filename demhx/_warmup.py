@@ -1,0 +1,58 @@
+"""Numba's one-off start-up, begun on a background thread while the run does other work.
+
+The first jitted call of a process sets numba's compiler up: it imports its registry of
+implementations (and scipy, for its BLAS check) and loads the code generator, about 0.3 s on
+two cores, before the first kernel is even looked up in the on-disk cache. The command starts
+:func:`start` as soon as its arguments are checked, so that this happens while the main
+thread reads and checks the map and opens the ONNX Runtime session (file reads, NumPy's
+array passes and session creation release the GIL); with CUDA, session creation alone takes
+about 0.5 s.
+
+The thread only compiles (or loads from the cache) a one-line function; the kernels it
+prepares are numba's own, so nothing here depends on demhx's kernels or their signatures.
+Numba serialises compilation behind one lock, so a kernel the main thread needs meanwhile
+waits for the set-up instead of repeating it. A failure here is ignored: the main thread
+then meets it again where it can report it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from demhx import _jit
+
+_LOCK = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def start() -> None:
+    """Begin numba's start-up on a daemon thread (once per process; later calls do nothing)."""
+    global _thread
+    with _LOCK:
+        if _thread is None:
+            _thread = threading.Thread(target=_set_up, name="demhx-numba-start-up", daemon=True)
+            _thread.start()
+
+
+def wait(timeout: float | None = None) -> bool:
+    """Wait for the start-up begun by :func:`start`; False while it is still running (or if
+    it was never started)."""
+    thread = _thread
+    if thread is None:
+        return False
+    thread.join(timeout)
+    return not thread.is_alive()
+
+
+def _one(value: int) -> int:
+    return value + 1
+
+
+def _set_up() -> None:
+    try:
+        import numba
+
+        numba.njit(cache=_jit.CACHE)(_one)(1)
+    except Exception as error:  # the main thread meets the same problem and reports it
+        logging.getLogger("demhx").debug(f"numba start-up on the side failed: {error}")
