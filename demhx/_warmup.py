@@ -8,6 +8,11 @@ thread reads and checks the map and opens the ONNX Runtime session (file reads, 
 array passes and session creation release the GIL); with CUDA, session creation alone takes
 about 0.5 s.
 
+It is started by the command and by the Python API's entry points (the file path before the
+map is read, the array path once its inputs are checked). A process that ends while the
+set-up is still running (an early error) waits for it first, at exit: numba's code generator
+must not be torn down under a running thread.
+
 The thread only compiles (or loads from the cache) a one-line function; the kernels it
 prepares are numba's own, so nothing here depends on demhx's kernels or their signatures.
 Numba serialises compilation behind one lock, so a kernel the main thread needs meanwhile
@@ -17,11 +22,13 @@ then meets it again where it can report it.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 
 from demhx import _jit
 
+_EXIT_WAIT_S = 60.0  # at exit, the longest wait for an unfinished set-up (a first compile)
 _LOCK = threading.Lock()
 _thread: threading.Thread | None = None
 
@@ -33,6 +40,7 @@ def start() -> None:
         if _thread is None:
             _thread = threading.Thread(target=_set_up, name="demhx-numba-start-up", daemon=True)
             _thread.start()
+            atexit.register(wait, _EXIT_WAIT_S)
 
 
 def wait(timeout: float | None = None) -> bool:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from demhx import augment, normalise, resample, tiling, validate
+from demhx import _warmup, augment, normalise, resample, tiling, validate
 from demhx.blend import TileCounts, overlap_add, overlap_add_augmented
 from demhx.model import ModelSpec
 from demhx.multi_device import Loaded
@@ -112,6 +112,7 @@ def enhance_array(load: Callable[[], Loaded], volume: NDArray[Any], voxel_size: 
     volume, voxel, checked_mask = _checked_inputs(volume, voxel_size, half2, mask,
                                                   (name, mask_name))
     clock.lap("validate")
+    _warmup.start()  # numba's set-up while the model loads (started already by the file path)
     runtime = load()
     clock.lap("session")
     _check_model_grid(volume.shape, voxel, runtime.spec, name)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from demhx import mrcio, validate
+from demhx import _warmup, mrcio, validate
 from demhx.errors import DemhxWarning
 from demhx.multi_device import Loaded
 from demhx.options import EnhanceOptions, EnhanceSummary, RunInfo, VoxelSize
@@ -52,6 +52,7 @@ def enhance_file(enhancer: Enhancer, source: str | Path, output: str | Path,
     _check_half2_path(Path(source), half2)
     for folder in {path.parent for path in (output, spread_path) if path is not None}:
         mrcio.clean_stale_temporaries(folder)
+    _warmup.start()  # numba's set-up, while the map is read and the model loaded
     # Read the map (averaging half-maps in place) and the mask.
     clock = StageClock()
     template = _read_input(Path(source), half2, voxel_size)

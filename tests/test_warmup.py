@@ -75,3 +75,20 @@ def test_a_closed_output_pipe_ends_quietly() -> None:
     finally:
         os.close(write_end)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_an_api_run_that_fails_early_waits_for_the_set_up_at_exit(tmp_path: Path) -> None:
+    """enhance_file starts the set-up before reading; when the read fails and the script
+    ends, the exit waits for the thread (a handler registered before it runs after it)."""
+    bad = tmp_path / "bad.mrc"
+    bad.write_bytes(b"not a map")
+    code = ("import atexit; from demhx import _warmup; "
+            "atexit.register(lambda: print('alive at exit:', _warmup._thread.is_alive())); "
+            "import demhx\n"
+            "try:\n"
+            f"    demhx.enhance_file({str(bad)!r}, {str(tmp_path / 'out.mrc')!r})\n"
+            "except ValueError as error:\n"
+            "    print('refused:', 'bad.mrc' in str(error))\n")
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["refused: True", "alive at exit: False"]
