@@ -5,7 +5,9 @@ size, voxel size, normalisation), so what is timed is everything demhx does arou
 network: start-up, reading and checking the map, noise statistics, tiling, extraction and
 blending, the output gate and the atomic write. The baseline is a Python process that reads
 the same map with mrcfile and writes it back. Both run as fresh processes, alternated, and
-the medians are compared (the issue's bar: demhx within 4x of read + write on 256³).
+the medians are compared (the issue's bar: demhx within 4x of read + write on 256³). A third
+process, the start-up floor, reads and writes the map after importing what demhx imports
+and setting numba's compiler up: what any run costs before it processes a voxel.
 
     python bench/host_overhead.py [--edge 256] [--repeats 7] [--threads 2] [--tiling default]
                                   [--model models/tight-fast.onnx] [--python PY] [--keep DIR]
@@ -42,6 +44,12 @@ with mrcfile.new(sys.argv[2], overwrite=True) as target:
     target.set_data(data)
     target.voxel_size = voxel
 """
+
+# The same after what every demhx run pays before it processes anything: its imports (numba,
+# ONNX Runtime, mrcfile) and numba's compiler set-up; the process then exits as demhx does.
+_FLOOR = ("import os, demhx.pipeline, onnxruntime\n"
+          "from demhx import _warmup\n"
+          "_warmup._set_up()\n" + _READ_WRITE + "os._exit(0)\n")
 
 
 def identity_model(folder: Path, template: Path) -> Path:
@@ -88,15 +96,18 @@ def main() -> int:
             synthetic_map(args.edge, source)
         network = identity_model(folder, args.model)
         read_write = [sys.executable, "-c", _READ_WRITE, str(source), str(folder / "rw.mrc")]
+        floor = [sys.executable, "-c", _FLOOR, str(source), str(folder / "floor.mrc")]
         runs = {python: [*shlex.split(python), "-m", "demhx", str(source),
                          str(folder / "out.mrc"), "--model", str(network), "--device", "cpu",
                          "--threads", str(args.threads), "--tiling", args.tiling,
                          "--overwrite", "-q"] for python in args.python or [sys.executable]}
-        for command in [read_write, *runs.values()]:
+        for command in [read_write, floor, *runs.values()]:
             timed(command, folder)  # warm the page cache and numba's kernel cache
-        times: dict[str, list[float]] = {"read + write": []} | {python: [] for python in runs}
+        times: dict[str, list[float]] = {"read + write": [], "start-up floor": []}
+        times |= {python: [] for python in runs}
         for _ in range(args.repeats):
             times["read + write"].append(timed(read_write, folder))
+            times["start-up floor"].append(timed(floor, folder))
             for python, command in runs.items():
                 times[python].append(timed(command, folder))
         stages = {python: subprocess.run([*command[:-1], "--debug"], capture_output=True,
