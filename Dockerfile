@@ -49,16 +49,23 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/demhx /opt/demhx
-# numba caches compiled kernels on disk (about 1 s to compile); the installation is read-only
-# to the user, and a user given with `docker run -u UID` has no home: numba stops with "cannot
-# cache function" unless the cache has a writable place. ONNX Runtime (1.29 and later) sends
-# usage telemetry and keeps a device id in the home folder unless ORT_DISABLE_TELEMETRY=1.
+# numba caches compiled kernels on disk; the installation is read-only to the user, and a
+# user given with `docker run -u UID` has no home: numba stops with "cannot cache function"
+# unless the cache has a writable place. Compiling them takes about 11 s (2 cores), in every
+# fresh container: so they are compiled here, for any x86-64 CPU (NUMBA_CPU_NAME=generic), into
+# /opt/demhx/numba-seed, which demhx copies into the writable cache on its first run.
+# ONNX Runtime (1.29 and later) sends usage telemetry and keeps a device id in the home folder
+# unless ORT_DISABLE_TELEMETRY=1.
 ENV PATH=/opt/demhx/bin:$PATH \
     NUMBA_CACHE_DIR=/tmp/numba-cache \
+    NUMBA_CPU_NAME=generic \
+    DEMHX_NUMBA_SEED=/opt/demhx/numba-seed \
     ORT_DISABLE_TELEMETRY=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-RUN useradd --create-home --user-group demhx \
+RUN NUMBA_CACHE_DIR=/opt/demhx/numba-seed python3 -m demhx._precompile \
+    && chmod -R a+rX /opt/demhx/numba-seed \
+    && useradd --create-home --user-group demhx \
     && demhx --version
 USER demhx
 WORKDIR /data

@@ -187,7 +187,31 @@ def test_runtime_environment() -> None:
         assert environment["ORT_DISABLE_TELEMETRY"] == "1"
         assert environment["NUMBA_CACHE_DIR"].strip('"').startswith("/tmp/")
         assert environment["PATH"].startswith("/opt/demhx/bin:")
+        assert environment["NUMBA_CPU_NAME"] == "generic"
+        assert environment["DEMHX_NUMBA_SEED"] == SEED
     assert "unset PYTHONPATH" in _section("environment")
+
+
+SEED = "/opt/demhx/numba-seed"
+
+
+def test_images_ship_numbas_kernels_compiled_for_any_cpu() -> None:
+    """Both recipes compile the kernels at build time into the seed folder, for the generic
+    CPU the runs ask for (the Docker ENV comes before the RUN that compiles), readable by
+    every user."""
+    final = _stages()[-1]
+    keywords = [keyword for keyword, _ in final]
+    compiles = [i for i, (keyword, arguments) in enumerate(final)
+                if keyword == "RUN" and "-m demhx._precompile" in arguments]
+    assert len(compiles) == 1
+    command = final[compiles[0]][1]
+    assert f"NUMBA_CACHE_DIR={SEED}" in command and f"chmod -R a+rX {SEED}" in command
+    environment = max(i for i, keyword in enumerate(keywords) if keyword == "ENV")
+    assert environment < compiles[0]
+    post = " ".join(_section("post").replace("\\\n", " ").split())
+    assert (f"NUMBA_CPU_NAME=generic NUMBA_CACHE_DIR={SEED} /opt/demhx/bin/python -m "
+            "demhx._precompile") in post
+    assert f"chmod -R a+rX {SEED}" in post
 
 
 def test_image_is_small() -> None:
