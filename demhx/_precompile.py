@@ -6,7 +6,7 @@ confidence map, a mask, half-maps, a map off the model's voxel size, a masked ma
 statistics, and the file path. The network is a stand-in that only scales each cube (so that
 overlapping cubes disagree and the self-check refines): the kernels before and after the
 network see the same argument types as in a real run, and numba compiles and caches each of
-them. It takes about 15 s on two cores.
+them. It takes about 11 s on two cores.
 
 With ``NUMBA_CACHE_DIR=FOLDER`` and ``NUMBA_CPU_NAME=generic`` the compiled kernels in FOLDER
 run on any x86-64 machine. The container images build such a folder and name it in

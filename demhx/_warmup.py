@@ -2,16 +2,15 @@
 
 The first jitted call of a process sets numba's compiler up: it imports its registry of
 implementations (and scipy, for its BLAS check) and loads the code generator, about 0.3 s on
-two cores, before the first kernel is even looked up in the on-disk cache. The command starts
-:func:`start` as soon as its arguments are checked, so that this happens while the main
-thread reads and checks the map and opens the ONNX Runtime session (file reads, NumPy's
-array passes and session creation release the GIL); with CUDA, session creation alone takes
-about 0.5 s.
+two cores, before the first kernel is even looked up in the on-disk cache. :func:`start`
+begins it so that this happens while the main thread reads and checks the map and opens the
+ONNX Runtime session (file reads, NumPy's array passes and session creation release the GIL;
+with CUDA, session creation alone takes about 0.5 s).
 
-It is started by the command and by the Python API's entry points (the file path before the
-map is read, the array path once its inputs are checked). A process that ends while the
-set-up is still running (an early error) waits for it first, at exit: numba's code generator
-must not be torn down under a running thread.
+It is started by the entry points: the file path before the map is read, the array path
+once its inputs are checked, the several-maps command before the model is loaded. A process
+that ends while the set-up is still running (an early error) waits for it first, at exit:
+numba's code generator must not be torn down under a running thread.
 
 The thread only compiles (or loads from the cache) a one-line function; the kernels it
 prepares are numba's own, so nothing here depends on demhx's kernels or their signatures.

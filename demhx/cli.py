@@ -122,7 +122,6 @@ def _run(args: Arguments, written: list[str]) -> int:
     from demhx.pipeline import Enhancer
 
     picture = _preview_path(args)  # checked before the run; None without --preview
-    _warmup.start()  # numba's start-up, while the map is read and the model loaded
     bar = ProgressBar(enabled=False if args.quiet else None)
     with _console(args.quiet, args.debug):
         try:
@@ -185,7 +184,7 @@ def _run_many(args: Arguments) -> int:
     if planned is None:  # this job's shard has no maps
         return 0
     sources, outputs, previews, total = planned
-    _warmup.start()
+    _warmup.start()  # numba's set-up while the model loads (a single map starts it itself)
     enhancer = Enhancer(args.model, device=args.device, batch_size=args.batch_size,
                         threads=args.threads)
     with _console(args.quiet, args.debug):
