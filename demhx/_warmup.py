@@ -14,6 +14,8 @@ numba's code generator must not be torn down under a running thread.
 
 The thread only compiles (or loads from the cache) a one-line function; the kernels it
 prepares are numba's own, so nothing here depends on demhx's kernels or their signatures.
+When demhx's kernels are not in numba's cache yet, it says so (:func:`compile_note`): the
+run then spends about 10 s compiling them before its first map, once per cache folder.
 Numba serialises compilation behind one lock, so a kernel the main thread needs meanwhile
 waits for the set-up instead of repeating it. A failure here is ignored: the main thread
 then meets it again where it can report it.
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
+from typing import Any
 
 from demhx import _jit
 
@@ -56,10 +60,35 @@ def _one(value: int) -> int:
     return value + 1
 
 
+def compile_note() -> str | None:
+    """A line saying that demhx's kernels are about to be compiled, and where they will be
+    kept; None when they are in numba's cache (or numba's cache does not say)."""
+    if not _jit.CACHE:
+        return ("compiling demhx's numba kernels in memory, as on every run here: no cache "
+                "folder is writable; set NUMBA_CACHE_DIR to a writable folder to keep them "
+                "(about 10 s on 2 cores)")
+    try:
+        from demhx import _noise_kernels
+
+        kernel: Any = _noise_kernels.z_moments  # a numba dispatcher
+        index = str(kernel._cache._cache_file._index_path)  # its cache's index file
+    except Exception:  # another numba version's internals: say nothing rather than guess
+        return None
+    if os.path.exists(index):
+        return None
+    return (f"compiling demhx's numba kernels into {os.path.dirname(index)}: once, about 10 s "
+            "on 2 cores; later runs load them")
+
+
 def _set_up() -> None:
+    log = logging.getLogger("demhx")
     try:
         import numba
 
         numba.njit(cache=_jit.CACHE)(_one)(1)
     except Exception as error:  # the main thread meets the same problem and reports it
-        logging.getLogger("demhx").debug(f"numba start-up on the side failed: {error}")
+        log.debug(f"numba start-up on the side failed: {error}")
+        return
+    note = compile_note()
+    if note is not None:
+        log.info(note)

@@ -73,6 +73,11 @@ def test_a_seeded_cache_serves_every_real_run_without_compiling(tmp_path: Path) 
                           timeout=600)
     assert made.returncode == 0, made.stderr
     assert "numba kernels compiled for" in made.stdout
+    note = subprocess.run([sys.executable, "-c", "from demhx import _warmup; "
+                           "print(_warmup.compile_note())"], capture_output=True, text=True,
+                          env=_environment(NUMBA_CACHE_DIR=str(tmp_path / "fresh"),
+                                           **{_jit.SEED_VARIABLE: str(seed)}), cwd=tmp_path)
+    assert note.stdout.strip() == "None", note.stderr  # seeded: nothing to compile, no note
     meta = model.read_metadata(model.resolve_model(None)[0])
     network = write_model(tmp_path, "identity.onnx", scale_model(
         1.0, cube=int(meta[model.METADATA_PREFIX + "cube_size"]), meta=meta))

@@ -50,6 +50,27 @@ def test_wait_without_start_and_a_failing_start_up(monkeypatch: pytest.MonkeyPat
     assert "numba start-up on the side failed: no compiler" in caplog.text
 
 
+def test_the_note_on_compiling_in_memory_names_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    from demhx import _jit
+
+    monkeypatch.setattr(_jit, "CACHE", False)
+    note = _warmup.compile_note()
+    assert note is not None and "in memory, as on every run here" in note
+    assert "set NUMBA_CACHE_DIR to a writable folder" in note
+
+
+def test_the_note_on_compiling_when_the_cache_is_empty(tmp_path: Path) -> None:
+    """A fresh cache folder: the set-up says the kernels will be compiled, and where."""
+    env = {key: value for key, value in os.environ.items() if key != "DEMHX_NUMBA_SEED"}
+    result = subprocess.run(
+        [sys.executable, "-c", "from demhx import _warmup; print(_warmup.compile_note())"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        env={**env, "PYTHONPATH": str(ROOT), "NUMBA_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"compiling demhx's numba kernels into {tmp_path}/cache/")
+    assert result.stdout.rstrip().endswith("once, about 10 s on 2 cores; later runs load them")
+
+
 def test_run_runs_the_exit_handlers_and_exits_with_mains_status(tmp_path: Path) -> None:
     """cli.run skips the interpreter's teardown, not what a normal exit does first: exit
     handlers run, buffered output arrives, and the status is main's."""
