@@ -184,10 +184,10 @@ def _run_many(args: Arguments) -> int:
     if planned is None:  # this job's shard has no maps
         return 0
     sources, outputs, previews, total = planned
-    _warmup.start()  # numba's set-up while the model loads (a single map starts it itself)
     enhancer = Enhancer(args.model, device=args.device, batch_size=args.batch_size,
                         threads=args.threads)
     with _console(args.quiet, args.debug):
+        _warmup.start()  # numba's set-up while the model loads (a single map starts it itself)
         enhancer.runtime  # noqa: B018 -- loads the model; its errors stop the run here
         batch.create_folders(outputs + (previews or []))
         results, interrupt = _enhance_many(args, enhancer, sources, outputs, previews)
