@@ -94,10 +94,7 @@ def count_nonfinite(array: NDArray[Any]) -> int:
     """How many values of ``array`` are NaN or infinite (slab by slab: for error messages)."""
     if array.size == 0:
         return 0
-    flat = array.reshape(array.shape[0], -1) if array.ndim > 1 else array.reshape(-1, 1)
-    rows = max(1, _SLAB_VOXELS // max(1, flat.shape[1]))
-    return sum(int(flat[start:start + rows].size - np.count_nonzero(np.isfinite(
-        flat[start:start + rows]))) for start in range(0, flat.shape[0], rows))
+    return sum(int(slab.size - np.count_nonzero(np.isfinite(slab))) for _, slab in _slabs(array))
 
 
 def check_volume(volume: Any, name: str = "volume") -> NDArray[np.float32]:
