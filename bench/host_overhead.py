@@ -52,18 +52,6 @@ _FLOOR = ("import os, demhx.pipeline, onnxruntime\n"
           "_warmup._set_up()\n" + _READ_WRITE + "os._exit(0)\n")
 
 
-def identity_model(folder: Path, template: Path) -> Path:
-    """An identity ONNX model with ``template``'s demhx metadata, written in ``folder``."""
-    from onnx_fixtures import scale_model, write_model
-
-    from demhx import model
-
-    meta = dict(model.read_metadata(template))
-    cube = int(meta[model.METADATA_PREFIX + "cube_size"])
-    write_model(folder, "identity.onnx", scale_model(1.0, cube=cube, meta=meta))
-    return folder / "identity.onnx"
-
-
 def timed(command: list[str], folder: Path) -> float:
     """Wall seconds of one process run in ``folder`` (not the checkout, which ``python -m``
     would put first on the path); SystemExit with its stderr when it fails."""
@@ -86,6 +74,7 @@ def main() -> int:
                         help="the interpreter (and prefix) that runs demhx; repeatable")
     parser.add_argument("--keep", type=Path, help="folder for the map and model (kept)")
     args = parser.parse_args()
+    from onnx_fixtures import identity_like
     from speed import synthetic_map
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -94,7 +83,7 @@ def main() -> int:
         source = folder / f"m{args.edge}.mrc"
         if not source.exists():
             synthetic_map(args.edge, source)
-        network = identity_model(folder, args.model)
+        network = identity_like(folder, args.model)
         read_write = [sys.executable, "-c", _READ_WRITE, str(source), str(folder / "rw.mrc")]
         floor = [sys.executable, "-c", _FLOOR, str(source), str(folder / "floor.mrc")]
         runs = {python: [*shlex.split(python), "-m", "demhx", str(source),

@@ -120,6 +120,16 @@ def identity_path(folder: Path, **meta: object) -> Path:
     return write_model(folder, "identity.onnx", scale_model(1.0, cube, meta=metadata(**meta)))
 
 
+def identity_like(folder: Path, template: Path) -> Path:
+    """An identity model with the demhx metadata of the model file ``template`` (cube size,
+    voxel size, normalisation...), saved in ``folder``: a run costs what the host work costs."""
+    from demhx.model import METADATA_PREFIX, read_metadata
+
+    meta = dict(read_metadata(template))
+    cube = int(meta[METADATA_PREFIX + "cube_size"])
+    return write_model(folder, "identity.onnx", scale_model(1.0, cube, meta=meta))
+
+
 def write_registry(folder: Path, models: dict[str, Path], default: str | None = None) -> Path:
     """A ``registry.json`` in ``folder`` for models already saved there."""
     from demhx.model import sha256_of

@@ -11,7 +11,7 @@ from pathlib import Path
 import mrcfile
 import pytest
 from conftest import real_map
-from onnx_fixtures import scale_model, write_model
+from onnx_fixtures import identity_like
 
 from demhx import _jit, _precompile, model
 
@@ -78,9 +78,7 @@ def test_a_seeded_cache_serves_every_real_run_without_compiling(tmp_path: Path) 
                           env=_environment(NUMBA_CACHE_DIR=str(tmp_path / "fresh"),
                                            **{_jit.SEED_VARIABLE: str(seed)}), cwd=tmp_path)
     assert note.stdout.strip() == "None", note.stderr  # seeded: nothing to compile, no note
-    meta = model.read_metadata(model.resolve_model(None)[0])
-    network = write_model(tmp_path, "identity.onnx", scale_model(
-        1.0, cube=int(meta[model.METADATA_PREFIX + "cube_size"]), meta=meta))
+    network = identity_like(tmp_path, model.resolve_model(None)[0])
     env = _environment(NUMBA_CACHE_DIR=str(tmp_path / "cache"), NUMBA_DEBUG_CACHE="1",
                        **{_jit.SEED_VARIABLE: str(seed)})
     runs = [["emd_5168.map"], ["6824.mrc", "--tiling", "reference"], ["emd_21457_seg.mrc"],
