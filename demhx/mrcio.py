@@ -119,13 +119,7 @@ def check_output_path(path: str | Path, inputs: Sequence[Path], overwrite: bool)
     path = Path(path).expanduser()
     # The name, then the folder, then the file itself.
     _check_output_suffix(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: output folder does not exist; create it or "
-                                "choose another output path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{folder}: output folder is not writable; check its "
-                              "permissions or choose another output path")
+    check_output_folder(path.parent, "output")
     if path.is_dir():
         raise IsADirectoryError(f"{path}: output is a folder; give a file name ending .mrc")
     if path.exists() and not path.is_file():
@@ -139,6 +133,17 @@ def check_output_path(path: str | Path, inputs: Sequence[Path], overwrite: bool)
         raise FileExistsError(f"{path}: output exists; pass overwrite= to replace it or "
                               "choose another output path")
     return path
+
+
+def check_output_folder(folder: Path, kind: str) -> None:
+    """Refuse a missing or unwritable folder for a ``kind`` file (``"output"``,
+    ``"preview"``, ...), naming the folder and the fix."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: {kind} folder does not exist; create it or "
+                                f"choose another {kind} path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"{folder}: {kind} folder is not writable; check its "
+                              f"permissions or choose another {kind} path")
 
 
 def _check_output_suffix(path: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from demhx.mrcio import new_temporary
+from demhx.mrcio import check_output_folder, new_temporary
 
 PERCENTILES = (1.0, 99.5)  # grey scale of a row: these percentiles of its central slices
 GAP = 4  # pixels between panels and rows in :func:`preview_image`
@@ -149,13 +149,7 @@ def check_preview_path(path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path).expanduser()
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: preview name must end in .png; choose a PNG file name")
-    folder = path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: preview folder does not exist; create it or "
-                                "choose another preview path")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(f"{folder}: preview folder is not writable; check its "
-                              "permissions or choose another preview path")
+    check_output_folder(path.parent, "preview")
     if path.is_dir():
         raise IsADirectoryError(f"{path}: preview is a folder; give a file name ending .png")
     if path.exists() and not overwrite:
