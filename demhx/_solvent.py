@@ -66,7 +66,7 @@ from demhx._noisestats import (
     peak_sigmas,
     run_split,
 )
-from demhx.validate import all_finite
+from demhx.validate import check_volume
 
 WINDOW_VOXELS = 7  # edge of the local-statistics window along the finest axis, voxels
 SEED_FRACTION = 0.2  # fraction of the low-density voxels taken as the first solvent guess
@@ -188,12 +188,11 @@ def _estimate_unmasked(volume: NDArray[np.float32], voxel_size: tuple[float, flo
 
 
 def _checked_volume(volume: NDArray[Any], name: str = "map") -> NDArray[np.float32]:
-    array = np.asarray(volume)
-    if array.ndim != 3 or min(array.shape) < 2:
+    """:func:`demhx.validate.check_volume`, with at least two voxels along each axis (the
+    local windows and the constant-run search compare neighbours)."""
+    array = check_volume(volume, name)
+    if min(array.shape) < 2:
         raise ValueError(f"{name}: shape {array.shape} is not a 3-D (z, y, x) map")
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    if not all_finite(array):
-        raise ValueError(f"{name}: contains NaN or infinite voxels; fix or replace the map")
     return array
 
 
