@@ -6,6 +6,10 @@ the network, and an accumulator thread adds the predictions into the sums. The n
 and ONNX Runtime both release the GIL, so the device is kept fed while the host works.
 Accumulation happens in cube order in a single thread, so results are bitwise reproducible
 and independent of the batch size.
+
+A buffer goes back to the pool only once its batch's predictions have been added: a network
+that writes its predictions into the batch it is given, or returns a view of it, is summed
+before the buffer is filled with the next cubes.
 """
 
 from __future__ import annotations
@@ -86,8 +90,7 @@ class _Threads:
                     break
                 first, count, buffer = item
                 predictions = evaluate(buffer[:count])
-                self.free.put(buffer)
-                self.done.put((first, count, predictions))
+                self.done.put((first, count, predictions, buffer))  # the buffer goes with them
                 if progress is not None:
                     progress(first + count, total)
                 self._raise_error()
@@ -112,13 +115,13 @@ class _Threads:
             item = self.done.get()
             if item is _STOP:
                 return
-            if self.errors:
-                continue
-            first, count, predictions = item
-            try:
-                self.add(predictions, self.corners, first, count)
-            except BaseException as error:  # handed to the calling thread
-                self.errors.append(error)
+            first, count, predictions, buffer = item
+            if not self.errors:
+                try:
+                    self.add(predictions, self.corners, first, count)
+                except BaseException as error:  # handed to the calling thread
+                    self.errors.append(error)
+            self.free.put(buffer)
 
     def _raise_error(self) -> None:
         if self.errors:

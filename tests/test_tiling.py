@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from demhx import tiling
+from demhx import blend, tiling
 from demhx.blend import overlap_add, select_cubes
-from demhx.refine import predicted_cc
+from demhx.refine import MAX_COVERING, SampledSums, most_covering, predicted_cc
 
 SHAPES = [(1, 1, 1), (17, 65, 130), (64, 64, 64), (65, 65, 65), (100, 37, 200)]
 CUBE = 64
@@ -143,6 +143,49 @@ def test_batched_equals_one_by_one() -> None:
     for batch_size in (2, 5, plan.cube_count + 3):
         batched, _ = overlap_add(padded, plan, nonlinear, batch_size=batch_size)
         np.testing.assert_array_equal(batched, single)
+
+
+def _in_place(batch: np.ndarray) -> np.ndarray:
+    """A network that writes its predictions into the batch it is given and returns it."""
+    np.tanh(batch * np.float32(3.0), out=batch)
+    batch += np.float32(2.0)
+    return batch
+
+
+def _in_place_view(batch: np.ndarray) -> np.ndarray:
+    """The same, returning a view of the batch rather than the batch itself."""
+    return _in_place(batch)[:, :1]
+
+
+@pytest.mark.parametrize("predict", [_in_place, _in_place_view], ids=["batch", "view"])
+@pytest.mark.parametrize("name", ["reference", "default"])
+def test_a_network_that_works_in_place_gives_what_a_pure_one_gives(
+        predict: Callable[[np.ndarray], np.ndarray], name: str) -> None:
+    """The batch buffers are reused from a pool: a prediction that is the buffer itself (or a
+    view of it) must be summed before the buffer is filled with the next cubes."""
+    volume = _particle((120, 100, 130))
+    plan = tiling.plan_tiling(volume.shape, CUBE, tiling.scheme_for(name, CUBE, 16))
+    padded = tiling.pad_volume(volume, plan)
+
+    def pure(batch: np.ndarray) -> np.ndarray:
+        return np.tanh(batch * np.float32(3.0)) + np.float32(2.0)
+
+    expected, _ = overlap_add(padded, plan, pure, batch_size=2)
+    for _ in range(3):  # several runs of many batches: the threads interleave differently
+        output, counts = overlap_add(padded, plan, predict, batch_size=2)
+        assert counts.run > 6  # more batches than buffers in the pool
+        np.testing.assert_array_equal(output, expected)
+
+
+@pytest.mark.parametrize("predict", [_in_place, _in_place_view], ids=["batch", "view"])
+def test_predictions_are_copied_off_a_batch_they_share(
+        predict: Callable[[np.ndarray], np.ndarray]) -> None:
+    """A second guard besides the pool: what blend sums never shares memory with the batch."""
+    batch = np.ones((3, 1, 8, 8, 8), np.float32)
+    result = blend._predict_checked(predict, batch)
+    assert not np.may_share_memory(result, batch)
+    assert result.flags.c_contiguous and result.dtype == np.float32
+    np.testing.assert_array_equal(result, np.tanh(np.float32(3.0)) + np.float32(2.0))
 
 
 def test_solvent_cubes_are_skipped_and_get_the_background() -> None:
@@ -306,3 +349,50 @@ def test_predicted_cc_matches_the_true_cc_of_averaged_predictions() -> None:
     assert abs(predicted - true_cc) < 0.005
     assert predicted_cc(signal * counts, signal ** 2 * counts, counts) == pytest.approx(1.0)
     assert predicted_cc(sums, squares, np.ones_like(counts)) == 1.0  # no overlaps: no estimate
+
+
+def _dense_plan(shape: tuple[int, int, int], cube: int, lattice: int) -> tiling.TilingPlan:
+    """An adaptive plan with every lattice position already (stride = lattice)."""
+    scheme = tiling.TilingScheme("dense", lattice, "uniform", None, lattice, 0.99)
+    return tiling.plan_tiling(shape, cube, scheme)
+
+
+def test_the_self_check_counts_hundreds_of_cubes_over_a_voxel() -> None:
+    """8³ cubes at every voxel: up to 512 cover one (a byte would count 0), and the self-check
+    counts them all, as a brute-force count and the NumPy predicted CC do."""
+    shape, cube = (22, 21, 23), 8
+    plan = _dense_plan(shape, cube, 1)
+    assert most_covering(plan) == 512 <= MAX_COVERING
+    rng = np.random.default_rng(4)
+    values = rng.standard_normal((plan.cube_count, 1, cube, cube, cube)).astype(np.float32)
+    sums = SampledSums.for_plan(plan)
+    accumulator = np.zeros(plan.padded_shape, np.float32)
+    for first in range(0, plan.cube_count, 64):
+        count = min(64, plan.cube_count - first)
+        sums.add_blended(np.ascontiguousarray(values[first:first + count]), plan.corners,
+                         first, count, plan.weights, accumulator)
+    brute = np.zeros(plan.padded_shape, np.int64)
+    for z, y, x in plan.corners.tolist():
+        brute[z:z + cube, y:y + cube, x:x + cube] += 1
+    np.testing.assert_array_equal(sums.counts, brute[::2, ::2, ::2])
+    assert sums.counts.max() == 512
+    box = tuple(slice(-(-start // 2), -(-(start + n) // 2))
+                for start, n in zip(plan.offset, plan.shape, strict=True))
+    first_voxel = tuple(b.start * 2 for b in box)
+    sampled = accumulator[first_voxel[0]::2, first_voxel[1]::2, first_voxel[2]::2]
+    counted = brute[::2, ::2, ::2][box]
+    expected = predicted_cc(np.ravel(sampled[tuple(slice(0, n) for n in counted.shape)]),
+                            sums.squares[box].ravel(), counted.ravel())
+    assert sums.predicted_cc(accumulator, plan, 0.0) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_lattice_too_fine_for_the_counts_is_refused() -> None:
+    plan = _dense_plan((150, 150, 150), 64, 1)  # 64³ cubes over a voxel
+    assert most_covering(plan) == 64 ** 3 > MAX_COVERING
+    with pytest.raises(ValueError, match=r"tiling 'dense': .* at most 65535 cubes over a "
+                                         r"voxel, but 64³ cubes on a 1-voxel lattice can put "
+                                         r"262144 .*lattice of at least 2 voxels"):
+        SampledSums.for_plan(plan)
+    assert most_covering(_dense_plan((150, 150, 150), 64, 2)) == 32 ** 3
+    default = tiling.plan_tiling((150, 150, 150), 64, tiling.scheme_for("default", 64, 16))
+    assert most_covering(default) == 64  # DeepEMhancer's lattice: 4 positions per axis
