@@ -93,13 +93,13 @@ def accumulate_weighted(values: NDArray[np.float32], corners: NDArray[np.int64],
     """
     none = np.zeros((0, 0, 0), dtype=np.float32)
     accumulate_blend(values, corners, first, count, weights, accumulator, 0, none,
-                     none.astype(np.uint8))
+                     none.astype(np.uint16))
 
 
 @njit(cache=_CACHE, nogil=True)
 def accumulate_blend(values: NDArray[np.float32], corners: NDArray[np.int64], first: int,
                      count: int, weights: NDArray[np.float32], accumulator: NDArray[np.float32],
-                     sample: int, squares: NDArray[np.float32], counts: NDArray[np.uint8]
+                     sample: int, squares: NDArray[np.float32], counts: NDArray[np.uint16]
                      ) -> None:  # pragma: no cover - compiled
     """:func:`accumulate_weighted`, and with ``sample >= 1`` also
     :func:`accumulate_sampled_squares` (same arguments), in one pass over the values.
@@ -130,7 +130,7 @@ def accumulate_blend(values: NDArray[np.float32], corners: NDArray[np.int64], fi
 
 @njit(cache=_CACHE, nogil=True)
 def _sampled_plane(plane: NDArray[np.float32], zs: int, y0: int, x0: int, sample: int,
-                   squares: NDArray[np.float32], counts: NDArray[np.uint8]
+                   squares: NDArray[np.float32], counts: NDArray[np.uint16]
                    ) -> None:  # pragma: no cover - compiled
     """The squares and counts of one sampled plane ``zs`` of a cube at ``(y0, x0)``."""
     j0, k0 = (-y0) % sample, (-x0) % sample
@@ -159,7 +159,7 @@ def accumulate_weighted_reference(values: NDArray[np.float32], corners: NDArray[
 @njit(cache=_CACHE, nogil=True)
 def accumulate_sampled_squares(values: NDArray[np.float32], corners: NDArray[np.int64], first: int,
                                count: int, sample: int, squares: NDArray[np.float32],
-                               counts: NDArray[np.uint8]) -> None:  # pragma: no cover - compiled
+                               counts: NDArray[np.uint16]) -> None:  # pragma: no cover - compiled
     """Add the squares of cube ``values`` and one count at every ``sample``-th padded voxel.
 
     Only voxels whose padded indices are all multiples of ``sample`` are visited; voxel
@@ -179,8 +179,9 @@ def accumulate_sampled_squares(values: NDArray[np.float32], corners: NDArray[np.
         Sampling step, voxels (>= 1).
     squares : (ceil(Z / sample), ceil(Y / sample), ceil(X / sample)) float32
         Running sum of squares (starts at 0).
-    counts : same shape, uint8
-        Running number of covering cubes (starts at 0; at most 255).
+    counts : same shape, uint16
+        Running number of covering cubes (starts at 0; at most 65535, which
+        :meth:`demhx.refine.SampledSums.for_plan` makes sure of).
     """
     size = values.shape[2]
     for index in range(count):
@@ -193,7 +194,7 @@ def accumulate_sampled_squares(values: NDArray[np.float32], corners: NDArray[np.
 
 def accumulate_sampled_squares_reference(values: NDArray[np.float32], corners: NDArray[np.int64],
                                          first: int, count: int, sample: int,
-                                         squares: NDArray[np.float32], counts: NDArray[np.uint8]
+                                         squares: NDArray[np.float32], counts: NDArray[np.uint16]
                                          ) -> None:
     """NumPy twin of :func:`accumulate_sampled_squares` (same arguments, same result)."""
     for index in range(count):
@@ -204,7 +205,7 @@ def accumulate_sampled_squares_reference(values: NDArray[np.float32], corners: N
                        for origin, start, n in zip((z0, y0, x0), starts, cube.shape,
                                                    strict=True))
         squares[region] += cube * cube
-        counts[region] += np.uint8(1)
+        counts[region] += 1
 
 
 @njit(cache=_CACHE, nogil=True)
@@ -375,7 +376,7 @@ def divide_by_window_sum_reference(values: NDArray[np.float32], ran: NDArray[np.
 
 @njit(cache=_CACHE, nogil=True)
 def overlap_sums(sums: NDArray[np.floating], squares: NDArray[np.floating],
-                 counts: NDArray[np.uint8], background: float, totals: NDArray[np.float64]
+                 counts: NDArray[np.uint16], background: float, totals: NDArray[np.float64]
                  ) -> None:  # pragma: no cover - compiled
     """The five sums of :func:`demhx.refine.predicted_cc`, in float64, into ``totals``.
 
@@ -405,7 +406,7 @@ def overlap_sums(sums: NDArray[np.floating], squares: NDArray[np.floating],
 
 
 def overlap_sums_reference(sums: NDArray[np.floating], squares: NDArray[np.floating],
-                           counts: NDArray[np.uint8], background: float,
+                           counts: NDArray[np.uint16], background: float,
                            totals: NDArray[np.float64]) -> None:
     """NumPy twin of :func:`overlap_sums` (same arguments; the same sums up to rounding)."""
     count = counts.astype(np.float64)

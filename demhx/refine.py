@@ -9,7 +9,7 @@ prediction hardly depends on the cube's context stop at the first level; maps on
 does get more of the reference's cubes.
 
 Memory: the squared predictions and the cube counts on every :data:`SAMPLE_STEP`-th voxel
-(1/8 and 1/32 of a float32 volume).
+(1/8 and 1/16 of a float32 volume).
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from demhx import _kernels
 from demhx.tiling import TilingPlan
 
 SAMPLE_STEP = 2  # voxels between the samples of the refinement estimate, per axis
+COUNT_DTYPE = np.uint16
+"""Type of the cube counts: 2 bytes per sampled voxel, up to 65535 cubes over one voxel
+(DeepEMhancer's 64³ cubes on its 16-voxel lattice: at most 64)."""
+MAX_COVERING = int(np.iinfo(COUNT_DTYPE).max)
 
 
 def predicted_cc(sums: NDArray[Any], squares: NDArray[Any], counts: NDArray[Any],
@@ -76,8 +80,18 @@ class SampledSums:
 
     @classmethod
     def for_plan(cls, plan: TilingPlan) -> SampledSums:
+        """Zeroed sums for ``plan``; ValueError when its lattice lets more cubes cover one
+        voxel than the counts hold (:data:`MAX_COVERING`), naming the lattice that fits."""
+        covering = most_covering(plan)
+        if covering > MAX_COVERING:
+            finest = -(-plan.cube_size // int(MAX_COVERING ** (1 / 3)))
+            raise ValueError(
+                f"tiling {plan.scheme.name!r}: its self-check counts at most {MAX_COVERING} "
+                f"cubes over a voxel, but {plan.cube_size}³ cubes on a {plan.scheme.step}-voxel "
+                f"lattice can put {covering} over one; use a lattice of at least {finest} "
+                "voxels, or no target CC")
         shape = tuple(-(-n // SAMPLE_STEP) for n in plan.padded_shape)
-        return cls(np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=np.uint8))
+        return cls(np.zeros(shape, dtype=np.float32), np.zeros(shape, dtype=COUNT_DTYPE))
 
     def add_blended(self, predictions: NDArray[Any], corners: NDArray[Any], first: int,
                     count: int, weights: NDArray[Any], accumulator: NDArray[Any]) -> None:
@@ -104,6 +118,14 @@ class SampledSums:
         shape = self.counts[box].shape
         return predicted_cc(sums[:shape[0], :shape[1], :shape[2]], self.squares[box],
                             self.counts[box], background)
+
+
+def most_covering(plan: TilingPlan) -> int:
+    """The most cubes that can cover one voxel once ``plan`` is refined to every lattice
+    position: per axis, the lattice positions within one cube edge of a voxel."""
+    step = plan.scheme.step
+    per_axis = [min(points, -(-plan.cube_size // step)) for points in plan.grid_shape]
+    return int(np.prod(per_axis, dtype=np.int64))
 
 
 def new_corners(plan: TilingPlan, finer: TilingPlan) -> NDArray[Any]:

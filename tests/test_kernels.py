@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from demhx import _kernels
+from demhx.refine import COUNT_DTYPE
 
 CUBE = 8
 
@@ -152,7 +153,7 @@ def test_accumulate_sampled_squares_matches_reference_and_brute_force(
     values = rng.standard_normal((7, 1, CUBE, CUBE, CUBE)).astype(np.float32)
     grid = tuple(-(-n // sample) for n in shape)
     fast_sq, slow_sq = (np.zeros(grid, np.float32) for _ in range(2))
-    fast_n, slow_n = (np.zeros(grid, np.uint8) for _ in range(2))
+    fast_n, slow_n = (np.zeros(grid, COUNT_DTYPE) for _ in range(2))
     for first in (0, 3, 6):
         count = min(3, 7 - first)
         block = np.ascontiguousarray(values[first:first + count])

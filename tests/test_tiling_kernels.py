@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from demhx import _kernels
-from demhx.refine import predicted_cc
+from demhx.refine import COUNT_DTYPE, predicted_cc
 
 CUBE = 8
 
@@ -38,7 +38,7 @@ def test_accumulate_blend_is_the_two_kernels_bit_for_bit(
                else rng.uniform(0.05, 1.0, (CUBE,) * 3).astype(np.float32))
     sampled = tuple(-(-n // sample) for n in shape)
     fused = (np.zeros(shape, np.float32), np.zeros(sampled, np.float32),
-             np.zeros(sampled, np.uint8))
+             np.zeros(sampled, COUNT_DTYPE))
     apart = tuple(np.zeros_like(array) for array in fused)
     slow = tuple(np.zeros_like(array) for array in fused)
     for first in range(0, len(corners), batch):
@@ -118,7 +118,7 @@ def test_cube_abs_max_passes_over_nans_and_keeps_infinities(rng: np.random.Gener
 def test_overlap_sums_match_reference_on_strided_views(rng: np.random.Generator,
                                                        background: float) -> None:
     accumulator = rng.standard_normal((21, 18, 25)).astype(np.float32)
-    counts = rng.integers(0, 5, (10, 9, 12)).astype(np.uint8)
+    counts = rng.integers(0, 5, (10, 9, 12)).astype(COUNT_DTYPE)
     squares = (rng.uniform(0, 3, counts.shape) * counts).astype(np.float32)
     sums = accumulator[1::2, 0::2, 1::2][:10, :9, :12]  # a strided view, as the refinement
     fast, slow = np.empty(5), np.empty(5)
@@ -127,3 +127,42 @@ def test_overlap_sums_match_reference_on_strided_views(rng: np.random.Generator,
     np.testing.assert_allclose(fast, slow, rtol=1e-12)
     flat = predicted_cc(np.ravel(sums), squares.ravel(), counts.ravel(), background)
     assert predicted_cc(sums, squares, counts, background) == pytest.approx(flat, rel=1e-12)
+
+
+@pytest.mark.parametrize("batch", [7, 300])
+def test_counts_of_300_cubes_over_a_voxel_match_the_reference(rng: np.random.Generator,
+                                                              batch: int) -> None:
+    """300 cubes over the same voxels: the kernels count 300 there (not 300 - 256 = 44 as
+    a byte did), as the NumPy twins and a brute-force count do, and the self-check's sums
+    over those counts agree with their reference."""
+    sample, covers = 2, 300
+    shape = (CUBE + 3, CUBE + 2, CUBE + 3)
+    corners = np.ascontiguousarray(rng.integers(0, 3, (covers, 3)), dtype=np.int64)
+    values = rng.standard_normal((covers, 1, CUBE, CUBE, CUBE)).astype(np.float32)
+    weights = np.ones((CUBE,) * 3, np.float32)
+    sampled = tuple(-(-n // sample) for n in shape)
+    fused = (np.zeros(shape, np.float32), np.zeros(sampled, np.float32),
+             np.zeros(sampled, COUNT_DTYPE))
+    slow = tuple(np.zeros_like(array) for array in fused)
+    for first in range(0, covers, batch):
+        count = min(batch, covers - first)
+        block = np.ascontiguousarray(values[first:first + count])
+        _kernels.accumulate_blend(block, corners, first, count, weights, fused[0], sample,
+                                  fused[1], fused[2])
+        _kernels.accumulate_weighted_reference(block, corners, first, count, weights, slow[0])
+        _kernels.accumulate_sampled_squares_reference(block, corners, first, count, sample,
+                                                      slow[1], slow[2])
+    brute = np.zeros(shape, np.int64)
+    for z, y, x in corners.tolist():
+        brute[z:z + CUBE, y:y + CUBE, x:x + CUBE] += 1
+    np.testing.assert_array_equal(fused[2], brute[::sample, ::sample, ::sample])
+    np.testing.assert_array_equal(fused[2], slow[2])
+    assert fused[2].max() == covers
+    np.testing.assert_array_equal(fused[0], slow[0])
+    np.testing.assert_allclose(fused[1], slow[1], rtol=1e-6)
+    sums = fused[0][::sample, ::sample, ::sample]
+    fast, reference = np.empty(5), np.empty(5)
+    _kernels.overlap_sums(sums, fused[1], fused[2], 0.0, fast)
+    _kernels.overlap_sums_reference(sums, fused[1], brute[::sample, ::sample, ::sample], 0.0,
+                                    reference)
+    np.testing.assert_allclose(fast, reference, rtol=1e-12)
