@@ -9,7 +9,7 @@ with test-time augmentation and also blends the variance over the rotations.
 Memory: the padded input and the accumulator (two float32 volumes of the padded shape) plus a
 few batches; the sum of the blending windows is not stored but computed from the grid of cubes
 that ran when the sums are divided. :func:`overlap_add_augmented` adds one more volume (the
-blended variance); the self-check adds 1/8 and 1/32 of a volume.
+blended variance); the self-check adds 1/8 and 1/16 of a volume.
 """
 
 from __future__ import annotations
