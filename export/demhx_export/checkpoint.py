@@ -126,6 +126,7 @@ def save_checkpoint(path: str | Path, net: UNet3D, info: Mapping[str, Any] | Non
         "format_version": FORMAT_VERSION,
         "architecture": {"network": type(net).__name__, "widths": list(net.widths),
                          "norm": getattr(net, "norm", "group"),
+                         "error_head": bool(getattr(net, "error_head", False)),
                          "parameters": count_parameters(net)},
         "weights": {"file": weights.name, "sha256": sha256_of(tmp_weights)},
         "saved_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -161,8 +162,9 @@ def load_checkpoint(path: str | Path) -> tuple[UNet3D, dict[str, Any]]:
     if expected and sha256_of(weights) != expected:
         raise ValueError(f"{weights}: sha256 does not match {config_path.name} (the pair comes "
                          "from different saves or was modified); use a complete checkpoint")
-    net = UNet3D(config["architecture"]["widths"],
-                 norm=config["architecture"].get("norm", "group"))
+    architecture = config["architecture"]
+    net = UNet3D(architecture["widths"], norm=architecture.get("norm", "group"),
+                 error_head=bool(architecture.get("error_head", False)))
     try:
         net.load_state_dict(load_file(str(weights), device="cpu"))
     except RuntimeError as error:

@@ -6,7 +6,7 @@ Subcommands::
     demhx-export export CHECKPOINT OUT.onnx [--name NAME] [--version V] [--cube N] [--no-fp16]
     demhx-export random-init OUT.onnx [--widths 32,64,128] [--seed 0] [--cube 64]
     demhx-export from-keras MODEL.hd5 OUT.onnx [--group-norm auto|keras-contrib|standard]
-    demhx-export synth | build-dataset | train ...   (when those modules are installed)
+    demhx-export synth | build-dataset | train | one-run ...   (when those modules are installed)
 
 Arguments are parsed by ``fire`` but errors are reported as one line on stderr with exit
 status 2 (usage) or 1 (failure), never as fire's help pages; ``-h``/``--help`` prints the
@@ -44,6 +44,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "build-dataset": ("demhx_export.dataset", "build_command",
                       "cut maps into a training dataset"),
     "train": ("demhx_export.train", "train_command", "train (or resume) a network"),
+    "one-run": ("demhx_export.one_run", "one_run_command",
+                "build data, train and pack the best weights within a time budget"),
     "from-keras": ("demhx_export.keras_import", "from_keras_command",
                    "convert a Keras .h5/.hd5 model (DeepEMhancer's) to ONNX, no TensorFlow"),
 }

@@ -18,6 +18,8 @@ Layout, for widths ``(w0, w1, w2)`` (the paper: ``(32, 64, 128)``) and a cube of
     up 0        ConvTranspose3d 2³ stride 2, w1 -> w0, GN, PReLU -> n³
     decoder 0   block concat(up, skip 0) 2·w0 -> w0 at n³
     head        Conv3d 1³, w0 -> 1 (linear output)
+    error head  (optional) Conv3d 3³ w0 -> w0, PReLU, Conv3d 1³ w0 -> 1 (linear), on the
+                same features: the expected |error| of the head's output (channel 1)
 
 So there are three down-sampling blocks (encoder + strided convolution) and three
 up-sampling blocks (transposed convolution + decoder), joined by skip connections, and no
@@ -123,20 +125,28 @@ class _Block(nn.Sequential):
 
 
 class UNet3D(nn.Module):
-    """The paper's 3D U-net; input and output ``(batch, 1, n, n, n)`` float32, ``n % 8 == 0``.
+    """The paper's 3D U-net; input ``(batch, 1, n, n, n)`` float32, ``n % 8 == 0``.
+
+    The output is ``(batch, 1, n, n, n)``, or with ``error_head`` ``(batch, 2, n, n, n)``:
+    channel 0 the enhanced map, channel 1 the network's estimate of channel 0's absolute
+    error at each voxel (same units; trained against the realised error, see
+    :mod:`demhx_export.train`).
 
     Parameters
     ----------
     widths : channel widths of the three levels; ``(32, 64, 128)`` in the paper.
     norm : ``"group"`` (GroupNorm after each convolution, the paper's) or ``"none"``.
+    error_head : add the error-estimate channel.
     """
 
-    def __init__(self, widths: Sequence[int] | str = PAPER_WIDTHS, norm: str = "group") -> None:
+    def __init__(self, widths: Sequence[int] | str = PAPER_WIDTHS, norm: str = "group",
+                 error_head: bool = False) -> None:
         super().__init__()
         if norm not in NORMS:
             raise ValueError(f"norm {norm!r} is not one of {', '.join(NORMS)}")
         self.widths = parse_widths(widths)
         self.norm = norm
+        self.error_head = bool(error_head)
         inputs = (1, *self.widths[:-1])
         self.encoders = nn.ModuleList(_Block(c, w, norm)
                                       for c, w in zip(inputs, self.widths, strict=True))
@@ -146,6 +156,10 @@ class UNet3D(nn.Module):
                                  for c, w in zip(ups_in, self.widths, strict=True))
         self.decoders = nn.ModuleList(_Block(2 * w, w, norm) for w in self.widths)
         self.head = nn.Conv3d(self.widths[0], 1, 1)
+        self.error = (nn.Sequential(nn.Conv3d(self.widths[0], self.widths[0], KERNEL,
+                                              padding=KERNEL // 2),
+                                    nn.PReLU(self.widths[0]), nn.Conv3d(self.widths[0], 1, 1))
+                      if self.error_head else None)
         if norm == "none":
             self._init_unnormalised()
 
@@ -160,8 +174,13 @@ class UNet3D(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
 
+    @property
+    def outputs(self) -> int:
+        """Output channels: 1 (the map) or 2 (the map and its error estimate)."""
+        return 2 if self.error_head else 1
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Map ``(batch, 1, n, n, n)`` to ``(batch, 1, n, n, n)``."""
+        """Map ``(batch, 1, n, n, n)`` to ``(batch, outputs, n, n, n)``."""
         skips = []
         for encoder, down in zip(self.encoders, self.downs, strict=True):
             x = encoder(x)
@@ -170,7 +189,9 @@ class UNet3D(nn.Module):
         for level in reversed(range(LEVELS)):
             x = self.ups[level](x)
             x = self.decoders[level](torch.cat((x, skips[level]), dim=1))
-        return self.head(x)
+        if self.error is None:
+            return self.head(x)
+        return torch.cat((self.head(x), self.error(x)), dim=1)
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -4,6 +4,12 @@ Cubes are balanced between the molecule and the solvent (``signal_fraction`` of 
 centred on a molecule voxel, the rest on a solvent voxel) and, for training, augmented as in
 the DeepEMhancer paper: one of the 24 rotations of the cube (no mirror images: proteins are
 chiral), Gaussian blurring of the input and corruption of a patch of the input.
+
+Negatives (``negative_fraction`` of the cubes): the input cube with its Fourier phases
+randomised — the same amplitude spectrum, so the same power at every resolution as the
+molecule or solvent it came from, but no structure — scaled by a random factor, with an
+empty target. They teach the network that density-like power without structure is noise:
+noise in, nothing out.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ BLUR_PROBABILITY = 0.2
 BLUR_SIGMA = (0.5, 1.5)  # voxels
 PATCH_PROBABILITY = 0.2
 PATCH_EDGE = (1 / 8, 1 / 4)  # fraction of the cube edge
+NEGATIVE_SCALE = (0.5, 2.0)  # negatives' random amplitude factor, drawn log-uniformly
 
 
 Rotation = tuple[tuple[int, ...], tuple[bool, ...]]
@@ -64,11 +71,14 @@ class CubeSampler:
     preload : keep all maps in memory (otherwise each cube reads its file).
     target : target recipe to train towards (``target_<recipe>`` in the samples; datasets
         of generator version 5 and older hold one target, ``target``, the ``locscale`` one).
+    negative_fraction : fraction of cubes made negatives (phase-randomised input, empty
+        target; see the module's docstring).
     """
 
     def __init__(self, dataset_dir: str | Path, cube_size: int = 64, batch_size: int = 4,
                  seed: int = 0, signal_fraction: float = 0.7, augment: bool = True,
-                 preload: bool = True, target: str = "locscale") -> None:
+                 preload: bool = True, target: str = "locscale",
+                 negative_fraction: float = 0.0) -> None:
         self.dir = Path(dataset_dir)
         index_path = self.dir / "index.json"
         if not index_path.is_file():
@@ -77,8 +87,11 @@ class CubeSampler:
         self.entries = json.loads(index_path.read_text())
         if not self.entries:
             raise ValueError(f"{index_path}: the dataset is empty")
-        if not 0.0 <= signal_fraction <= 1.0:
-            raise ValueError(f"signal_fraction {signal_fraction} is not in [0, 1]")
+        for name, value in (("signal_fraction", signal_fraction),
+                            ("negative_fraction", negative_fraction)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} {value} is not in [0, 1]")
+        self.negative_fraction = float(negative_fraction)
         self.cube_size, self.batch_size = cube_size, batch_size
         self.signal_fraction, self.augment, self.preload = signal_fraction, augment, preload
         self.target = target
@@ -98,21 +111,27 @@ class CubeSampler:
         """One batch: input and target, each (B, 1, c, c, c) float32."""
         return self._batch(self.rng, self.augment)
 
-    def fixed_batches(self, n: int, seed: int
+    def fixed_batches(self, n: int, seed: int, negatives: bool = False
                       ) -> list[tuple[NDArray[np.float32], NDArray[np.float32]]]:
-        """``n`` deterministic batches without augmentation (for validation)."""
+        """``n`` deterministic batches without augmentation (for validation); with
+        ``negatives``, every cube a negative (phase-randomised, unscaled, empty target)."""
         rng = np.random.default_rng(seed)
-        return [self._batch(rng, augment=False) for _ in range(n)]
+        return [self._batch(rng, augment=False, negatives=1.0 if negatives else 0.0)
+                for _ in range(n)]
 
-    def _batch(self, rng: np.random.Generator, augment: bool
+    def _batch(self, rng: np.random.Generator, augment: bool, negatives: float | None = None
                ) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
         c = self.cube_size
+        fraction = self.negative_fraction if negatives is None else negatives
         inputs = np.empty((self.batch_size, 1, c, c, c), dtype=np.float32)
         targets = np.empty_like(inputs)
         for b in range(self.batch_size):
             x, y = self._cube(rng)
             if augment:
                 x, y = self._augment(x, y, rng)
+            if fraction and rng.random() < fraction:
+                scale = np.exp(rng.uniform(*np.log(NEGATIVE_SCALE))) if augment else 1.0
+                x, y = phase_randomise(x, rng) * np.float32(scale), np.zeros_like(y)
             inputs[b, 0], targets[b, 0] = x, y
         return inputs, targets
 
@@ -161,6 +180,20 @@ class CubeSampler:
             pad = [(s // 2, s - s // 2) for s in short]
             arrays = [np.pad(a, pad) for a in arrays]
         return arrays[0], arrays[1], arrays[2]
+
+
+def phase_randomise(volume: NDArray[Any], rng: np.random.Generator) -> NDArray[np.float32]:
+    """``volume`` with random Fourier phases: the same amplitude at every frequency (and the
+    same mean), no structure. The phases are those of white noise, so they are Hermitian and
+    the result is real; float32 like the input."""
+    spectrum = np.fft.rfftn(volume)
+    noise = np.fft.rfftn(rng.standard_normal(volume.shape))
+    magnitude = np.abs(noise)
+    phases = np.divide(noise, magnitude, out=np.ones_like(noise), where=magnitude > 0)
+    randomised = np.abs(spectrum) * phases
+    randomised.flat[0] = spectrum.flat[0]  # keep the mean
+    return np.fft.irfftn(randomised, s=volume.shape,
+                         axes=tuple(range(volume.ndim))).astype(np.float32)
 
 
 def _draw_centres(signal: NDArray[Any], rng: np.random.Generator

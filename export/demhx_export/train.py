@@ -11,13 +11,28 @@ A run lives in one folder (``RUN``) that can be committed and resumed anywhere:
     optimiser, scheduler and random-generator state for an exact resume;
 ``RUN/log.tsv``
     one row per validation: step, wall seconds, learning rate, mean training loss since
-    the previous row, validation L1 loss, validation CC;
+    the previous row, validation L1 loss, validation CC, mean |output| on negatives
+    (``val_neg``: phase-randomised validation cubes, whose target is empty) and, with an error
+    head, the rank correlation of the estimated and the realised error (``val_err_rs``);
+``RUN/guard.tsv``
+    the divergence guard's rollbacks, if any (:mod:`demhx_export.guard`);
 ``RUN/loss.png``
     the loss curve (needs matplotlib).
 
 Running the same command again resumes from ``RUN/latest.*``: the step counter, the
 optimiser, the learning-rate schedule and the sampler seed continue where they stopped, so a
 run can be split over any number of sittings (``--max-minutes`` stops it cleanly).
+
+Stability (:mod:`demhx_export.guard`): gradients are clipped to ``clip_norm``, the learning
+rate rises linearly over ``warmup_steps``, and a loss spike or a non-finite loss rolls the
+network and optimiser back to the last good snapshot with half the learning rate.
+
+What the network learns besides the target: ``negative_fraction`` of the cubes are negatives
+(:mod:`demhx_export.sampler`: phase-randomised inputs, empty targets), and with ``error_head``
+a second output channel learns the absolute error of the first (L1 towards
+``|output - target|``, the output held fixed, weighted by ``error_weight``). The best
+checkpoint minimises the validation loss of the same mixture: ``(1 - f) × val L1 + f × val
+neg`` for a negative fraction ``f``.
 
 Two learning-rate schedules: ``plateau`` (the paper: halved after ``plateau_patience``
 validations without improvement) and ``cosine`` (from ``lr`` down to ``min_lr`` over the
@@ -50,12 +65,14 @@ from demhx_export.checkpoint import (
     optimiser_state_path,
     save_checkpoint,
 )
+from demhx_export.guard import DivergenceGuard
 from demhx_export.network import UNet3D, count_parameters, parse_widths
 from demhx_export.sampler import CubeSampler
 
 INFERENCE_CUBE_SIZE = 64  # voxels: cube edge the exported model runs on
 REFERENCE_STRIDE = 16  # voxels: the paper's tiling stride at 64³
-LOG_COLUMNS = ("step", "seconds", "lr", "train_l1", "val_l1", "val_cc")
+LOG_COLUMNS = ("step", "seconds", "lr", "train_l1", "val_l1", "val_cc", "val_neg", "val_err_rs")
+ERROR_SAMPLES = 200_000  # voxels drawn for the validation rank correlation of the error head
 
 
 @dataclass(frozen=True)
@@ -81,6 +98,13 @@ class TrainConfig:
     precision: str = "fp32"
     target: str = "locscale"
     norm: str = "group"
+    negative_fraction: float = 0.0
+    error_head: bool = False
+    error_weight: float = 0.25
+    warmup_steps: int = 200
+    clip_norm: float = 1.0  # 0: no clipping
+    spike_factor: float = 5.0  # 0: only non-finite losses roll back
+    decay_minutes: float = 0.0  # cosine schedule: also decay over this training time
 
 
 SCHEDULES = ("plateau", "cosine")
@@ -89,9 +113,29 @@ PRECISIONS = ("fp32", "bf16")
 RUNTIME_SETTINGS = ("train_dir", "val_dir", "init", "precision")
 
 
-def cosine_lr(config: TrainConfig, step: int) -> float:
-    """Learning rate of the cosine schedule at ``step`` (constant ``min_lr`` after the end)."""
+def _schedule_lr(config: TrainConfig, optimiser: torch.optim.Optimizer, step: int,
+                 lr_scale: float, seconds: float = 0.0) -> None:
+    """Set the learning rate of ``step``: the cosine schedule, or the plateau schedule's own
+    value after the warm-up; times the linear warm-up factor and the guard's scale."""
+    warm = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+    if config.schedule == "cosine":
+        lr = cosine_lr(config, step, seconds)
+    elif warm < 1.0 or step == config.warmup_steps:
+        lr = config.lr  # the plateau schedule takes over from here
+    else:
+        return
+    for group in optimiser.param_groups:
+        group["lr"] = lr * warm * lr_scale
+
+
+def cosine_lr(config: TrainConfig, step: int, seconds: float = 0.0) -> float:
+    """Learning rate of the cosine schedule at ``step`` after ``seconds`` of training
+    (constant ``min_lr`` after the end): the decay follows the steps, or the training time
+    when ``decay_minutes`` is set and that is further along (a run with a fixed time budget
+    on a machine whose speed is not known in advance)."""
     fraction = min(1.0, step / max(1, config.decay_steps))
+    if config.decay_minutes > 0:
+        fraction = max(fraction, min(1.0, seconds / (60 * config.decay_minutes)))
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * fraction))
 
 
@@ -107,21 +151,40 @@ def pick_device(device: str) -> torch.device:
 
 
 def _validate(net: torch.nn.Module, batches: list[tuple[NDArray[Any], NDArray[Any]]],
-              device: torch.device | None = None) -> tuple[float, float]:
-    """Mean L1 loss and mean per-cube CC over fixed validation batches (float32)."""
+              device: torch.device | None = None) -> tuple[float, float, float]:
+    """Mean L1 loss, mean per-cube CC and, with an error head, the Spearman correlation of
+    the estimated and the realised absolute error over fixed validation batches (float32)."""
     net.eval()
-    losses, ccs = [], []
+    losses, ccs, estimated, realised = [], [], [], []
     with torch.no_grad():
         for inputs, targets in batches:
-            pred = net(torch.from_numpy(inputs).to(device or "cpu")).float().cpu().numpy()
+            out = net(torch.from_numpy(inputs).to(device or "cpu")).float().cpu().numpy()
+            pred = out[:, :1]
             losses.append(float(np.abs(pred - targets).mean()))
+            if out.shape[1] > 1:
+                estimated.append(out[:, 1].ravel())
+                realised.append(np.abs(pred - targets).ravel())
             for p, t in zip(pred, targets, strict=True):
                 p, t = p.ravel() - p.mean(), t.ravel() - t.mean()
                 denom = math.sqrt(float(p @ p) * float(t @ t))
                 if denom > 0:
                     ccs.append(float(p @ t) / denom)
     net.train()
-    return float(np.mean(losses)), float(np.mean(ccs)) if ccs else float("nan")
+    return (float(np.mean(losses)), float(np.mean(ccs)) if ccs else float("nan"),
+            _rank_correlation(estimated, realised))
+
+
+def _rank_correlation(estimated: list[NDArray[Any]], realised: list[NDArray[Any]]) -> float:
+    """Spearman correlation of two voxel lists on a fixed random sample (NaN when empty)."""
+    if not estimated:
+        return float("nan")
+    from scipy.stats import spearmanr
+
+    a, b = np.concatenate(estimated), np.concatenate(realised)
+    if a.size > ERROR_SAMPLES:
+        pick = np.random.default_rng(0).choice(a.size, ERROR_SAMPLES, replace=False)
+        a, b = a[pick], b[pick]
+    return float(spearmanr(a, b)[0])
 
 
 def _jitter_scale(inputs: NDArray[Any], targets: NDArray[Any], rng: np.random.Generator,
@@ -160,6 +223,8 @@ def plot_log(run: Path) -> Path | None:
     fig, (ax_loss, ax_cc) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot(table[:, 0], table[:, 3], label="train L1")
     ax_loss.plot(table[:, 0], table[:, 4], label="validation L1")
+    if table.shape[1] > 6 and np.isfinite(table[:, 6]).any():
+        ax_loss.plot(table[:, 0], table[:, 6], label="validation |output| on negatives")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("L1 loss (normalised units)")
     ax_loss.set_yscale("log")
@@ -216,12 +281,14 @@ class _State:
         self.step = 0
         self.seconds = 0.0
         self.best_val = float("inf")
+        self.lr_scale = 1.0  # lowered by the divergence guard's rollbacks
 
 
 def _save(run: Path, tag: str, net: UNet3D, config: TrainConfig, state: _State,
           optimiser: torch.optim.Optimizer | None = None, scheduler: object | None = None) -> None:
     info = {"train": asdict(config), "step": state.step, "seconds": round(state.seconds, 1),
-            "best_val_l1": state.best_val, "seed": config.seed, "commit": git_commit(),
+            "best_val_l1": state.best_val, "lr_scale": state.lr_scale,
+            "seed": config.seed, "commit": git_commit(),
             "cube_size": INFERENCE_CUBE_SIZE, "stride": REFERENCE_STRIDE,
             "data": f"synthetic pairs {config.train_dir}"}
     save_checkpoint(run / tag, net, info)
@@ -232,7 +299,7 @@ def _save(run: Path, tag: str, net: UNet3D, config: TrainConfig, state: _State,
                     "scheduler": scheduler.state_dict(),  # type: ignore[union-attr]
                     "torch_rng": torch.get_rng_state(),
                     "step": state.step, "seconds": state.seconds,
-                    "best_val": state.best_val}, tmp)
+                    "best_val": state.best_val, "lr_scale": state.lr_scale}, tmp)
         os.replace(tmp, final)
 
 
@@ -245,12 +312,9 @@ def _build(config: TrainConfig, run: Path, device: torch.device | None = None
     if (run / "latest.json").exists():
         net, _ = load_checkpoint(run / "latest")
     elif config.init:
-        net, _ = load_checkpoint(config.init)
-        if tuple(net.widths) != tuple(config.widths):
-            raise ValueError(f"{config.init}: widths {net.widths} differ from --widths "
-                             f"{config.widths}; pass matching widths")
+        net = _initialised(config)
     else:
-        net = UNet3D(widths=config.widths, norm=config.norm)
+        net = UNet3D(widths=config.widths, norm=config.norm, error_head=config.error_head)
     net = net.to(device or "cpu")
     optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -264,7 +328,23 @@ def _build(config: TrainConfig, run: Path, device: torch.device | None = None
         torch.set_rng_state(saved["torch_rng"])
         state.step, state.seconds, state.best_val = (saved["step"], saved["seconds"],
                                                      saved["best_val"])
+        state.lr_scale = float(saved.get("lr_scale", 1.0))
     return net, optimiser, scheduler, state
+
+
+def _initialised(config: TrainConfig) -> UNet3D:
+    """A network with the weights of ``config.init``; an error head it lacks starts fresh."""
+    start, _ = load_checkpoint(str(config.init))
+    if tuple(start.widths) != tuple(config.widths) or start.norm != config.norm:
+        raise ValueError(f"{config.init}: widths {start.widths} and norm {start.norm!r} differ "
+                         f"from --widths {config.widths} --norm {config.norm}; pass matching "
+                         "ones")
+    if start.error_head == config.error_head:
+        return start
+    net = UNet3D(widths=config.widths, norm=config.norm, error_head=config.error_head)
+    weights = {k: v for k, v in start.state_dict().items() if not k.startswith("error.")}
+    net.load_state_dict(weights, strict=not config.error_head)
+    return net
 
 
 def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = math.inf,
@@ -284,35 +364,47 @@ def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = m
     # the sampler's stream continues after a resume: its seed moves with the step counter
     sampler = CubeSampler(config.train_dir, cube_size=config.cube_size,
                           batch_size=config.batch_size, seed=config.seed + 7919 * state.step,
-                          target=config.target)
-    val = CubeSampler(config.val_dir, cube_size=config.cube_size, batch_size=config.batch_size,
-                      seed=config.seed, augment=False,
-                      target=config.target).fixed_batches(config.val_batches, seed=config.seed)
+                          target=config.target, negative_fraction=config.negative_fraction)
+    val_sampler = CubeSampler(config.val_dir, cube_size=config.cube_size,
+                              batch_size=config.batch_size, seed=config.seed, augment=False,
+                              target=config.target)
+    val = (val_sampler.fixed_batches(config.val_batches, seed=config.seed),
+           val_sampler.fixed_batches(config.val_batches, seed=config.seed + 1, negatives=True))
     where = f"{target}" + (f", {config.precision}" if target.type == "cuda" else "")
     report(f"network widths {config.widths}: {count_parameters(net):,} parameters; "
            + (f"resuming at step {state.step}" if state.step else "new run") + f" on {where}")
     batches = _batches(config, sampler, state.step, workers, pin=target.type == "cuda")
     started, running = time.monotonic(), []
     base_seconds = state.seconds
+    guard = DivergenceGuard(net, optimiser, spike_factor=config.spike_factor,
+                            log=run / "guard.tsv")
     net.train()
     while state.step < max_steps:
         if (time.monotonic() - started) / 60 > max_minutes:
             report(f"time limit reached at step {state.step}")
             break
-        if config.schedule == "cosine":
-            for group in optimiser.param_groups:
-                group["lr"] = cosine_lr(config, state.step)
+        _schedule_lr(config, optimiser, state.step, state.lr_scale, state.seconds)
         inputs, targets = next(batches)
-        inputs = inputs.to(target, non_blocking=True)
-        targets = targets.to(target, non_blocking=True)
-        with torch.autocast(target.type, dtype=torch.bfloat16,
-                            enabled=config.precision == "bf16"):
-            pred = net(inputs)
-        loss = torch.nn.functional.l1_loss(pred.float(), targets)
+        loss, map_loss = _step_loss(config, net, inputs.to(target, non_blocking=True),
+                                    targets.to(target, non_blocking=True), target)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        norm = (torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip_norm)
+                if config.clip_norm > 0 else torch.zeros(()))
+        # one device sync for both; a non-finite gradient norm is a divergence too
+        value, grad_norm = torch.stack((loss.detach().float(), norm.float().to(loss.device))).tolist()
+        value = value if math.isfinite(grad_norm) else math.nan
+        if guard.is_spike(value):
+            state.lr_scale = guard.roll_back(state.step, value, state.lr_scale)
+            event = guard.events[-1]
+            report(f"guard: loss {value:.4g} at step {state.step} (largest recent "
+                   f"{event.reference:.4g}); restored the weights of step "
+                   f"{event.restored_step}, learning rate now x{state.lr_scale:g}")
+            state.step += 1
+            continue
+        guard.healthy_step(state.step, value)  # snapshots the weights that gave this loss
         optimiser.step()
-        running.append(loss.detach())
+        running.append(map_loss.detach())
         state.step += 1
         state.seconds = base_seconds + time.monotonic() - started
         if state.step % config.val_every == 0:
@@ -327,24 +419,44 @@ def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = m
     return run
 
 
+def _step_loss(config: TrainConfig, net: UNet3D, inputs: torch.Tensor, targets: torch.Tensor,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's loss to minimise and its map part: L1 of channel 0 to the target, plus
+    ``error_weight`` × L1 of the error channel to channel 0's realised absolute error."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        out = net(inputs)
+    pred = out[:, :1].float()
+    map_loss = torch.nn.functional.l1_loss(pred, targets)
+    if out.shape[1] == 1:
+        return map_loss, map_loss
+    realised = (pred.detach() - targets).abs()
+    error_loss = torch.nn.functional.l1_loss(out[:, 1:2].float(), realised)
+    return map_loss + config.error_weight * error_loss, map_loss
+
+
 def _validation_round(config: TrainConfig, run: Path, net: UNet3D,
                       optimiser: torch.optim.Optimizer, scheduler, state: _State,
-                      val: list, running: list[float], report,
+                      val: tuple[list, list], running: list[float], report,
                       device: torch.device | None = None) -> None:
-    val_l1, val_cc = _validate(net, val, device)
-    if config.schedule == "plateau":
-        scheduler.step(val_l1)
+    positives, negatives = val
+    val_l1, val_cc, val_err_rs = _validate(net, positives, device)
+    val_neg = _validate(net, negatives, device)[0]
+    fraction = config.negative_fraction
+    score = (1 - fraction) * val_l1 + fraction * val_neg
+    if config.schedule == "plateau" and state.step > config.warmup_steps:
+        scheduler.step(score)
     lr = optimiser.param_groups[0]["lr"]
     row = {"step": state.step, "seconds": state.seconds, "lr": lr,
            "train_l1": float(np.mean(running)) if running else float("nan"),
-           "val_l1": val_l1, "val_cc": val_cc}
+           "val_l1": val_l1, "val_cc": val_cc, "val_neg": val_neg, "val_err_rs": val_err_rs}
     _append_log(run, row)
-    if val_l1 < state.best_val:
-        state.best_val = val_l1
+    if score < state.best_val:
+        state.best_val = score
         _save(run, "best", net, config, state)
     _save(run, "latest", net, config, state, optimiser, scheduler)
     report(f"step {state.step:6d}  {state.seconds / 60:6.1f} min  lr {lr:.2e}  "
-           f"train L1 {row['train_l1']:.5f}  val L1 {val_l1:.5f}  val CC {val_cc:.4f}")
+           f"train L1 {row['train_l1']:.5f}  val L1 {val_l1:.5f}  val CC {val_cc:.4f}  "
+           f"neg {val_neg:.5f}" + (f"  err rs {val_err_rs:.3f}" if config.error_head else ""))
 
 
 def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 32, 64),
@@ -354,7 +466,10 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
                   init: str | None = None, scale_jitter: float = 0.2,
                   schedule: str = "plateau", device: str = "cpu", precision: str = "auto",
                   workers: int = 0, min_lr: float = 1e-5, target: str = "locscale",
-                  norm: str = "group") -> None:
+                  norm: str = "group", negative_fraction: float = 0.0,
+                  error_head: bool = False, error_weight: float = 0.25,
+                  warmup_steps: int = 200, clip_norm: float = 1.0,
+                  spike_factor: float = 5.0, decay_minutes: float = 0.0) -> None:
     """Train (or resume) a run in folder RUN on the datasets in TRAIN_DIR and VAL_DIR.
 
     Parameters
@@ -381,6 +496,17 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
     min_lr : lowest learning rate of either schedule.
     target : target recipe in the datasets (``locscale``, ``locscale-full`` or ``truth``).
     norm : ``group`` (GroupNorm, the paper's) or ``none`` (no normalisation layers).
+    negative_fraction : fraction of training cubes made negatives (phase-randomised input,
+        empty target).
+    error_head : train a second output channel that estimates the first one's |error|.
+    error_weight : weight of the error channel's L1 loss.
+    warmup_steps : steps of linear learning-rate warm-up.
+    clip_norm : clip the gradient norm to this (0: no clipping).
+    spike_factor : a step loss above this many times the largest recent one rolls training back
+        to the last good snapshot with half the learning rate (0: only non-finite losses).
+    decay_minutes : cosine schedule: decay over this many minutes of training as well, so a
+        run with a time budget ends at ``min_lr`` whatever the machine's speed (the decay
+        follows whichever of steps and time is further along).
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"--schedule {schedule}: not one of {', '.join(SCHEDULES)}")
@@ -396,7 +522,11 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
                          init=str(init) if init else None, schedule=schedule,
                          decay_steps=int(steps) if schedule == "cosine" else 0,
                          precision=precision, min_lr=float(min_lr), target=str(target),
-                         norm=str(norm))
+                         norm=str(norm), negative_fraction=float(negative_fraction),
+                         error_head=bool(error_head), error_weight=float(error_weight),
+                         warmup_steps=int(warmup_steps), clip_norm=float(clip_norm),
+                         spike_factor=float(spike_factor),
+                         decay_minutes=float(decay_minutes))
     run_dir = Path(run)
     train(_resumed_config(config, run_dir), run_dir, max_steps=int(steps),
           max_minutes=float(max_minutes), threads=threads, device=device, workers=int(workers))

@@ -80,7 +80,7 @@ def test_cosine_schedule_decays_to_min_lr_over_the_first_steps(data: tuple[Path,
     train_dir, val_dir = data
     run = tmp_path / "run"
     options = dict(widths="2,4,8", cube_size=16, batch_size=2, val_every=2, val_batches=1,
-                   threads=1, schedule="cosine", lr=1e-3, min_lr=1e-5)
+                   threads=1, schedule="cosine", lr=1e-3, min_lr=1e-5, warmup_steps=0)
     train_command(str(train_dir), str(val_dir), str(run), steps=4, **options)
     lrs = [float(r.split("\t")[2]) for r in
            (run / "log.tsv").read_text().strip().splitlines()[1:]]
@@ -132,3 +132,81 @@ def test_gpu_only_settings_are_refused_on_cpu(data: tuple[Path, Path], tmp_path:
                       cube_size=16, steps=1, precision="bf16")
     with pytest.raises(ValueError, match="--schedule"):
         train_command(str(train_dir), str(val_dir), str(tmp_path / "r"), schedule="linear")
+
+
+def test_warm_up_raises_the_learning_rate_linearly() -> None:
+    import torch
+
+    from demhx_export.train import TrainConfig, _schedule_lr
+
+    config = TrainConfig(train_dir="t", val_dir="v", lr=1e-3, min_lr=1e-5, schedule="cosine",
+                         decay_steps=1000, warmup_steps=10)
+    optimiser = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+    seen = []
+    for step in range(12):
+        _schedule_lr(config, optimiser, step, lr_scale=1.0)
+        seen.append(optimiser.param_groups[0]["lr"])
+    assert seen[0] == pytest.approx(1e-4, rel=1e-3) and seen[4] == pytest.approx(5e-4, rel=1e-3)
+    assert all(a < b for a, b in zip(seen[:9], seen[1:10], strict=True))
+    assert seen[11] < seen[9] <= 1e-3  # the cosine decay once the warm-up is over
+    _schedule_lr(config, optimiser, 11, lr_scale=0.25)
+    assert optimiser.param_groups[0]["lr"] == pytest.approx(0.25 * seen[11])
+
+
+def test_guard_recovers_a_forced_divergence(data: tuple[Path, Path], tmp_path: Path) -> None:
+    """An absurd learning rate without clipping blows the loss up; the guard restores the
+    last good weights with a lower learning rate until training is stable again."""
+    train_dir, val_dir = data
+    run = tmp_path / "run"
+    train_command(str(train_dir), str(val_dir), str(run), widths="2,4,8", cube_size=16,
+                  batch_size=2, steps=60, val_every=20, val_batches=1, threads=1, lr=30.0,
+                  schedule="cosine", min_lr=30.0, warmup_steps=0, clip_norm=0,
+                  spike_factor=3.0, negative_fraction=0.2)
+    events = (run / "guard.tsv").read_text().strip().splitlines()[1:]
+    assert events, "the absurd learning rate never set the guard off"
+    scales = [float(e.split("\t")[4]) for e in events]
+    assert scales == sorted(scales, reverse=True) and scales[-1] < 1.0
+    rows = [r.split("\t") for r in (run / "log.tsv").read_text().strip().splitlines()[1:]]
+    untrained_l1 = 0.7  # |target| scale of the tiny dataset: an untrained net sits near it
+    assert all(np.isfinite(float(r[4])) for r in rows)
+    assert float(rows[-1][4]) < 0.5 * untrained_l1 and float(rows[-1][5]) > 0.5  # it learns
+    latest = json.loads((run / "latest.json").read_text())
+    assert latest["step"] == 60 and latest["lr_scale"] == pytest.approx(scales[-1])
+    net, _ = load_checkpoint(run / "latest")
+    assert all(np.isfinite(p.detach().numpy()).all() for p in net.parameters())
+
+
+def test_without_the_guard_the_same_run_diverges(data: tuple[Path, Path],
+                                                 tmp_path: Path) -> None:
+    """The forced divergence above is real: with the guard blind to spikes (and non-finite
+    losses impossible to skip) the run ends far worse than where it started."""
+    train_dir, val_dir = data
+    run = tmp_path / "run"
+    train_command(str(train_dir), str(val_dir), str(run), widths="2,4,8", cube_size=16,
+                  batch_size=2, steps=60, val_every=20, val_batches=1, threads=1, lr=30.0,
+                  schedule="cosine", min_lr=30.0, warmup_steps=0, clip_norm=0,
+                  spike_factor=0, negative_fraction=0.2)
+    rows = [r.split("\t") for r in (run / "log.tsv").read_text().strip().splitlines()[1:]]
+    last = float(rows[-1][4])
+    assert not np.isfinite(last) or last > 0.7
+
+
+def test_error_head_trains_a_second_channel(data: tuple[Path, Path], tmp_path: Path) -> None:
+    train_dir, val_dir = data
+    first = tmp_path / "plain"
+    options = dict(widths="2,4,8", cube_size=16, batch_size=2, val_every=2, val_batches=1,
+                   threads=1)
+    train_command(str(train_dir), str(val_dir), str(first), steps=2, **options)
+    run = tmp_path / "run"
+    # fine-tuning a one-channel checkpoint into a network with an error head
+    train_command(str(train_dir), str(val_dir), str(run), steps=4, error_head=True,
+                  init=str(first / "best"), negative_fraction=0.5, **options)
+    net, config = load_checkpoint(run / "latest")
+    assert config["architecture"]["error_head"] is True and net.outputs == 2
+    plain, _ = load_checkpoint(first / "best")
+    tuned = dict(net.named_parameters())
+    assert any(not np.array_equal(tuned[name].detach().numpy(), p.detach().numpy())
+               for name, p in plain.named_parameters())
+    rows = [r.split("\t") for r in (run / "log.tsv").read_text().strip().splitlines()]
+    assert rows[0][-2:] == ["val_neg", "val_err_rs"]
+    assert all(np.isfinite(float(r[-1])) and np.isfinite(float(r[-2])) for r in rows[1:])
