@@ -191,14 +191,52 @@ def test_describe_error() -> None:
     assert cli.describe_error(MemoryError()).startswith("out of memory")
 
 
-def test_demhx_never_imports_torch() -> None:
-    code = ("import sys, demhx, demhx.cli, demhx.pipeline, demhx.session; "
-            "demhx.session.import_onnxruntime(); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env, cwd=ROOT, timeout=120)
-    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
+# Run in a fresh interpreter: torch modules loaded by its start-up (a site-packages .pth
+# file, sitecustomize) are set aside, then every later import of torch is recorded with the
+# files on its call stack and refused, before demhx is imported and a model is run.
+_WATCH_TORCH = """
+import importlib.abc, json, sys, traceback
+before = sorted(name for name in sys.modules if name.split(".")[0] == "torch")
+for name in before:
+    del sys.modules[name]
+attempts = []
+
+class Watch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            attempts.append([name, [frame.filename for frame in traceback.extract_stack()]])
+            raise ModuleNotFoundError(f"{name} is refused here", name=name)
+        return None
+
+sys.meta_path.insert(0, Watch())
+device = None
+try:
+    import numpy as np
+    import demhx, demhx.cli, demhx.pipeline, demhx.session
+    demhx.session.import_onnxruntime()
+    runtime = demhx.session.load_runtime(sys.argv[1])
+    runtime.run(np.zeros((1, 1, 16, 16, 16), np.float32))
+    device = runtime.device
+finally:
+    print(json.dumps({"at_start_up": before, "attempts": attempts, "device": device}))
+"""
+
+
+def test_demhx_never_imports_torch(model: Path) -> None:
+    """Importing demhx, ONNX Runtime and running a model on the default device imports no
+    torch: an import of torch with a demhx file on its call stack fails the test, even on a
+    machine without torch (where the import itself would fail quietly inside a try)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    result = subprocess.run([sys.executable, "-c", _WATCH_TORCH, str(model)],
+                            capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    report = json.loads((result.stdout.strip().splitlines() or ["{}"])[-1])
+    package = str(ROOT / "demhx")
+    by_demhx = [(name, [file for file in stack if file.startswith(package)])
+                for name, stack in report.get("attempts", [])
+                if any(file.startswith(package) for file in stack)]
+    assert not by_demhx, f"demhx imported torch (the files on the stack): {by_demhx}"
+    assert result.returncode == 0 and report["device"], result.stderr
 
 
 def test_parse_confidence_and_tta() -> None:

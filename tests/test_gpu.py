@@ -93,22 +93,34 @@ def test_batch_size_follows_the_free_memory(gpu_identity: Path, tmp_path: Path) 
 
 def test_out_of_gpu_memory_is_a_clear_error(gpu_identity: Path, tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 16 MiB memory arena and a 64 MiB batch: one line naming the memory and the fix."""
+    """A 16 MiB memory arena and a network whose tensors for the batch need 64 MiB each:
+    one line naming the memory and the fix.
+
+    The bound input and output buffers of IO binding live outside the session's arena, so
+    the network must have tensors of its own (two convolutions here): a one-node model
+    writes straight into the bound output and never reaches the limit.
+    """
+    limit = 16 * 2 ** 20
+    path = write_model(tmp_path, "smooth.onnx", smooth_model(64, meta=metadata(cube_size=64)))
+    batch = np.ones((64, 1, 64, 64, 64), np.float32)
+    assert batch.nbytes >= 4 * limit  # every tensor between the two convolutions
+    free = session.load_runtime(path, device="cuda", batch_size=64)
+    assert free.run(batch).shape == batch.shape  # the batch runs when the memory is there
     chosen = session.choose_providers
 
     def limited(request: session.DeviceRequest, available: list[str]) -> list[object]:
         providers = chosen(request, available)
         if isinstance(providers[0], tuple):
-            providers[0][1].update(gpu_mem_limit=16 * 2 ** 20,
-                                   arena_extend_strategy="kSameAsRequested")
+            providers[0][1].update(gpu_mem_limit=limit, arena_extend_strategy="kSameAsRequested")
         return providers
 
     monkeypatch.setattr(session, "choose_providers", limited)
-    path = write_model(tmp_path, "big.onnx", scale_model(1.0, 64, meta=metadata(cube_size=64)))
     runtime = session.load_runtime(path, device="cuda", batch_size=64)
+    options = runtime.session.get_provider_options()[session.CUDA]
+    assert int(options["gpu_mem_limit"]) == limit
     with pytest.raises(RuntimeError, match=r"ran out of GPU memory for a batch of 64 cubes of "
                                            r"64³ .*try batch_size=32"):
-        runtime.run(np.ones((64, 1, 64, 64, 64), np.float32))
+        runtime.run(batch)
 
 
 def test_a_group_of_gpu_runtimes_predicts_what_one_does(gpu_identity: Path,
