@@ -195,7 +195,7 @@ def degrade(volume: np.ndarray, voxel_size: float, mask: np.ndarray) -> np.ndarr
     return (blurred + noise).astype(np.float32)
 
 
-def run_model(model: str, case: Case, tiling: str = "default"
+def run_model(model: str, case: Case, tiling: str = "default", threads: int = 2
               ) -> tuple[np.ndarray | str, str]:
     """The model's output for one case (or the error text) and a note on how it was run.
 
@@ -208,7 +208,7 @@ def run_model(model: str, case: Case, tiling: str = "default"
 
         try:
             return demhx.enhance(case.volume, case.voxel_size, model=model, device="cpu",
-                                 threads=2, tiling=tiling), ""
+                                 threads=threads, tiling=tiling), ""
         except ValueError as error:
             if "looks masked" not in str(error):
                 raise
@@ -221,7 +221,7 @@ def run_model(model: str, case: Case, tiling: str = "default"
                     f"{stats[0]:.4g},{stats[1]:.4g} from {solvent.size} non-zero voxels "
                     "outside the model mask")
             return demhx.enhance(case.volume, case.voxel_size, model=model, device="cpu",
-                                 threads=2, noise_stats=stats, tiling=tiling), note
+                                 threads=threads, noise_stats=stats, tiling=tiling), note
     except Exception as error:  # the harness reports any runtime failure and goes on
         return f"{type(error).__name__}: {error}", ""
 
