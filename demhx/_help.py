@@ -43,7 +43,11 @@ options:
                         reference: the paper's stride 16 with plain averaging (slow)
   --voxel-size A        voxel size in Å, one value or X,Y,Z; overrides the header
   --noise-stats M,S     solvent noise mean and standard deviation of IN (skips estimation)
-  --mask PATH           binary mask on IN's grid: normalise from the density inside it
+  --mask PATH           a mask on IN's grid that marks the particle (1 on it, 0 in the
+                        solvent, soft edges allowed): the solvent noise is measured outside
+                        it (models with normalisation "mask" take their statistics inside
+                        it); the output is not masked by it (a masked IN comes out exactly
+                        0 outside its own mask, with or without --mask)
   --out-dir DIR         several maps: write DIR/<input name> (DIR is created if missing)
   --suffix SUF          several maps: add SUF to each name before the extension, beside
                         the input or in --out-dir (a.map -> a_demhx.map for _demhx)

@@ -58,6 +58,9 @@ class NoiseStats:
     widened_from : the measured std when :func:`limit_peak` widened ``std``, else None.
     solvent_std : the std the solvent-cube test compares with when no noise was measured
         (``"peak"``, ``"mask"``: a small fraction of the peak), else None.
+    masks : for ``"auto-masked"`` and ``"peak"``, which masks bounded the voxels measured:
+        ``"map"`` (the map's own mask: a masked map), ``"user"`` (outside the particle a
+        user's ``mask=`` marks) or ``"map and user"``.
     """
 
     mean: float
@@ -66,6 +69,7 @@ class NoiseStats:
     solvent_fraction: float
     widened_from: float | None = None
     solvent_std: float | None = None
+    masks: str = "map"
 
     @property
     def noise_fraction(self) -> float:

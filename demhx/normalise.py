@@ -57,6 +57,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -185,13 +186,15 @@ def choose_stats(volume: NDArray[Any], voxel_size: tuple[float, float, float] | 
     volume = _checked_volume(volume, name)
     particle = None if mask is None else _mask_inside(mask, volume.shape)
     value, constant, fraction = _constant_region(volume, name)
-    if particle is None and not _is_masked(constant, fraction):
+    masked = _is_masked(constant, fraction)
+    if particle is None and not masked:
         return limit_peak(volume, _estimate_unmasked(volume, voxel_size, constant))
+    masks = "map" if particle is None else "map and user" if masked else "user"
     stats = _masked_noise(volume, voxel_size, constant, float(value), particle)
     if stats is None:
-        return peak_stats(volume, _background(volume, value, constant, particle),
-                          _inside_fraction(constant, particle))
-    return limit_peak(volume, stats)
+        return replace(peak_stats(volume, _background(volume, value, constant, particle),
+                                  _inside_fraction(constant, particle)), masks=masks)
+    return limit_peak(volume, replace(stats, masks=masks))
 
 
 def _background(volume: NDArray[Any], value: np.float32, constant: NDArray[np.bool_] | None,
@@ -223,6 +226,30 @@ def _mask_inside(mask: NDArray[Any], shape: tuple[int, ...]) -> NDArray[np.bool_
     from scipy import ndimage
 
     return ndimage.binary_dilation(mask >= peak / 2, iterations=MASK_DILATION_VOXELS)
+
+
+def masked_outside(volume: NDArray[Any]) -> NDArray[np.bool_] | None:
+    """Where a masked map is masked out, or None for a map that is not masked.
+
+    A map is masked when a coherent region of one exact value covers
+    :data:`MIN_MASK_FRACTION` of the box or more (as :func:`choose_stats` decides); the
+    region is every voxel of that value in or next to its runs (isolated voxels of the value
+    inside the density are not part of it). Nothing is known there, so the output is 0.
+    """
+    volume = _checked_volume(volume)
+    value, runs, fraction = _constant_region(volume, "map")
+    if runs is None or not _is_masked(runs, fraction):
+        return None
+    # The runs leave out the region's last voxel along each axis: grow them by one voxel
+    # (a 3×3×3 dilation, one axis at a time), and keep the voxels of the value.
+    grown = runs.copy()
+    for axis in range(3):
+        later, earlier = [slice(None)] * 3, [slice(None)] * 3
+        later[axis], earlier[axis] = slice(1, None), slice(None, -1)
+        before = grown.copy()
+        grown[tuple(later)] |= before[tuple(earlier)]
+        grown[tuple(earlier)] |= before[tuple(later)]
+    return np.logical_and(grown, volume == value, out=grown)
 
 
 # --------------------------------------------------------------------------- user mask
@@ -345,20 +372,36 @@ def _trained_range() -> str:
     return f"{low:g}–{high:g}"
 
 
+# Where the noise was measured (auto-masked) or why none was (peak), by the masks used: the
+# map's own mask (a masked map: a constant outside) and the particle a user's mask= marks.
+_MEASURED_WHERE = {
+    "map": ": masked map, noise from {} of the voxels inside the map's own mask",
+    "user": ": noise from {} of the box, outside mask=",
+    "map and user": ": masked map, noise from {} of the voxels inside the map's own mask and "
+                    "outside mask=",
+}
+_NO_SOLVENT_WHERE = {
+    "map": ": masked zone without solvent ({} of the box), scaled so its peak is {} stds "
+           "above the masked value",
+    "user": ": no solvent outside mask= (it covers {} of the box), scaled so its peak is {} "
+            "stds above the median outside it",
+    "map and user": ": masked zone without solvent outside mask= ({} of the box), scaled so "
+                    "its peak is {} stds above the masked value",
+}
+
+
 def describe(stats: NoiseStats) -> str:
     """One line: the statistics and which path chose them."""
     line = f"noise mean {stats.mean:.4g}, std {stats.std:.4g} ({stats.method}"
     if stats.method == "auto" and math.isfinite(stats.solvent_fraction):
         line += f", from {stats.solvent_fraction:.0%} of the box"
     elif stats.method == "auto-masked":
-        line += f": masked map, noise from {stats.solvent_fraction:.0%} of the voxels inside " \
-                "the mask"
+        line += _MEASURED_WHERE[stats.masks].format(f"{stats.solvent_fraction:.0%}")
     elif stats.method == "peak":
-        line += (f": masked zone without solvent ({stats.solvent_fraction:.0%} of the box), "
-                 f"scaled so its peak is {TARGET_PEAK_SIGMAS:.0f} stds above the "
-                 "masked value")
+        line += _NO_SOLVENT_WHERE[stats.masks].format(
+            f"{stats.solvent_fraction:.0%}", f"{TARGET_PEAK_SIGMAS:.0f}")
     elif stats.method == "mask":
-        line += ": median and inter-quantile range inside the mask"
+        line += ": median and inter-quantile range inside mask="
     if stats.widened_from is not None:
         line += f"; widened from {stats.widened_from:.4g} to keep the peak in range"
     return line + ")"

@@ -28,6 +28,7 @@ from numpy.typing import NDArray
 from demhx import augment, normalise, validate
 from demhx.normalise import NoiseStats
 from demhx.tiling import TilingScheme
+from demhx.validate import Fidelity
 
 if TYPE_CHECKING:
     from demhx.blend import TileCounts
@@ -96,6 +97,7 @@ class RunInfo:
     seconds: float
     augmentations: int = 1
     input_peak: float = math.nan  # largest |input - noise mean|, the map's units
+    fidelity: Fidelity | None = None  # the output's fidelity to the input (or none)
 
 
 @dataclass(frozen=True)

@@ -198,8 +198,10 @@ def enhance(volume: NDArray[Any], voxel_size: VoxelSize, *, model: str | Path | 
     noise_stats : NoiseStats or (mean, std), optional
         Solvent noise statistics of the map; estimated from the solvent when not given.
     mask : (z, y, x) array, optional
-        Binary mask of the particle: normalise from the density inside it (required by
-        models with ``normalisation = mask``, whose input is also multiplied by it).
+        A mask on the map's grid that marks the particle (1 on it, 0 in the solvent): the
+        solvent noise is measured outside it (models with ``normalisation = mask`` take their
+        statistics inside it and need it); the output is not masked by it. A masked map (a
+        constant outside a region) comes out exactly 0 outside its own mask either way.
     device, batch_size, threads : see :class:`Enhancer`.
     tiling : ``"default"`` (a subset of the reference's cubes, solvent skipped, more cubes
         added while the predicted CC to the reference is below 0.993), ``"fast"`` (the

@@ -29,15 +29,24 @@ Inputs
     :data:`MAX_NOISE_STDS` (1e5) noise stds above the noise mean (a std given in the wrong
     units) are refused: the network knows 6.5–22, and such inputs overflow float16 on a GPU.
 
+    What the network handles (:mod:`demhx._range`, re-exported here; measured with
+    ``bench/input_range.py``): :func:`check_voxel_ratio` (the map's voxel size against the
+    model's, before the statistics), then :func:`check_noise_level`,
+    :func:`check_contrast` and :func:`warn_low_peak` (the noise statistics against the
+    map's range, the contrast's sign, a peak below the trained range), before any cube runs.
+
 Options and arrays (the one place each is checked; messages name the API's parameters,
     which the command line shows as its flags, see :mod:`demhx.errors`)
     :func:`voxel_triplet`, :func:`check_volume`, :func:`check_mask`, :func:`check_tiling`,
     :func:`check_positive`.
 
 Outputs
-    :func:`check_output` — an output that has non-finite voxels, is all zero, or peaks more
-    than :data:`MAX_OUTPUT_RATIO` times above the input's density is a runtime failure
-    (``RuntimeError``) naming the cause; nothing is written.
+    :func:`check_fidelity` — every output (array and file path) must follow the input's
+    density where the input has some (:func:`output_fidelity`): an erased or inverted output
+    is a runtime failure naming the model, a loose one a warning (:mod:`demhx._range`).
+    :func:`check_output` — the file path's gate: an output that has non-finite voxels, is
+    all zero, or peaks more than :data:`MAX_OUTPUT_RATIO` times above the input's density is
+    a runtime failure (``RuntimeError``) naming the cause; nothing is written.
 """
 
 from __future__ import annotations
@@ -50,6 +59,31 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from demhx._range import (  # noqa: F401  (re-exported: demhx.validate.check_contrast, ...)
+    CONTRAST_SIGMAS,
+    INVERTED_MASS_RATIO,
+    MIN_INVERTED_FRACTION,
+    MIN_NOISE_BAND_FRACTION,
+    MIN_OUTPUT_CC,
+    MIN_OUTPUT_GAIN,
+    MIN_PEAK_SIGMAS,
+    MIN_SIGNAL_FRACTION,
+    NOISE_BAND_SIGMAS,
+    NOISE_PEAK_SIGMAS,
+    VOXEL_RATIO_REFUSED,
+    VOXEL_RATIO_WARNED,
+    WARN_OUTPUT_CC,
+    WARN_OUTPUT_GAIN,
+    Fidelity,
+    check_contrast,
+    check_fidelity,
+    check_noise_level,
+    check_voxel_ratio,
+    density_mass,
+    density_tails,
+    output_fidelity,
+    warn_low_peak,
+)
 from demhx.errors import DemhxWarning
 
 VOXEL_SIZE_RANGE = (0.2, 20.0)  # Å per voxel accepted, from the header or --voxel-size
@@ -285,3 +319,4 @@ def check_output(result: NDArray[Any], input_peak: float, output: str, cause: st
         raise RuntimeError(f"{cause} produced values up to {peak:.3g}, {peak / input_peak:.3g} "
                            f"times the input's density ({input_peak:.3g}), out of all "
                            f"proportion; nothing written to {output}; check the model")
+

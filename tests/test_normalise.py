@@ -564,12 +564,12 @@ def test_statistics_for_keeps_the_user_std_with_a_warning() -> None:
      "noise mean 0.3, std 0.05 (auto, from 42% of the box)"),
     (NoiseStats(0.3, 0.05, "auto-masked", 0.3),
      "noise mean 0.3, std 0.05 (auto-masked: masked map, noise from 30% of the voxels inside "
-     "the mask)"),
+     "the map's own mask)"),
     (NoiseStats(0.0, 0.25, "peak", 0.1, solvent_std=0.006),
      "noise mean 0, std 0.25 (peak: masked zone without solvent (10% of the box), scaled so "
      "its peak is 12 stds above the masked value)"),
     (NoiseStats(1.5, 2.0, "mask", 0.2, solvent_std=0.01),
-     "noise mean 1.5, std 2 (mask: median and inter-quantile range inside the mask)"),
+     "noise mean 1.5, std 2 (mask: median and inter-quantile range inside mask=)"),
     (NoiseStats(0.0, 0.1, "user", 1.0), "noise mean 0, std 0.1 (user)"),
     (NoiseStats(0.3, 0.6, "auto", 0.5, widened_from=0.05),
      "noise mean 0.3, std 0.6 (auto, from 50% of the box; widened from 0.05 to keep the peak "
