@@ -49,7 +49,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "from-keras": ("demhx_export.keras_import", "from_keras_command",
                    "convert a Keras .h5/.hd5 model (DeepEMhancer's) to ONNX, no TensorFlow"),
 }
-STRING_OPTIONS = ("name", "version")  # values kept as text ("1.10" must not become 1.1)
+STRING_OPTIONS = ("name", "version", "channel")  # values kept as text ("1.10" must not become 1.1)
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -76,7 +76,7 @@ def summary_command(widths: Any = "32,64,128", cube: int = 64) -> None:
 
 def export_command(checkpoint: str, out: str, name: str | None = None,
                    version: str | None = None, cube: int | None = None,
-                   fp16: bool = True) -> None:
+                   fp16: bool = True, channel: str = "map") -> None:
     """Export CHECKPOINT (NAME, NAME.json or a run folder) to a verified OUT.onnx.
 
     Parameters
@@ -88,6 +88,8 @@ def export_command(checkpoint: str, out: str, name: str | None = None,
     version : model version in the metadata (default: the checkpoint's, else 0.1).
     cube : cube edge the runtime tiles with (default: the training cube size).
     fp16 : write the fp16 twin (--no-fp16 to skip it).
+    channel : for a network with an error head: "map" (the enhanced map, default) or
+        "error" (its estimated absolute error, the model --confidence runs beside the map's).
     """
     from demhx_export.checkpoint import load_checkpoint
     from demhx_export.onnx_export import export_onnx
@@ -95,7 +97,8 @@ def export_command(checkpoint: str, out: str, name: str | None = None,
     net, config = load_checkpoint(str(checkpoint))
     overrides = {"name": name, "version": version,
                  "cube_size": _as_int("cube", cube) if cube is not None else None}
-    report = export_onnx(net, config, str(out), metadata=overrides, fp16=bool(fp16))
+    report = export_onnx(net, config, str(out), metadata=overrides, fp16=bool(fp16),
+                         channel=str(channel))
     _print_report(report)
 
 

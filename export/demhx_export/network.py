@@ -59,6 +59,7 @@ KERNEL = 3  # edge of the block and down-sampling convolutions
 UP_KERNEL = 2  # edge (and stride) of the transposed convolutions
 CUBE_MULTIPLE = 2 ** LEVELS  # cube edges must be divisible by this
 NORMS = ("group", "none")  # normalisation after each convolution
+CHANNELS = ("map", "error")  # outputs of a network with an error head
 
 
 def parse_widths(widths: object) -> tuple[int, int, int]:
@@ -181,6 +182,13 @@ class UNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Map ``(batch, 1, n, n, n)`` to ``(batch, outputs, n, n, n)``."""
+        x = self.features(x)
+        if self.error is None:
+            return self.head(x)
+        return torch.cat((self.head(x), self.error(x)), dim=1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last decoder's ``(batch, widths[0], n, n, n)`` features, before the heads."""
         skips = []
         for encoder, down in zip(self.encoders, self.downs, strict=True):
             x = encoder(x)
@@ -189,9 +197,27 @@ class UNet3D(nn.Module):
         for level in reversed(range(LEVELS)):
             x = self.ups[level](x)
             x = self.decoders[level](torch.cat((x, skips[level]), dim=1))
-        if self.error is None:
-            return self.head(x)
-        return torch.cat((self.head(x), self.error(x)), dim=1)
+        return x
+
+
+class OneChannel(nn.Module):
+    """One output of a :class:`UNet3D` as a network of its own, ``(batch, 1, n, n, n)``:
+    ``"map"`` (the head) or ``"error"`` (the error head); only that head is computed."""
+
+    def __init__(self, net: UNet3D, channel: str) -> None:
+        super().__init__()
+        if channel not in CHANNELS:
+            raise ValueError(f"channel {channel!r} is not one of {', '.join(CHANNELS)}")
+        if channel == "error" and net.error is None:
+            raise ValueError("the network has no error head; export its map")
+        self.net, self.channel = net, channel
+        self.widths = net.widths
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.net.features(x)
+        head = self.net.head if self.channel == "map" else self.net.error
+        assert head is not None  # checked in __init__
+        return head(features)
 
 
 def count_parameters(net: nn.Module) -> int:
@@ -234,6 +260,6 @@ def summary(widths: Sequence[int] | str = PAPER_WIDTHS, cube_size: int = PAPER_C
             "gflop_per_cube": flops_per_cube(w, cube_size) / 1e9}
 
 
-__all__ = ["PAPER_CUBE_SIZE", "PAPER_GFLOP_PER_CUBE", "PAPER_PARAMETERS", "PAPER_WIDTHS",
-           "UNet3D", "check_cube_size", "count_parameters", "flops_per_cube", "group_count",
+__all__ = ["CHANNELS", "PAPER_CUBE_SIZE", "PAPER_GFLOP_PER_CUBE", "PAPER_PARAMETERS",
+           "PAPER_WIDTHS", "OneChannel", "UNet3D", "check_cube_size", "count_parameters", "flops_per_cube", "group_count",
            "parse_widths", "summary"]

@@ -41,6 +41,7 @@ from numpy.typing import NDArray
 from demhx_export import __version__
 from demhx_export.network import (
     PAPER_CUBE_SIZE,
+    OneChannel,
     UNet3D,
     check_cube_size,
     count_parameters,
@@ -144,8 +145,8 @@ def provenance_text(config: Mapping[str, Any]) -> str:
 
 def export_onnx(net: UNet3D, config: Mapping[str, Any], out_path: str | Path,
                 metadata: Mapping[str, Any] | None = None, fp16: bool = True,
-                tolerance: float = TOLERANCE, fp16_tolerance: float = FP16_TOLERANCE
-                ) -> ExportReport:
+                tolerance: float = TOLERANCE, fp16_tolerance: float = FP16_TOLERANCE,
+                channel: str = "map") -> ExportReport:
     """Export, verify and write ``out_path`` (and its fp16 twin); see the module docstring.
 
     Parameters
@@ -158,6 +159,10 @@ def export_onnx(net: UNet3D, config: Mapping[str, Any], out_path: str | Path,
     fp16 : also write ``OUT.fp16.onnx``; when False a stale twin next to ``out_path`` is
         removed so that the runtime cannot pick it up.
     tolerance, fp16_tolerance : largest accepted relative L2 errors against PyTorch.
+    channel : for a network with an error head, which output becomes the model: ``"map"``
+        (the enhanced map; the error head is left out of the graph) or ``"error"`` (the
+        estimated absolute error of the map, in the same units: a model of its own that
+        ``--confidence`` runs beside the map's). Recorded as ``demhx.output``.
 
     Raises
     ------
@@ -166,7 +171,9 @@ def export_onnx(net: UNet3D, config: Mapping[str, Any], out_path: str | Path,
     """
     out_path = Path(out_path)
     check_destination(out_path)
-    values = model_metadata(net, config, out_path, metadata)
+    if getattr(net, "error_head", False) or channel != "map":
+        net = OneChannel(net, channel)  # type: ignore[assignment]
+    values = model_metadata(net, config, out_path, {"output": channel, **(metadata or {})})
     check_contract(out_path, values)
     cube_size = int(values[PREFIX + "cube_size"])
     model = _export_graph(net, cube_size)

@@ -31,7 +31,7 @@ BLUR_PROBABILITY = 0.2
 BLUR_SIGMA = (0.5, 1.5)  # voxels
 PATCH_PROBABILITY = 0.2
 PATCH_EDGE = (1 / 8, 1 / 4)  # fraction of the cube edge
-NEGATIVE_SCALE = (0.5, 2.0)  # negatives' random amplitude factor, drawn log-uniformly
+NEGATIVE_SCALE = (0.5, 2.0)  # negatives' random amplitude factor, drawn log-uniformly (default)
 
 
 Rotation = tuple[tuple[int, ...], tuple[bool, ...]]
@@ -73,12 +73,15 @@ class CubeSampler:
         of generator version 5 and older hold one target, ``target``, the ``locscale`` one).
     negative_fraction : fraction of cubes made negatives (phase-randomised input, empty
         target; see the module's docstring).
+    negative_scale : (low, high) range of the negatives' amplitude factor, drawn
+        log-uniformly.
     """
 
     def __init__(self, dataset_dir: str | Path, cube_size: int = 64, batch_size: int = 4,
                  seed: int = 0, signal_fraction: float = 0.7, augment: bool = True,
                  preload: bool = True, target: str = "locscale",
-                 negative_fraction: float = 0.0) -> None:
+                 negative_fraction: float = 0.0,
+                 negative_scale: tuple[float, float] = NEGATIVE_SCALE) -> None:
         self.dir = Path(dataset_dir)
         index_path = self.dir / "index.json"
         if not index_path.is_file():
@@ -92,6 +95,10 @@ class CubeSampler:
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} {value} is not in [0, 1]")
         self.negative_fraction = float(negative_fraction)
+        low, high = (float(v) for v in negative_scale)
+        if not 0 < low <= high:
+            raise ValueError(f"negative_scale {negative_scale}: need 0 < low <= high")
+        self.negative_scale = (low, high)
         self.cube_size, self.batch_size = cube_size, batch_size
         self.signal_fraction, self.augment, self.preload = signal_fraction, augment, preload
         self.target = target
@@ -130,7 +137,7 @@ class CubeSampler:
             if augment:
                 x, y = self._augment(x, y, rng)
             if fraction and rng.random() < fraction:
-                scale = np.exp(rng.uniform(*np.log(NEGATIVE_SCALE))) if augment else 1.0
+                scale = np.exp(rng.uniform(*np.log(self.negative_scale))) if augment else 1.0
                 x, y = phase_randomise(x, rng) * np.float32(scale), np.zeros_like(y)
             inputs[b, 0], targets[b, 0] = x, y
         return inputs, targets

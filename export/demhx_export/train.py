@@ -99,6 +99,7 @@ class TrainConfig:
     target: str = "locscale"
     norm: str = "group"
     negative_fraction: float = 0.0
+    negative_scale: tuple[float, float] = (0.5, 2.0)
     error_head: bool = False
     error_weight: float = 0.25
     warmup_steps: int = 200
@@ -364,7 +365,8 @@ def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = m
     # the sampler's stream continues after a resume: its seed moves with the step counter
     sampler = CubeSampler(config.train_dir, cube_size=config.cube_size,
                           batch_size=config.batch_size, seed=config.seed + 7919 * state.step,
-                          target=config.target, negative_fraction=config.negative_fraction)
+                          target=config.target, negative_fraction=config.negative_fraction,
+                          negative_scale=config.negative_scale)
     val_sampler = CubeSampler(config.val_dir, cube_size=config.cube_size,
                               batch_size=config.batch_size, seed=config.seed, augment=False,
                               target=config.target)
@@ -467,6 +469,7 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
                   schedule: str = "plateau", device: str = "cpu", precision: str = "auto",
                   workers: int = 0, min_lr: float = 1e-5, target: str = "locscale",
                   norm: str = "group", negative_fraction: float = 0.0,
+                  negative_scale: object = (0.5, 2.0),
                   error_head: bool = False, error_weight: float = 0.25,
                   warmup_steps: int = 200, clip_norm: float = 1.0,
                   spike_factor: float = 5.0, decay_minutes: float = 0.0) -> None:
@@ -498,6 +501,7 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
     norm : ``group`` (GroupNorm, the paper's) or ``none`` (no normalisation layers).
     negative_fraction : fraction of training cubes made negatives (phase-randomised input,
         empty target).
+    negative_scale : LOW,HIGH range of the negatives' random amplitude factor.
     error_head : train a second output channel that estimates the first one's |error|.
     error_weight : weight of the error channel's L1 loss.
     warmup_steps : steps of linear learning-rate warm-up.
@@ -523,6 +527,7 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
                          decay_steps=int(steps) if schedule == "cosine" else 0,
                          precision=precision, min_lr=float(min_lr), target=str(target),
                          norm=str(norm), negative_fraction=float(negative_fraction),
+                         negative_scale=_pair(negative_scale),
                          error_head=bool(error_head), error_weight=float(error_weight),
                          warmup_steps=int(warmup_steps), clip_norm=float(clip_norm),
                          spike_factor=float(spike_factor),
@@ -553,6 +558,14 @@ def _resumed_config(config: TrainConfig, run_dir: Path) -> TrainConfig:
         raise ValueError(f"{run_dir}: run was started with other settings "
                          f"({', '.join(sorted(changed))}); use a new run folder")
     return config
+
+
+def _pair(value: object) -> tuple[float, float]:
+    """``"0.5,2"``, ``(0.5, 2)`` or ``[0.5, 2]`` as two floats."""
+    parts = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    if len(parts) != 2:
+        raise ValueError(f"{value!r}: pass two numbers LOW,HIGH")
+    return float(parts[0]), float(parts[1])
 
 
 def _norm(value: object) -> object:

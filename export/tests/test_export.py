@@ -149,3 +149,34 @@ def test_invalid_metadata_is_refused_before_export(
 def test_bad_destination_names_are_refused(tmp_path: Path, tiny_net: UNet3D, name: str) -> None:
     with pytest.raises(ValueError, match=r"\.onnx"):
         export_onnx(tiny_net, {}, tmp_path / name)
+
+
+@pytest.mark.parametrize("channel", ["map", "error"])
+def test_a_network_with_an_error_head_exports_one_output_per_model(
+        tmp_path: Path, channel: str) -> None:
+    torch.manual_seed(2)
+    net = UNet3D(TINY_WIDTHS, norm="none", error_head=True).eval()
+    out = tmp_path / f"{channel}.onnx"
+    report = export_onnx(net, {"train": {"cube_size": TINY_CUBE}}, out, fp16=False,
+                         channel=channel)
+    assert report.metadata["demhx.output"] == channel
+    session = _session(out)
+    assert len(session.get_outputs()) == 1
+    batch = np.random.default_rng(0).normal(size=(2, 1, TINY_CUBE, TINY_CUBE, TINY_CUBE))
+    batch = batch.astype(np.float32)
+    got = session.run(None, {session.get_inputs()[0].name: batch})[0]
+    with torch.no_grad():
+        both = net(torch.from_numpy(batch)).numpy()
+    want = both[:, :1] if channel == "map" else both[:, 1:]
+    assert got.shape == want.shape
+    assert np.linalg.norm(got - want) <= TOLERANCE * np.linalg.norm(want)
+    # the map's graph leaves the error head out
+    weights = {init.name for init in onnx.load(str(out)).graph.initializer}
+    assert any("error" in name for name in weights) == (channel == "error")
+
+
+def test_error_channel_of_a_network_without_error_head_is_refused(tmp_path: Path,
+                                                                   tiny_net: UNet3D) -> None:
+    with pytest.raises(ValueError, match="no error head"):
+        export_onnx(tiny_net, {}, tmp_path / "e.onnx", fp16=False, channel="error")
+    assert not (tmp_path / "e.onnx").exists()

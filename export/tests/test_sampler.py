@@ -114,3 +114,40 @@ def test_target_recipe_is_chosen_by_name(tmp_path: Path) -> None:
         np.testing.assert_array_equal(y, factor * x)
     with pytest.raises(ValueError, match="locscale-full"):
         CubeSampler(tmp_path, cube_size=8, target="locscale-full")
+
+
+def test_phase_randomisation_keeps_the_spectrum_and_the_mean_but_not_the_structure() -> None:
+    from demhx_export.sampler import phase_randomise
+
+    rng = np.random.default_rng(3)
+    volume = np.zeros((20, 18, 16), dtype=np.float32)
+    volume[5:9, 4:10, 6:8] = 2.0  # structure: a bright block
+    volume += rng.normal(0, 0.1, volume.shape).astype(np.float32)
+    out = phase_randomise(volume, rng)
+    assert out.dtype == np.float32 and out.shape == volume.shape
+    np.testing.assert_allclose(np.abs(np.fft.rfftn(out)), np.abs(np.fft.rfftn(volume)),
+                               rtol=1e-3, atol=1e-2)
+    assert out.mean() == pytest.approx(volume.mean(), abs=1e-5)
+    assert abs(np.corrcoef(out.ravel(), volume.ravel())[0, 1]) < 0.2
+    assert not np.allclose(out, phase_randomise(volume, rng))  # new phases each time
+
+
+def test_negatives_have_empty_targets_and_scaled_randomised_inputs(dataset: Path) -> None:
+    def mean_power(sampler: CubeSampler) -> float:
+        batches = [sampler.batch() for _ in range(20)]
+        assert not any(targets.any() for _, targets in batches)  # every target empty
+        return float(np.mean([(inputs ** 2).sum() for inputs, _ in batches]))
+
+    plain = CubeSampler(dataset, cube_size=16, batch_size=6, seed=2, augment=False)
+    unscaled = CubeSampler(dataset, cube_size=16, batch_size=6, seed=2, augment=False,
+                           negative_fraction=1.0)
+    scaled = CubeSampler(dataset, cube_size=16, batch_size=6, seed=2, negative_fraction=1.0,
+                         negative_scale=(0.5, 0.5))
+    source = float(np.mean([(plain.batch()[0] ** 2).sum() for _ in range(20)]))
+    # unaugmented negatives (validation) keep their cubes' power; scaled ones a quarter of it
+    assert mean_power(unscaled) == pytest.approx(source, rel=0.1)
+    assert 0.15 < mean_power(scaled) / source < 0.3
+    with pytest.raises(ValueError, match="negative_fraction"):
+        CubeSampler(dataset, cube_size=16, negative_fraction=1.5)
+    with pytest.raises(ValueError, match="negative_scale"):
+        CubeSampler(dataset, cube_size=16, negative_scale=(2.0, 1.0))
