@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# GPU check on a CUDA machine, in under 6 minutes: the gpu-marked tests, the
-# noise-estimation bench, 256³ runs (default and reference tiling) with stage times, the
-# demhx command end to end on 256³, and the reference tiling on one GPU against every GPU.
+# GPU check on a CUDA machine, in under 10 minutes: the gpu-marked tests and the whole test
+# suite (their failures printed), the noise-estimation bench, 256³ runs (default and reference
+# tiling) with stage times, the demhx command end to end on 256³, and the reference tiling on
+# one GPU against every GPU.
 #
 # Use as .device/measure.sh of ../shared/tools/device (run.sh installs onnxruntime-gpu and the
 # demhx wheel into a scratch site folder first, then runs this from the project root):
 #     cp bench/gpu_check.sh .device/measure.sh
 # or directly on any CUDA machine with demhx and onnxruntime-gpu installed:
 #     bash bench/gpu_check.sh
-# Results go under $OUT (or $TMPDIR/out): log.txt, util.csv (GPU utilisation every 100 ms).
-# The gpu tests need pytest and onnx; without them that step says so and the timings still run.
+# Results go under $OUT (or $TMPDIR/out): log.txt, util.csv (GPU utilisation every 100 ms),
+# gpu-tests.txt and suite.txt (pytest's whole output). The tests need pytest and onnx (and
+# pytest-xdist for workers); without them that step says so and the timings still run.
 set -u
 R=${OUT:-${TMPDIR:-/tmp}/out}; mkdir -p "$R"
 W=${TMPDIR:-/tmp}
@@ -33,12 +35,21 @@ fi
 python3 -c "import onnxruntime as o, demhx; print('onnxruntime', o.__version__,
 o.get_available_providers(), 'demhx', demhx.__version__)" 2>&1 | tee -a "$LOG"
 
-# 1. The gpu tests (about 30 s), from the checkout's tests against the installed demhx.
-say "gpu tests"
+# 1. The checkout's tests against the installed demhx: every gpu-marked test (about 30 s),
+#    then the whole suite (about 4 minutes on 14 workers); the failures and the counts printed.
+tests() {  # tests NAME TIMEOUT PYTEST-ARGS...: run, keep the output, print what failed
+    local name=$1 limit=$2; shift 2
+    say "$name"
+    (cd "$W" && timeout "$limit" python3 -m pytest -q -p no:cacheprovider -rfEs \
+        --rootdir "$ROOT" -c "$ROOT/pyproject.toml" "$@" "$ROOT/tests" > "$R/$name.txt" 2>&1)
+    echo "exit $?" >> "$R/$name.txt"
+    grep -E "^(FAILED|ERROR|SKIPPED) | (passed|failed|skipped|error)|^exit " "$R/$name.txt" \
+        | cut -c1-300 | tee -a "$LOG"
+}
 if python3 -c "import pytest, onnx" 2>/dev/null; then
-    (cd "$W" && timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu -rs \
-        --rootdir "$ROOT" -c "$ROOT/pyproject.toml" "$ROOT/tests/test_gpu.py" 2>&1 \
-        | tail -20 | tee -a "$LOG")
+    tests gpu-tests 150 -m gpu
+    workers=$(python3 -c "import xdist" 2>/dev/null && echo "-n 14")
+    tests suite 420 $workers
 else
     say "skipped: pytest or onnx is not installed here (add their wheels to the bundle)"
 fi
