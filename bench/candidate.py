@@ -8,7 +8,8 @@
 checkpoint ``best.safetensors`` + ``best.json`` (the format of
 ``export/demhx_export/checkpoint.py``) or a ready ONNX file, which is then used as it is. A
 checkpoint is exported to a temporary ONNX file with ``demhx_export.onnx_export.export_onnx``
-(fp32 only) and must load in the runtime as a demhx model; a checkpoint the export or the
+(fp32 only; of a network with an error head, the map channel, the export's default) and must
+load in the runtime as a demhx model; a checkpoint the export or the
 runtime cannot take (e.g. an architecture field this export does not know) stops with the
 reason.
 
@@ -110,8 +111,10 @@ def candidate_model(folder: Path, scratch: Path) -> tuple[Path, str]:
         architecture = _architecture(folder)
         raise SystemExit(f"{folder}: cannot export checkpoint {CHECKPOINT} with this "
                          f"demhx_export (architecture {architecture}): {error}") from None
-    return report.path, (f"exported from {CHECKPOINT} (step {config.get('step', '?')}, "
-                         f"relative error {report.relative_error:.1e} against PyTorch)")
+    output = report.metadata.get("demhx.output", "map")
+    return report.path, (f"exported from {CHECKPOINT} (step {config.get('step', '?')}, output "
+                         f"{output}, relative error {report.relative_error:.1e} against "
+                         "PyTorch)")
 
 
 def check_runtime(path: Path, folder: Path, threads: int) -> None:
