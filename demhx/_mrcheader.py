@@ -36,6 +36,7 @@ LABEL_COUNT = 10  # labels in a header
 REAL_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
 COMPLEX_MODES = (3, 4)
 IMAGE_STACK_SPACE_GROUP = 0
+VOLUME_SPACE_GROUP = 1  # ispg of a single volume (P1), written in place of an invalid one
 VOLUME_STACK_SPACE_GROUPS = range(401, 631)
 MRC2014_VERSION = 20140  # nversion of the MRC2014 format (float32 needs nothing later)
 EXTENDED_HEADER_TYPES = (b"CCP4", b"MRCO", b"SERI", b"AGAR", b"FEI1", b"FEI2", b"HDF5")
@@ -163,6 +164,7 @@ def _write_mrc(temporary: Path, stored: NDArray[np.float32], template: MrcMap, l
         mrc.set_extended_header(extended)  # sets nsymbt
         header.exttyp = exttyp
         _write_voxel_size(header, template)
+        _write_space_group(header, template)
         _write_labels(header, _labels(template.header), label)
 
 
@@ -193,6 +195,18 @@ def _is_symmetry_text(data: bytes) -> bool:
     """Whether extended-header bytes are 80-character ASCII text records (CCP4 symmetry)."""
     return (len(data) % SYMMETRY_RECORD_BYTES == 0
             and all(32 <= byte <= 126 for byte in data.rstrip(b"\x00")))
+
+
+def _write_space_group(header: np.recarray, template: MrcMap) -> None:
+    """A negative space group (which MRC2014 does not allow, so the output would not validate)
+    becomes :data:`VOLUME_SPACE_GROUP`, a single volume, with a warning naming the input."""
+    ispg = int(template.header.ispg)
+    if ispg >= 0:
+        return
+    header.ispg = VOLUME_SPACE_GROUP
+    warnings.warn(f"{template.path}: header space group (ispg) is {ispg}, which MRC2014 does "
+                  f"not allow; the output has {VOLUME_SPACE_GROUP} (a single volume), fix the "
+                  "input's header to silence this", DemhxWarning, stacklevel=5)
 
 
 def _write_voxel_size(header: np.recarray, template: MrcMap) -> None:

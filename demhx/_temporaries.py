@@ -26,6 +26,7 @@ from demhx.errors import DemhxWarning
 TEMPORARY_PATTERN = re.compile(
     r"^\.(?P<name>.+)\.demhx-(?P<owner>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
 """Name of demhx's temporary files: ``.<output name>.demhx-<owner>-<pid>-<random>.tmp``."""
+_NAME_MAX = 255  # bytes in a file name where the file system does not say
 STALE_AFTER_SECONDS = 3600.0  # a temporary file of another machine this old is named
 _reported: set[Path] = set()
 
@@ -44,8 +45,12 @@ def new_temporary(path: Path) -> Path:
 
     The name (:data:`TEMPORARY_PATTERN`) carries this machine and process, so that a file
     left by a killed run is recognised and removed by the next (:func:`clean_stale_temporaries`).
+    The output's name in it is shortened when the whole would pass the file system's limit
+    on a name, so that any output name the file system takes can be written.
     """
-    prefix = f".{path.name}.demhx-{_owner()}-{os.getpid()}"
+    tail = f".demhx-{_owner()}-{os.getpid()}"
+    name = _shortened(path.name, _name_max(path.parent) - len(f".{tail}-00000000.tmp"))
+    prefix = f".{name}{tail}"
     for _ in range(100):
         temporary = path.with_name(f"{prefix}-{secrets.token_hex(4)}.tmp")
         try:
@@ -54,6 +59,22 @@ def new_temporary(path: Path) -> Path:
             continue
         return temporary
     raise FileExistsError(f"{path.parent}: cannot create a temporary file; clean the folder")
+
+
+def _name_max(folder: Path) -> int:
+    """The longest file name (bytes) in ``folder``; the POSIX usual 255 where it cannot be read."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return _NAME_MAX
+
+
+def _shortened(name: str, limit: int) -> str:
+    """``name`` cut to at most ``limit`` bytes (whole characters, at least one kept)."""
+    encoded = os.fsencode(name)
+    if len(encoded) <= limit:
+        return name
+    return encoded[:max(limit, 1)].decode("utf-8", "ignore") or name[:1]
 
 
 def _process_running(pid: int) -> bool | None:

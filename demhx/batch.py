@@ -178,6 +178,10 @@ def output_paths(sources: Sequence[str | Path], out_dir: str | Path | None = Non
         raise ValueError("several maps need out_dir=DIR or suffix=SUF to name the outputs")
     if suffix is not None and not suffix.strip():
         raise ValueError("suffix= is empty; give text to add to the names, e.g. _demhx")
+    if suffix is not None and _leaves_folder(suffix):
+        raise ValueError(f"suffix={suffix}: holds a path separator or '..', which would write "
+                         "outside the input's folder; give plain text to add to the names, "
+                         "e.g. _demhx, and out_dir=DIR to write elsewhere")
     if out_dir is not None and Path(out_dir).expanduser().exists() and not Path(
             out_dir).expanduser().is_dir():
         raise NotADirectoryError(f"{out_dir}: out_dir= is a file, not a folder; choose a "
@@ -346,6 +350,12 @@ def summary_table(results: Sequence[MapResult],
                  for column, (cell, width) in enumerate(zip(row, widths, strict=False))]
         lines.append("  ".join(cells + [row[-1]]).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _leaves_folder(suffix: str) -> bool:
+    """Whether ``suffix`` holds a path separator or ``..`` (it is added to a file name)."""
+    separators = [separator for separator in ("/", os.sep, os.altsep) if separator]
+    return ".." in suffix or any(separator in suffix for separator in separators)
 
 
 def _key(path: Path) -> Path:

@@ -138,6 +138,7 @@ def _run(args: Arguments, written: list[str]) -> int:
         if picture is not None:
             from demhx.preview import write_file_preview
 
+            picture.parent.mkdir(parents=True, exist_ok=True)  # a --preview folder
             write_file_preview(args.input, str(args.output), picture, half2=args.half2,
                                voxel_size=args.voxel_size, overwrite=args.overwrite)
             logging.getLogger(PROGRAM).info(f"wrote preview {picture}")
@@ -153,16 +154,26 @@ def _options(args: Arguments, progress: Progress) -> EnhanceOptions:
 
 
 def _preview_path(args: Arguments) -> Path | None:
-    """The checked ``--preview`` file of the one-map form (its folder created if needed)."""
+    """The checked ``--preview`` file of the one-map form: not an input nor another output,
+    nor in a folder named like one; a ``--preview`` folder that does not exist is created
+    only when the picture is written."""
     if args.preview is None:
         return None
-    from demhx import preview
+    from demhx import mrcio, preview
 
     _require_matplotlib()
     path = preview.preview_file_path(args.preview, str(args.output))
-    if Path(args.preview).suffix.lower() != ".png":
-        path.parent.mkdir(parents=True, exist_ok=True)
-    return preview.check_preview_path(path, args.overwrite)
+    inputs = [Path(name).expanduser() for name in (args.input, args.half2, args.mask)
+              if name is not None]
+    written = [("output", Path(str(args.output)).expanduser()), ("preview", path)]
+    if args.confidence is not None:
+        written.append(("confidence map", Path(args.confidence).expanduser()))
+    mrcio.check_path_limits(path, "preview")
+    mrcio.check_distinct_outputs(written, inputs)
+    if Path(args.preview).suffix.lower() == ".png" or path.parent.is_dir():
+        return preview.check_preview_path(path, args.overwrite)
+    mrcio.check_folder_to_create(path.parent, "preview")
+    return path
 
 
 def _require_matplotlib() -> None:
@@ -211,7 +222,7 @@ def _plan_many(args: Arguments
                ) -> tuple[list[Path], list[Path], list[Path] | None, int] | None:
     """This job's inputs, outputs and previews, checked before any work, and the number of
     maps given; None (after saying so) when its shard has no maps."""
-    from demhx import batch
+    from demhx import batch, mrcio
 
     # Keep this job's share, check its inputs, then name every map's output (and preview)
     # so that names clash or not whatever the shard.
@@ -228,7 +239,14 @@ def _plan_many(args: Arguments
     if args.preview is not None:
         _require_matplotlib()
         previews = [batch.preview_paths(args.preview, every, outputs)[index] for index in share]
-    return sources, [outputs[index] for index in share], previews, len(every)
+    outputs = [outputs[index] for index in share]
+    # Every file written: within the system's limits, none an input or another's file.
+    written = [("output", path) for path in outputs]
+    written += [("preview", path) for path in previews or []]
+    for kind, path in written:
+        mrcio.check_path_limits(path, kind)
+    mrcio.check_distinct_outputs(written, [*every, *([Path(args.mask)] if args.mask else [])])
+    return sources, outputs, previews, len(every)
 
 
 def _enhance_many(args: Arguments, enhancer: Enhancer, sources: list[Path],

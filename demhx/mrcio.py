@@ -16,7 +16,8 @@ Writing
     :func:`write_map` transposes the canonical array back to the template's stored layout and
     writes float32 (mode 2) with the template's header: the geometry (``nx/ny/nz``,
     ``mx/my/mz``, ``cella``, ``cellb``, ``mapc/mapr/maps``, ``nxstart/nystart/nzstart``,
-    ``origin``), ``ispg``, the extra fields and the labels' text are copied unchanged. The
+    ``origin``), ``ispg`` (a negative one, which MRC2014 does not allow, becomes 1, a single
+    volume, with a warning), the extra fields and the labels' text are copied unchanged. The
     format fields are those of the file actually written, MRC2014, whatever the input's age,
     so that the output validates (``mrcfile.validate``): ``mode`` 2, ``nversion``
     :data:`MRC2014_VERSION`, ``machst`` (this machine's byte order), the ``MAP`` identifier,
@@ -34,12 +35,18 @@ Writing
     along that axis first). Every other field is kept.
 
     The file is written to a temporary file in the destination folder
-    (``.<name>.demhx-<machine>-<pid>-<random>.tmp``) and moved into place with
+    (``.<name>.demhx-<machine>-<pid>-<random>.tmp``, ``<name>`` shortened where the whole
+    would pass the file system's limit on a name) and moved into place with
     :func:`os.replace`; on any failure, ``KeyboardInterrupt`` included, the temporary file is
     removed and the destination is untouched. :func:`write_maps` writes several maps (an
     output and its confidence map) all or none. A temporary file left by a killed run is
     removed by the next run in that folder (:func:`clean_stale_temporaries`). A full disk is
     an ``OSError`` naming the output. ``.gz`` destinations are gzip-compressed.
+
+Every path written is checked before any work (:func:`check_output_path`,
+:func:`check_path_limits`, :func:`check_distinct_outputs`): not an input or another output
+(resolved paths and inodes), within the system's name and path limits, free of symbolic-link
+loops.
 
 Errors are built-in exceptions (``FileNotFoundError``, ``IsADirectoryError``,
 ``PermissionError``, ``FileExistsError``, ``ValueError``) whose one-line message names the
@@ -93,6 +100,8 @@ from demhx._temporaries import (  # noqa: F401  (re-exported: demhx.mrcio.new_te
 )
 
 OUTPUT_SUFFIXES = (".mrc", ".map", ".ccp4")
+_NAME_MAX = 255  # bytes in one file name, where the file system does not say (POSIX systems)
+_PATH_MAX = 4096  # bytes in a path, where the system does not say (Linux)
 
 
 # --------------------------------------------------------------------------- writing
@@ -110,7 +119,8 @@ def check_output_path(path: str | Path, inputs: Sequence[Path], overwrite: bool)
     Raises
     ------
     ValueError
-        Wrong extension, or the output is one of the inputs.
+        Wrong extension, the output is one of the inputs, or its name or path is longer than
+        the system allows or runs into a loop of symbolic links (:func:`check_path_limits`).
     FileNotFoundError, PermissionError
         The output folder is missing or not writable.
     IsADirectoryError, FileExistsError
@@ -119,16 +129,14 @@ def check_output_path(path: str | Path, inputs: Sequence[Path], overwrite: bool)
     path = Path(path).expanduser()
     # The name, then the folder, then the file itself.
     _check_output_suffix(path)
+    check_path_limits(path, "output")
     check_output_folder(path.parent, "output")
     if path.is_dir():
         raise IsADirectoryError(f"{path}: output is a folder; give a file name ending .mrc")
     if path.exists() and not path.is_file():
         raise ValueError(f"{path}: output exists and is not a regular file (a named pipe, "
                          "device or socket); choose an ordinary file name")
-    for source in inputs:
-        if same_file(path, Path(source)):
-            raise ValueError(f"{path}: output is the input {source}; inputs are never "
-                             "overwritten, choose another output path")
+    check_distinct_outputs([("output", path)], inputs)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: output exists; pass overwrite= to replace it or "
                               "choose another output path")
@@ -146,6 +154,129 @@ def check_output_folder(folder: Path, kind: str) -> None:
                               f"permissions or choose another {kind} path")
 
 
+def check_folder_to_create(folder: Path, kind: str) -> None:
+    """Like :func:`check_output_folder` for a folder that may not exist yet: its nearest
+    existing ancestor must be a writable folder (nothing is created here)."""
+    if folder.is_dir():
+        check_output_folder(folder, kind)
+        return
+    ancestor = folder
+    while not os.path.lexists(ancestor) and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotADirectoryError(f"{ancestor}: is a file, not a folder, so the {kind} folder "
+                                 f"{folder} cannot be created; choose another {kind} path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PermissionError(f"{ancestor}: folder is not writable, so the {kind} folder "
+                              f"{folder} cannot be created; check its permissions or choose "
+                              f"another {kind} path")
+
+
+def check_path_limits(path: Path, kind: str) -> None:
+    """ValueError naming ``path``, the problem and the fix when a ``kind`` file (``"output"``,
+    ``"preview"``, ...) cannot be made there: a name longer than the file system allows
+    (``NAME_MAX``), a path longer than the system allows (``PATH_MAX``), or a loop of
+    symbolic links on the way. Nothing is created.
+    """
+    name_max, path_max = _path_limits(path.parent)
+    name_bytes = len(os.fsencode(path.name))
+    if name_bytes > name_max:
+        raise ValueError(f"{path}: {kind} name is {name_bytes} bytes, over the file system's "
+                         f"limit of {name_max} bytes per name; choose a shorter {kind} name")
+    path_bytes = len(os.fsencode(os.path.abspath(path)))
+    if path_bytes >= path_max:
+        raise ValueError(f"{_abbreviated(path)}: {kind} path is {path_bytes} bytes, over the "
+                         f"system's limit "
+                         f"of {path_max - 1} (PATH_MAX); choose a shorter path, in a folder "
+                         "nearer the root")
+    try:
+        os.stat(path)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ValueError(f"{path}: {kind} path runs into a loop of symbolic links; fix or "
+                             f"remove the link, or choose another {kind} path") from None
+        if error.errno == errno.ENAMETOOLONG:
+            raise ValueError(f"{path}: {kind} path has a folder name longer than the file "
+                             f"system allows; choose a shorter {kind} path") from None
+
+
+def _abbreviated(path: Path, keep: int = 60) -> str:
+    """``path`` with its middle left out when longer than ``2 * keep`` characters."""
+    text = str(path)
+    return text if len(text) <= 2 * keep else f"{text[:keep]}...{text[-keep:]}"
+
+
+def _path_limits(folder: Path) -> tuple[int, int]:
+    """The file system's longest name and the system's longest path (bytes) for a file in
+    ``folder`` (the nearest folder that exists answers; POSIX values where none does)."""
+    for candidate in (folder, *folder.absolute().parents):
+        try:
+            return (os.pathconf(candidate, "PC_NAME_MAX"), os.pathconf(candidate, "PC_PATH_MAX"))
+        except (OSError, ValueError, AttributeError):
+            continue
+    return _NAME_MAX, _PATH_MAX
+
+
+def check_distinct_outputs(outputs: Sequence[tuple[str, Path]], inputs: Sequence[Path]) -> None:
+    """ValueError unless every file written is neither an input nor another file written,
+    and no written file lies in a folder named like one of them (a ``--preview`` folder
+    named like the output). Nothing is created.
+
+    Parameters
+    ----------
+    outputs : ``(kind, path)`` of each file written, ``kind`` naming it in messages
+        (``"output"``, ``"preview"``, ...).
+    inputs : the files read (maps, half-maps, masks).
+
+    Paths are compared resolved (through symbolic links) and, for files that exist, by
+    device and inode (hard links).
+    """
+    seen: dict[object, tuple[str, Path]] = {}
+    for source in inputs:
+        for key in _identities(Path(source)):
+            seen.setdefault(key, ("input", Path(source)))
+    # Each written file against the inputs and the files before it ...
+    for kind, path in outputs:
+        keys = _identities(path)
+        for key in keys:
+            if key in seen:
+                raise _clash(kind, path, *seen[key])
+        seen.update(dict.fromkeys(keys, (kind, path)))
+    # ... then no written file in a folder named like another file.
+    for kind, path in outputs:
+        for folder in _resolved(path).parents:
+            if folder in seen:
+                other_kind, other = seen[folder]
+                raise ValueError(f"{path}: {kind} would lie in a folder named like the "
+                                 f"{other_kind} {other}; choose another {kind} path")
+
+
+def _identities(path: Path) -> list[object]:
+    """A file's identities: its resolved path, and its (device, inode) when it exists."""
+    keys: list[object] = [_resolved(path)]
+    try:
+        status = os.stat(path)
+    except (OSError, ValueError):
+        return keys
+    return [*keys, (status.st_dev, status.st_ino)]
+
+
+def _clash(kind: str, path: Path, other_kind: str, other: Path) -> ValueError:
+    if other_kind == "input":
+        return ValueError(f"{path}: {kind} is the input {other}; inputs are never "
+                          f"overwritten, choose another {kind} path")
+    return ValueError(f"{path}: {kind} is the {other_kind} itself; give each file its own "
+                      "name")
+
+
+def _resolved(path: Path) -> Path:
+    """``path`` absolute with symbolic links resolved (as far as they resolve)."""
+    try:
+        return path.expanduser().resolve()
+    except (OSError, RuntimeError):  # a loop of links
+        return path.expanduser().absolute()
+
+
 def _check_output_suffix(path: Path) -> None:
     name = path.name.lower()
     stem = name[:-3] if name.endswith(".gz") else name
@@ -156,7 +287,7 @@ def _check_output_suffix(path: Path) -> None:
 
 def same_file(first: Path, second: Path) -> bool:
     """Whether two paths name one file (resolved paths, or the same inode)."""
-    if first.resolve() == second.resolve():
+    if _resolved(first) == _resolved(second):
         return True
     try:
         return first.exists() and second.exists() and os.path.samefile(first, second)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from demhx.mrcio import check_output_folder, new_temporary
+from demhx.mrcio import check_output_folder, check_path_limits, new_temporary
 
 PERCENTILES = (1.0, 99.5)  # grey scale of a row: these percentiles of its central slices
 GAP = 4  # pixels between panels and rows in :func:`preview_image`
@@ -143,12 +143,14 @@ def preview_image(input_volume: NDArray[Any], output_volume: NDArray[Any], *,
 def check_preview_path(path: str | Path, overwrite: bool = False) -> Path:
     """Validate a preview file before any work: ``.png``, folder writable, not in the way.
 
-    Raises ValueError (not ``.png``), FileNotFoundError or PermissionError (the folder),
+    Raises ValueError (not ``.png``; name or path too long, a loop of symbolic links: see
+    :func:`demhx.mrcio.check_path_limits`), FileNotFoundError or PermissionError (the folder),
     IsADirectoryError, or FileExistsError (exists and ``overwrite`` is False).
     """
     path = Path(path).expanduser()
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: preview name must end in .png; choose a PNG file name")
+    check_path_limits(path, "preview")
     check_output_folder(path.parent, "preview")
     if path.is_dir():
         raise IsADirectoryError(f"{path}: preview is a folder; give a file name ending .png")

@@ -81,9 +81,7 @@ def _check_confidence_path(confidence: str | Path | None, output: Path, inputs: 
     if confidence is None:
         return None
     path = mrcio.check_output_path(Path(confidence), inputs, overwrite)
-    if path.resolve() == output.resolve():
-        raise ValueError(f"{path}: confidence= is the output map itself; give the confidence "
-                         "map another file name")
+    mrcio.check_distinct_outputs([("output map", output), ("confidence=", path)], inputs)
     return path
 
 
