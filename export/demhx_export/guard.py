@@ -9,9 +9,10 @@ measures keep that from happening and one repairs it:
   ``window`` healthy steps (not their mean: batches differ a lot — a batch of negatives or
   solvent cubes has a tiny loss, one of dense molecule a large one — and a blow-up is orders
   of magnitude, not a factor of a few). A non-finite loss or gradient, or a loss above
-  ``spike_factor`` times that reference, restores the network and optimiser from the last good snapshot (taken in
-  memory every ``snapshot_every`` healthy steps), halves the learning-rate scale and is logged
-  to ``RUN/guard.tsv``. After ``max_rollbacks`` such events the run stops with an error.
+  ``spike_factor`` times that reference, restores the network and optimiser from the last
+  good snapshot (taken in memory every ``snapshot_every`` healthy steps), halves the
+  learning-rate scale and is logged to ``RUN/guard.tsv``. After ``max_rollbacks`` such
+  events the run stops with an error.
 """
 
 from __future__ import annotations

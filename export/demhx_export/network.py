@@ -261,5 +261,5 @@ def summary(widths: Sequence[int] | str = PAPER_WIDTHS, cube_size: int = PAPER_C
 
 
 __all__ = ["CHANNELS", "PAPER_CUBE_SIZE", "PAPER_GFLOP_PER_CUBE", "PAPER_PARAMETERS",
-           "PAPER_WIDTHS", "OneChannel", "UNet3D", "check_cube_size", "count_parameters", "flops_per_cube", "group_count",
-           "parse_widths", "summary"]
+           "PAPER_WIDTHS", "OneChannel", "UNet3D", "check_cube_size", "count_parameters",
+           "flops_per_cube", "group_count", "parse_widths", "summary"]

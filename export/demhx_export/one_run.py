@@ -105,8 +105,9 @@ def one_run_command(structures: str, work: str, out: str, minutes: float = 9.0,
     """
     if recipe not in RECIPES:
         raise ValueError(f"--recipe {recipe}: not one of {', '.join(RECIPES)}")
-    overrides = {"cube_size": int(cube_size), "batch_size": int(batch_size),
-                 "val_every": int(val_every), "val_batches": int(val_batches)}
+    overrides: dict[str, Any] = {"cube_size": int(cube_size), "batch_size": int(batch_size),
+                                 "val_every": int(val_every),
+                                 "val_batches": int(val_batches)}
     overrides.update({k: v for k, v in (("lr", lr), ("negative_fraction", negative_fraction))
                       if v is not None})
     plan = Plan(structures=Path(structures), work=Path(work), out=Path(out),
@@ -143,8 +144,9 @@ def run_plan(plan: Plan, masked: float, zoned: float) -> list[Path]:
 def _build(plan: Plan, masked: float, zoned: float, started: float, log: _Log
            ) -> tuple[Path, Path]:
     """Val then train datasets under ``work/ds``; the train build stops at the budget."""
-    common = dict(workers=plan.workers, max_atoms=plan.max_atoms,
-                  structures_dir=str(plan.structures), masked=masked, zoned=zoned)
+    common: dict[str, Any] = dict(workers=plan.workers, max_atoms=plan.max_atoms,
+                                  structures_dir=str(plan.structures), masked=masked,
+                                  zoned=zoned)
     val_dir, train_dir = plan.work / "ds" / "val", plan.work / "ds" / "train"
     build_command("val", str(val_dir), count=plan.val_count, seed=1,
                   max_minutes=VAL_SHARE * plan.build_minutes, **common)
@@ -223,7 +225,7 @@ def _pack(run: Path, out: Path) -> list[Path]:
             tar.add(path, arcname=f"{run.name}/{path.name}")
     if tar_path.stat().st_size <= PART_BYTES:
         return [tar_path]
-    parts = []
+    parts: list[Path] = []
     with open(tar_path, "rb") as whole:
         while chunk := whole.read(PART_BYTES):
             part = out / f"{tar_path.name}.part{len(parts):02d}"

@@ -362,16 +362,7 @@ def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = m
     if target.type == "cuda":
         torch.backends.cudnn.benchmark = True
     net, optimiser, scheduler, state = _build(config, run, target)
-    # the sampler's stream continues after a resume: its seed moves with the step counter
-    sampler = CubeSampler(config.train_dir, cube_size=config.cube_size,
-                          batch_size=config.batch_size, seed=config.seed + 7919 * state.step,
-                          target=config.target, negative_fraction=config.negative_fraction,
-                          negative_scale=config.negative_scale)
-    val_sampler = CubeSampler(config.val_dir, cube_size=config.cube_size,
-                              batch_size=config.batch_size, seed=config.seed, augment=False,
-                              target=config.target)
-    val = (val_sampler.fixed_batches(config.val_batches, seed=config.seed),
-           val_sampler.fixed_batches(config.val_batches, seed=config.seed + 1, negatives=True))
+    sampler, val = _samplers(config, state.step)
     where = f"{target}" + (f", {config.precision}" if target.type == "cuda" else "")
     report(f"network widths {config.widths}: {count_parameters(net):,} parameters; "
            + (f"resuming at step {state.step}" if state.step else "new run") + f" on {where}")
@@ -386,28 +377,12 @@ def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = m
             report(f"time limit reached at step {state.step}")
             break
         _schedule_lr(config, optimiser, state.step, state.lr_scale, state.seconds)
-        inputs, targets = next(batches)
-        loss, map_loss = _step_loss(config, net, inputs.to(target, non_blocking=True),
-                                    targets.to(target, non_blocking=True), target)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = (torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip_norm)
-                if config.clip_norm > 0 else torch.zeros(()))
-        # one device sync for both; a non-finite gradient norm is a divergence too
-        value, grad_norm = torch.stack((loss.detach().float(), norm.float().to(loss.device))).tolist()
-        value = value if math.isfinite(grad_norm) else math.nan
-        if guard.is_spike(value):
-            state.lr_scale = guard.roll_back(state.step, value, state.lr_scale)
-            event = guard.events[-1]
-            report(f"guard: loss {value:.4g} at step {state.step} (largest recent "
-                   f"{event.reference:.4g}); restored the weights of step "
-                   f"{event.restored_step}, learning rate now x{state.lr_scale:g}")
-            state.step += 1
-            continue
-        guard.healthy_step(state.step, value)  # snapshots the weights that gave this loss
-        optimiser.step()
-        running.append(map_loss.detach())
+        map_loss = _guarded_step(config, net, optimiser, guard, state, next(batches), target,
+                                 report)
         state.step += 1
+        if map_loss is None:  # rolled back
+            continue
+        running.append(map_loss)
         state.seconds = base_seconds + time.monotonic() - started
         if state.step % config.val_every == 0:
             _validation_round(config, run, net, optimiser, scheduler, state, val,
@@ -419,6 +394,48 @@ def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = m
     if (run / "log.tsv").exists():
         plot_log(run)
     return run
+
+
+def _samplers(config: TrainConfig, step: int) -> tuple[CubeSampler, tuple[list, list]]:
+    """The training sampler (its stream continues after a resume: the seed moves with the
+    step counter) and the fixed validation batches: plain cubes and negatives."""
+    sampler = CubeSampler(config.train_dir, cube_size=config.cube_size,
+                          batch_size=config.batch_size, seed=config.seed + 7919 * step,
+                          target=config.target, negative_fraction=config.negative_fraction,
+                          negative_scale=config.negative_scale)
+    val_sampler = CubeSampler(config.val_dir, cube_size=config.cube_size,
+                              batch_size=config.batch_size, seed=config.seed, augment=False,
+                              target=config.target)
+    return sampler, (val_sampler.fixed_batches(config.val_batches, seed=config.seed),
+                     val_sampler.fixed_batches(config.val_batches, seed=config.seed + 1,
+                                               negatives=True))
+
+
+def _guarded_step(config: TrainConfig, net: UNet3D, optimiser: torch.optim.Optimizer,
+                  guard: DivergenceGuard, state: _State, batch: tuple[torch.Tensor, torch.Tensor],
+                  device: torch.device, report) -> torch.Tensor | None:
+    """One optimiser step on ``batch``, unless its loss (or gradient) is a spike: then the
+    guard rolls back and None is returned; otherwise the step's map loss (on the device)."""
+    inputs, targets = (t.to(device, non_blocking=True) for t in batch)
+    loss, map_loss = _step_loss(config, net, inputs, targets, device)
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = (torch.nn.utils.clip_grad_norm_(net.parameters(), config.clip_norm)
+            if config.clip_norm > 0 else torch.zeros(()))
+    # one device sync for both; a non-finite gradient norm is a divergence too
+    value, grad_norm = torch.stack((loss.detach().float(),
+                                    norm.float().to(loss.device))).tolist()
+    value = value if math.isfinite(grad_norm) else math.nan
+    if guard.is_spike(value):
+        state.lr_scale = guard.roll_back(state.step, value, state.lr_scale)
+        event = guard.events[-1]
+        report(f"guard: loss {value:.4g} at step {state.step} (largest recent "
+               f"{event.reference:.4g}); restored the weights of step "
+               f"{event.restored_step}, learning rate now x{state.lr_scale:g}")
+        return None
+    guard.healthy_step(state.step, value)  # snapshots the weights that gave this loss
+    optimiser.step()
+    return map_loss.detach()
 
 
 def _step_loss(config: TrainConfig, net: UNet3D, inputs: torch.Tensor, targets: torch.Tensor,
@@ -512,29 +529,38 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
         run with a time budget ends at ``min_lr`` whatever the machine's speed (the decay
         follows whichever of steps and time is further along).
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"--schedule {schedule}: not one of {', '.join(SCHEDULES)}")
-    if precision == "auto":
-        precision = "bf16" if pick_device(device).type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision}: not one of auto, {', '.join(PRECISIONS)}")
-    config = TrainConfig(train_dir=str(train_dir), val_dir=str(val_dir),
-                         widths=parse_widths(widths), cube_size=int(cube_size),
-                         batch_size=int(batch_size), lr=float(lr), seed=int(seed),
-                         val_every=int(val_every), val_batches=int(val_batches),
-                         checkpoint_every=int(val_every), scale_jitter=float(scale_jitter),
-                         init=str(init) if init else None, schedule=schedule,
-                         decay_steps=int(steps) if schedule == "cosine" else 0,
-                         precision=precision, min_lr=float(min_lr), target=str(target),
-                         norm=str(norm), negative_fraction=float(negative_fraction),
-                         negative_scale=_pair(negative_scale),
-                         error_head=bool(error_head), error_weight=float(error_weight),
-                         warmup_steps=int(warmup_steps), clip_norm=float(clip_norm),
-                         spike_factor=float(spike_factor),
-                         decay_minutes=float(decay_minutes))
+    config = _command_config(dict(locals()))  # the options above, checked
     run_dir = Path(run)
     train(_resumed_config(config, run_dir), run_dir, max_steps=int(steps),
           max_minutes=float(max_minutes), threads=threads, device=device, workers=int(workers))
+
+
+def _command_config(options: dict[str, Any]) -> TrainConfig:
+    """The :class:`TrainConfig` of :func:`train_command`'s options (ValueError naming a bad
+    one)."""
+    o = options
+    schedule, precision = o["schedule"], o["precision"]
+    if schedule not in SCHEDULES:
+        raise ValueError(f"--schedule {schedule}: not one of {', '.join(SCHEDULES)}")
+    if precision == "auto":
+        precision = "bf16" if pick_device(o["device"]).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision}: not one of auto, {', '.join(PRECISIONS)}")
+    return TrainConfig(train_dir=str(o["train_dir"]), val_dir=str(o["val_dir"]),
+                       widths=parse_widths(o["widths"]), cube_size=int(o["cube_size"]),
+                       batch_size=int(o["batch_size"]), lr=float(o["lr"]), seed=int(o["seed"]),
+                       val_every=int(o["val_every"]), val_batches=int(o["val_batches"]),
+                       checkpoint_every=int(o["val_every"]),
+                       scale_jitter=float(o["scale_jitter"]),
+                       init=str(o["init"]) if o["init"] else None, schedule=schedule,
+                       decay_steps=int(o["steps"]) if schedule == "cosine" else 0,
+                       precision=precision, min_lr=float(o["min_lr"]), target=str(o["target"]),
+                       norm=str(o["norm"]), negative_fraction=float(o["negative_fraction"]),
+                       negative_scale=_pair(o["negative_scale"]),
+                       error_head=bool(o["error_head"]), error_weight=float(o["error_weight"]),
+                       warmup_steps=int(o["warmup_steps"]), clip_norm=float(o["clip_norm"]),
+                       spike_factor=float(o["spike_factor"]),
+                       decay_minutes=float(o["decay_minutes"]))
 
 
 def _resumed_config(config: TrainConfig, run_dir: Path) -> TrainConfig:
