@@ -48,6 +48,16 @@ def test_deferred_holds_a_signal_until_the_block_ends() -> None:
 
 
 def test_deferred_without_handlers_delivers_to_python_default() -> None:
+    # Python's own handler, also when the suite runs as a background job (a shell starts
+    # those with SIGINT ignored, and Python then leaves it ignored)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _raises_keyboard_interrupt_after_the_block()
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+
+
+def _raises_keyboard_interrupt_after_the_block() -> None:
     with pytest.raises(KeyboardInterrupt), _signals.deferred():
         _to_this_thread(signal.SIGINT)
         for _ in range(1000):
