@@ -380,9 +380,8 @@ def train(config: TrainConfig, run: Path, max_steps: int, max_minutes: float = m
         map_loss = _guarded_step(config, net, optimiser, guard, state, next(batches), target,
                                  report)
         state.step += 1
-        if map_loss is None:  # rolled back
-            continue
-        running.append(map_loss)
+        if map_loss is not None:  # None: rolled back, nothing learnt from this batch
+            running.append(map_loss)
         state.seconds = base_seconds + time.monotonic() - started
         if state.step % config.val_every == 0:
             _validation_round(config, run, net, optimiser, scheduler, state, val,
