@@ -76,6 +76,22 @@ def write_mrc(path: Path, canonical: np.ndarray, *, axis_order: Sequence[int] = 
 
 
 @pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """A small map (20×24×28 voxels): noise with one bright block, as ``in.mrc``."""
+    data = np.random.default_rng(0).standard_normal((20, 24, 28)).astype(np.float32) * 0.1
+    data[8:12, 10:14, 12:16] += 2.0
+    return write_mrc(tmp_path / "in.mrc", data)
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    """The identity network of :mod:`onnx_fixtures` with a shipped model's metadata."""
+    from onnx_fixtures import identity_path
+
+    return identity_path(tmp_path / "models")
+
+
+@pytest.fixture
 def mrc_writer() -> Callable[..., Path]:
     """:func:`write_mrc` as a fixture."""
     return write_mrc

@@ -20,18 +20,6 @@ from demhx import cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def source(tmp_path: Path) -> Path:
-    data = np.random.default_rng(0).standard_normal((20, 24, 28)).astype(np.float32) * 0.1
-    data[8:12, 10:14, 12:16] += 2.0
-    return write_mrc(tmp_path / "in.mrc", data)
-
-
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    return identity_path(tmp_path / "models")
-
-
 def _python(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "demhx", *args], capture_output=True,

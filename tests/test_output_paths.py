@@ -11,24 +11,11 @@ import mrcfile
 import numpy as np
 import pytest
 from conftest import sha256, write_mrc
-from onnx_fixtures import identity_path
 
 from demhx import cli
 from demhx.mrcio import TEMPORARY_PATTERN, new_temporary
 
 NAME_MAX = 255  # bytes in a file name on the test's file system (ext4, tmpfs, xfs)
-
-
-@pytest.fixture
-def source(tmp_path: Path) -> Path:
-    data = np.random.default_rng(0).standard_normal((20, 24, 28)).astype(np.float32) * 0.1
-    data[8:12, 10:14, 12:16] += 2.0
-    return write_mrc(tmp_path / "in.mrc", data)
-
-
-@pytest.fixture
-def model(tmp_path: Path) -> Path:
-    return identity_path(tmp_path / "models")
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> str:

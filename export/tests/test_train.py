@@ -153,15 +153,21 @@ def test_warm_up_raises_the_learning_rate_linearly() -> None:
     assert optimiser.param_groups[0]["lr"] == pytest.approx(0.25 * seen[11])
 
 
-def test_guard_recovers_a_forced_divergence(data: tuple[Path, Path], tmp_path: Path) -> None:
-    """An absurd learning rate without clipping blows the loss up; the guard restores the
-    last good weights with a lower learning rate until training is stable again."""
+def _absurd_lr_run(data: tuple[Path, Path], tmp_path: Path, spike_factor: float) -> Path:
+    """60 steps of a tiny net at lr 30 without clipping or warm-up; the run folder."""
     train_dir, val_dir = data
     run = tmp_path / "run"
     train_command(str(train_dir), str(val_dir), str(run), widths="2,4,8", cube_size=16,
                   batch_size=2, steps=60, val_every=20, val_batches=1, threads=1, lr=30.0,
                   schedule="cosine", min_lr=30.0, warmup_steps=0, clip_norm=0,
-                  spike_factor=3.0, negative_fraction=0.2)
+                  spike_factor=spike_factor, negative_fraction=0.2)
+    return run
+
+
+def test_guard_recovers_a_forced_divergence(data: tuple[Path, Path], tmp_path: Path) -> None:
+    """An absurd learning rate without clipping blows the loss up; the guard restores the
+    last good weights with a lower learning rate until training is stable again."""
+    run = _absurd_lr_run(data, tmp_path, spike_factor=3.0)
     events = (run / "guard.tsv").read_text().strip().splitlines()[1:]
     assert events, "the absurd learning rate never set the guard off"
     scales = [float(e.split("\t")[4]) for e in events]
@@ -180,12 +186,7 @@ def test_without_the_guard_the_same_run_diverges(data: tuple[Path, Path],
                                                  tmp_path: Path) -> None:
     """The forced divergence above is real: with the guard blind to spikes (and non-finite
     losses impossible to skip) the run ends far worse than where it started."""
-    train_dir, val_dir = data
-    run = tmp_path / "run"
-    train_command(str(train_dir), str(val_dir), str(run), widths="2,4,8", cube_size=16,
-                  batch_size=2, steps=60, val_every=20, val_batches=1, threads=1, lr=30.0,
-                  schedule="cosine", min_lr=30.0, warmup_steps=0, clip_norm=0,
-                  spike_factor=0, negative_fraction=0.2)
+    run = _absurd_lr_run(data, tmp_path, spike_factor=0)
     rows = [r.split("\t") for r in (run / "log.tsv").read_text().strip().splitlines()[1:]]
     last = float(rows[-1][4])
     assert not np.isfinite(last) or last > 0.7
