@@ -42,11 +42,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import scipy.fft
 from scipy import ndimage
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (bench/quality.py: cases, map reading, model runs, machine line)
+from demhx_export.sampler import phase_randomise  # noqa: E402  (export/ is on the path now)
 
 INPUT = "input"  # the variant that is the map itself
 DEFAULT_MODELS = (INPUT, "tight-fast")
@@ -93,18 +93,10 @@ class MapResult:
 
 
 def phase_randomised(volume: np.ndarray, seed: int) -> np.ndarray:
-    """A map with ``volume``'s amplitude spectrum and mean but random phases (float32).
-
-    The phases are those of white Gaussian noise, so they have the Hermitian symmetry of a
-    real map's spectrum and every amplitude, the zero-frequency term included, is kept.
-    """
-    spectrum = scipy.fft.rfftn(volume.astype(np.float64), workers=1)
-    rng = np.random.default_rng(seed)
-    phases = scipy.fft.rfftn(rng.standard_normal(volume.shape), workers=1)
-    phases /= np.maximum(np.abs(phases), np.finfo(np.float64).tiny)
-    randomised = np.abs(spectrum) * phases
-    randomised[0, 0, 0] = spectrum[0, 0, 0]  # the mean, with its sign
-    return scipy.fft.irfftn(randomised, s=volume.shape, workers=1).astype(np.float32)
+    """A map with ``volume``'s amplitude spectrum and mean but random phases (float32): the
+    training negatives' randomisation (:func:`demhx_export.sampler.phase_randomise`, phases
+    of white Gaussian noise drawn with ``seed``)."""
+    return phase_randomise(volume.astype(np.float64), np.random.default_rng(seed))
 
 
 def threshold_of(real_output: np.ndarray) -> float:
