@@ -5,7 +5,12 @@
 ``input``  (z, y, x) float32, normalised: solvent noise mean 0, std ``NOISE_STD`` (0.1);
 ``target_<recipe>`` (z, y, x) float32, one per target recipe of
 ``demhx_export.synth.TARGET_RECIPES``, scaled by the same factor as the input (background 0);
-``signal`` (z, y, x) uint8, 1 in the molecule region (used for balanced cube sampling).
+``signal`` (z, y, x) uint8, 1 in the molecule region (used for balanced cube sampling);
+``negative`` (z, y, x) float32, when present: the raw input with its Fourier phases randomised
+over the whole box, normalised by the runtime's own statistics — exactly what a user's
+phase-randomised map looks like to the network (noise-level, coloured like the map), the
+negatives of :mod:`demhx_export.sampler` (``negative_source="map"``). Left out where the
+runtime would normalise the randomised map by its peak (zones) or refuses it.
 
 The build can be interrupted and run again: samples already in the index are kept.
 """
@@ -27,6 +32,7 @@ from numpy.typing import NDArray
 
 from demhx_export.metrics import cc, fsc, fsc_resolution
 from demhx_export.onnx_io import NOISE_STD
+from demhx_export.sampler import phase_randomise
 from demhx_export.synth import VOXEL_SIZE, SynthOptions, SynthPair, options_dict, simulate_pair
 
 DEFAULT_STRUCTURES = Path(__file__).resolve().parents[3] / "shared" / "data" / "structures"
@@ -96,6 +102,23 @@ def normalise_pair(pair: SynthPair
                              "simulated_noise_std": pair.params["noise_std"]}
 
 
+def whole_map_negative(raw_input: NDArray[Any], seed: int
+                       ) -> tuple[NDArray[np.float32] | None, str]:
+    """``raw_input`` with its phases randomised over the whole box and normalised as the
+    runtime would normalise it, and the method the runtime chose; ``None`` where the runtime
+    normalises it by its peak (a peak-scaled noise map is not what a user's noise looks like
+    after an unmasked or masked map's normalisation) or refuses it."""
+    randomised = phase_randomise(np.asarray(raw_input, dtype=np.float64),
+                                 np.random.default_rng([seed, 7]))
+    try:
+        stats = normalise.choose_stats(randomised, (VOXEL_SIZE,) * 3)
+    except ValueError as refusal:
+        return None, f"refused: {str(refusal).split(';')[0]}"
+    if stats.method == "peak":
+        return None, "peak"
+    return normalise.normalise(randomised, stats, NOISE_STD), f"runtime:{stats.method}"
+
+
 def make_sample(item: dict[str, Any], outdir: str, options: SynthOptions) -> dict[str, Any]:
     """Simulate, normalise and write one sample; return its index entry.
 
@@ -113,9 +136,11 @@ def _make_sample(item: dict[str, Any], outdir: str, options: SynthOptions) -> di
     inputs, targets, stats = normalise_pair(pair)
     target = targets[options.target_recipe]
     signal = (pair.signal_mask > 0.5).astype(np.uint8)
+    negative, negative_method = whole_map_negative(pair.input, int(item["seed"]))
     tmp = Path(outdir) / f"{item['id']}.tmp.npz"
     arrays = {"input": inputs, "signal": signal,
-              **{f"target_{name}": t for name, t in targets.items()}}
+              **{f"target_{name}": t for name, t in targets.items()},
+              **({} if negative is None else {"negative": negative})}
     np.savez(tmp, **arrays)  # type: ignore[arg-type]  # numpy types the keywords as allow_pickle
     os.replace(tmp, Path(outdir) / f"{item['id']}.npz")
     frequencies, values = fsc(pair.half1, pair.half2)
@@ -124,6 +149,7 @@ def _make_sample(item: dict[str, Any], outdir: str, options: SynthOptions) -> di
                  cc_input_target_masked=round(cc(inputs, target, target != 0), 4),
                  fsc_half_maps=round(fsc_resolution(frequencies, values, 0.143), 3),
                  signal_fraction=round(float(signal.mean()), 4),
+                 negative_normalisation=negative_method,
                  seconds=round(time.perf_counter() - start, 2), params=pair.params)
     return entry
 

@@ -37,14 +37,23 @@ from demhx_export.dataset import DEFAULT_STRUCTURES, build_command
 from demhx_export.network import parse_widths
 
 # Settings of each recipe (``demhx-export train`` options). v3: the shipped tight-fast 0.3's;
-# v4: v3 plus negatives, an error head, warm-up, gradient clipping and the divergence guard.
+# v4: v3 plus negatives, an error head, warm-up, gradient clipping and the divergence guard;
+# v5: v4 with whole-map negatives at the noise level (a phase-randomised cube at the
+# molecule's level taught v4 to erase real 6-7 Å density) and maps down to 7.5 Å.
 RECIPES: dict[str, dict[str, Any]] = {
     "v3": {"target": "truth", "norm": "none", "schedule": "cosine", "lr": 1e-3,
            "warmup_steps": 0, "clip_norm": 0.0, "spike_factor": 0.0},
     "v4": {"target": "truth", "norm": "none", "schedule": "cosine", "lr": 1e-3,
            "negative_fraction": 0.25, "error_head": True, "error_weight": 0.25,
            "warmup_steps": 300, "clip_norm": 1.0, "spike_factor": 5.0},
+    "v5": {"target": "truth", "norm": "none", "schedule": "cosine", "lr": 1e-3,
+           "negative_fraction": 0.25, "negative_source": "map", "negative_scale": "0.7,1.5",
+           "error_head": True, "error_weight": 0.25,
+           "warmup_steps": 300, "clip_norm": 1.0, "spike_factor": 5.0},
 }
+# FSC-0.143 resolutions (Å) of the simulated maps, per recipe (default: DEFAULT_RESOLUTIONS)
+RECIPE_RESOLUTIONS: dict[str, tuple[float, float]] = {"v5": (2.5, 7.5)}
+DEFAULT_RESOLUTIONS = (2.5, 6.0)
 PART_BYTES = 15 * 2**20  # largest file brought back (the machine returns files ≤ 16 MiB)
 PACKED = ("best.safetensors", "best.json", "log.tsv", "guard.tsv", "train.log", "loss.png")
 RESERVE_MINUTES = 0.5  # kept back at the end for the trainers' last save and the packing
@@ -71,16 +80,19 @@ class Plan:
     workers: int
     device: str
     steps: int | None = None
+    resolutions: tuple[float, float] = DEFAULT_RESOLUTIONS
+    variants: tuple[dict[str, str], ...] = ()  # per widths entry: settings over the recipe's
 
 
 def one_run_command(structures: str, work: str, out: str, minutes: float = 9.0,
                     build_minutes: float = 2.5, widths: str = "16,32,64",
-                    recipe: str = "v4", train_count: int | None = None, val_count: int = 16,
+                    recipe: str = "v5", train_count: int | None = None, val_count: int = 16,
                     max_atoms: int = 12_000, workers: int | None = None, device: str = "auto",
                     cube_size: int = 64, batch_size: int = 8, lr: float | None = None,
                     negative_fraction: float | None = None, val_every: int = 500,
                     val_batches: int = 16, masked: float = 0.3, zoned: float = 0.1,
-                    steps: int | None = None) -> None:
+                    steps: int | None = None, resolution_range: object = None,
+                    variants: str | None = None) -> None:
     """Build data, train and pack the best weights within MINUTES (one machine, one call).
 
     Parameters
@@ -92,7 +104,8 @@ def one_run_command(structures: str, work: str, out: str, minutes: float = 9.0,
     build_minutes : share of the budget for building the datasets.
     widths : network widths; several separated by "/" train side by side on the same data
         (e.g. 16,32,64/32,64,128).
-    recipe : "v4" (negatives, error head, warm-up, clipping, guard) or "v3".
+    recipe : "v5" (v4 with whole-map negatives at the noise level, maps down to 7.5 Å), "v4"
+        (negatives, error head, warm-up, clipping, guard) or "v3".
     train_count, val_count : maps to build (train: as many as the budget allows).
     max_atoms : skip larger structures.
     workers : processes for the build (default: every core); the trainers share the cores.
@@ -102,6 +115,12 @@ def one_run_command(structures: str, work: str, out: str, minutes: float = 9.0,
     masked, zoned : fractions of deposited-style masked and zoned inputs in the datasets.
     steps : also stop (and end the cosine decay) at this step count (default: the time
         budget alone decides).
+    resolution_range : LOW,HIGH FSC-0.143 resolution of the simulated maps, Å (default: the
+        recipe's).
+    variants : one entry per ``widths`` entry, separated by "/": ``train`` settings over the
+        recipe's for that run, ``KEY=VALUE`` pairs separated by ";" (e.g.
+        ``negative_fraction=0.2/negative_fraction=0.35;negative_scale=0.7,2``); the runs are
+        named after their widths and their place (``w16-32-64-v1``).
     """
     if recipe not in RECIPES:
         raise ValueError(f"--recipe {recipe}: not one of {', '.join(RECIPES)}")
@@ -110,13 +129,16 @@ def one_run_command(structures: str, work: str, out: str, minutes: float = 9.0,
                                  "val_batches": int(val_batches)}
     overrides.update({k: v for k, v in (("lr", lr), ("negative_fraction", negative_fraction))
                       if v is not None})
+    all_widths = tuple(parse_widths(w) for w in str(widths).split("/"))
     plan = Plan(structures=Path(structures), work=Path(work), out=Path(out),
                 minutes=float(minutes), build_minutes=float(build_minutes),
-                widths=tuple(parse_widths(w) for w in str(widths).split("/")), recipe=recipe,
+                widths=all_widths, recipe=recipe,
                 overrides=overrides, train_count=None if train_count is None else int(train_count),
                 val_count=int(val_count), max_atoms=int(max_atoms),
                 workers=int(workers) if workers else os.cpu_count() or 1, device=str(device),
-                steps=None if steps is None else int(steps))
+                steps=None if steps is None else int(steps),
+                resolutions=_resolutions(resolution_range, recipe),
+                variants=_variants(variants, len(all_widths)))
     run_plan(plan, masked=float(masked), zoned=float(zoned))
 
 
@@ -146,7 +168,7 @@ def _build(plan: Plan, masked: float, zoned: float, started: float, log: _Log
     """Val then train datasets under ``work/ds``; the train build stops at the budget."""
     common: dict[str, Any] = dict(workers=plan.workers, max_atoms=plan.max_atoms,
                                   structures_dir=str(plan.structures), masked=masked,
-                                  zoned=zoned)
+                                  zoned=zoned, resolution_range=plan.resolutions)
     val_dir, train_dir = plan.work / "ds" / "val", plan.work / "ds" / "train"
     build_command("val", str(val_dir), count=plan.val_count, seed=1,
                   max_minutes=VAL_SHARE * plan.build_minutes, **common)
@@ -171,10 +193,12 @@ def _train_all(plan: Plan, train_dir: Path, val_dir: Path, minutes: float, log: 
     deadline = time.monotonic() + 60 * (minutes + 0.6 * _share(RESERVE_MINUTES, plan))
     minutes -= _share(STARTUP_MINUTES, plan)
     children = []
-    for widths in plan.widths:
-        run = plan.work / "runs" / ("w" + "-".join(map(str, widths)))
+    for place, widths in enumerate(plan.widths):
+        name = "w" + "-".join(map(str, widths)) + (f"-v{place + 1}" if plan.variants else "")
+        run = plan.work / "runs" / name
         run.mkdir(parents=True, exist_ok=True)
-        command = _train_argv(plan, train_dir, val_dir, run, widths, minutes, workers)
+        variant = plan.variants[place] if plan.variants else {}
+        command = _train_argv(plan, train_dir, val_dir, run, widths, minutes, workers, variant)
         log(f"training {run.name}: {' '.join(command[3:])}")
         with open(run / "train.log", "w", encoding="utf-8") as stream:
             child = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT,
@@ -188,9 +212,11 @@ def _train_all(plan: Plan, train_dir: Path, val_dir: Path, minutes: float, log: 
 
 
 def _train_argv(plan: Plan, train_dir: Path, val_dir: Path, run: Path,
-                widths: tuple[int, int, int], minutes: float, workers: int) -> list[str]:
+                widths: tuple[int, int, int], minutes: float, workers: int,
+                variant: dict[str, str] | None = None) -> list[str]:
     """The ``demhx-export train`` command line of one run."""
-    settings = {**RECIPES[plan.recipe], **plan.overrides, "widths": ",".join(map(str, widths)),
+    settings = {**RECIPES[plan.recipe], **plan.overrides, **(variant or {}),
+                "widths": ",".join(map(str, widths)),
                 "device": plan.device, "workers": workers, "max_minutes": round(minutes, 3),
                 # without a step count the schedule follows the time budget alone
                 "steps": plan.steps or 10_000_000, "decay_minutes": round(0.95 * minutes, 3)}
@@ -235,6 +261,35 @@ def _pack(run: Path, out: Path) -> list[Path]:
     return parts
 
 
+def _resolutions(value: object, recipe: str) -> tuple[float, float]:
+    """The build's resolution range: ``value`` (``"LOW,HIGH"`` or two numbers) or the
+    recipe's."""
+    if value is None:
+        return RECIPE_RESOLUTIONS.get(recipe, DEFAULT_RESOLUTIONS)
+    parts = value.split(",") if isinstance(value, str) else list(value)  # type: ignore[call-overload]
+    if len(parts) != 2 or not 2.0 < float(parts[0]) <= float(parts[1]):
+        raise ValueError(f"--resolution-range {value!r}: pass LOW,HIGH in Å with "
+                         "2 < LOW <= HIGH")
+    return float(parts[0]), float(parts[1])
+
+
+def _variants(value: str | None, runs: int) -> tuple[dict[str, str], ...]:
+    """``--variants`` as one settings dict per run (ValueError naming a bad entry)."""
+    if value is None:
+        return ()
+    entries = str(value).split("/")
+    if len(entries) != runs:
+        raise ValueError(f"--variants {value!r}: {len(entries)} entries for {runs} --widths "
+                         "entries; give one per run, separated by /")
+    variants = []
+    for entry in entries:
+        pairs = [p for p in entry.split(";") if p.strip()]
+        if any("=" not in p for p in pairs):
+            raise ValueError(f"--variants entry {entry!r}: pass KEY=VALUE pairs separated by ;")
+        variants.append({k.strip(): v.strip() for k, v in (p.split("=", 1) for p in pairs)})
+    return tuple(variants)
+
+
 def _share(minutes: float, plan: Plan) -> float:
     """``minutes``, or less for a short budget."""
     return min(minutes, SMALL_SHARE * plan.minutes)
@@ -243,6 +298,7 @@ def _share(minutes: float, plan: Plan) -> float:
 def _plan_text(plan: Plan) -> dict[str, Any]:
     return {"minutes": plan.minutes, "build_minutes": plan.build_minutes,
             "widths": [list(w) for w in plan.widths], "recipe": plan.recipe,
+            "resolutions": list(plan.resolutions), "variants": list(plan.variants),
             "settings": {**RECIPES[plan.recipe], **plan.overrides}, "workers": plan.workers,
             "device": plan.device, "max_atoms": plan.max_atoms}
 

@@ -5,11 +5,19 @@ centred on a molecule voxel, the rest on a solvent voxel) and, for training, aug
 the DeepEMhancer paper: one of the 24 rotations of the cube (no mirror images: proteins are
 chiral), Gaussian blurring of the input and corruption of a patch of the input.
 
-Negatives (``negative_fraction`` of the cubes): the input cube with its Fourier phases
-randomised — the same amplitude spectrum, so the same power at every resolution as the
-molecule or solvent it came from, but no structure — scaled by a random factor, with an
-empty target. They teach the network that density-like power without structure is noise:
-noise in, nothing out.
+Negatives (``negative_fraction`` of the cubes) have an empty target and come from one of two
+sources (``negative_source``), scaled by a random factor:
+
+``"cube"``  the input cube with its Fourier phases randomised: the same amplitude spectrum as
+    the molecule or solvent it came from, at the molecule's amplitude. Too strong a lesson:
+    smooth, bright low-resolution density (a 6-7 Å map) looks locally like such a cube, and
+    networks trained on them erase it.
+``"map"``   a cube of the whole map phase-randomised and then normalised by the runtime's own
+    statistics (the dataset's ``negative`` arrays, :func:`demhx_export.dataset.whole_map_negative`):
+    what a user's noise map looks like to the network — coloured like the map, at the level
+    of noise (std about ``NOISE_STD``), not of the molecule.
+
+Either teaches that power without structure is noise: noise in, nothing out.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ BLUR_SIGMA = (0.5, 1.5)  # voxels
 PATCH_PROBABILITY = 0.2
 PATCH_EDGE = (1 / 8, 1 / 4)  # fraction of the cube edge
 NEGATIVE_SCALE = (0.5, 2.0)  # negatives' random amplitude factor, drawn log-uniformly (default)
+NEGATIVE_SOURCES = ("cube", "map")
 
 
 Rotation = tuple[tuple[int, ...], tuple[bool, ...]]
@@ -75,13 +84,16 @@ class CubeSampler:
         target; see the module's docstring).
     negative_scale : (low, high) range of the negatives' amplitude factor, drawn
         log-uniformly.
+    negative_source : "cube" or "map" (see the module's docstring); "map" needs a dataset
+        with ``negative`` arrays.
     """
 
     def __init__(self, dataset_dir: str | Path, cube_size: int = 64, batch_size: int = 4,
                  seed: int = 0, signal_fraction: float = 0.7, augment: bool = True,
                  preload: bool = True, target: str = "locscale",
                  negative_fraction: float = 0.0,
-                 negative_scale: tuple[float, float] = NEGATIVE_SCALE) -> None:
+                 negative_scale: tuple[float, float] = NEGATIVE_SCALE,
+                 negative_source: str = "cube") -> None:
         self.dir = Path(dataset_dir)
         index_path = self.dir / "index.json"
         if not index_path.is_file():
@@ -99,6 +111,10 @@ class CubeSampler:
         if not 0 < low <= high:
             raise ValueError(f"negative_scale {negative_scale}: need 0 < low <= high")
         self.negative_scale = (low, high)
+        if negative_source not in NEGATIVE_SOURCES:
+            raise ValueError(f"negative_source {negative_source!r}: not one of "
+                             f"{', '.join(NEGATIVE_SOURCES)}")
+        self.negative_source = negative_source
         self.cube_size, self.batch_size = cube_size, batch_size
         self.signal_fraction, self.augment, self.preload = signal_fraction, augment, preload
         self.target = target
@@ -106,10 +122,19 @@ class CubeSampler:
         self.rotations = cube_rotations()
         self._maps: list[tuple[NDArray[Any], NDArray[Any]] | None] = []
         self._centres: list[tuple[NDArray[Any], NDArray[Any]]] = []
+        self._negatives: dict[int, NDArray[Any] | None] = {}  # map index -> array (preload)
         for i, entry in enumerate(self.entries):
             inputs, target_map, signal = self._load(entry["id"])
             self._centres.append(_draw_centres(signal, np.random.default_rng([seed, i])))
             self._maps.append((inputs, target_map) if preload else None)
+            if negative_source == "map":
+                negative = self._load_negative(entry["id"])
+                if negative is not None:
+                    self._negatives[i] = negative if preload else None
+        if negative_source == "map" and not self._negatives:
+            raise ValueError(f"{self.dir}: no map has a 'negative' array; rebuild the dataset "
+                             "with this generator or use negative_source='cube'")
+        self._negative_ids = sorted(self._negatives)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -138,7 +163,9 @@ class CubeSampler:
                 x, y = self._augment(x, y, rng)
             if fraction and rng.random() < fraction:
                 scale = np.exp(rng.uniform(*np.log(self.negative_scale))) if augment else 1.0
-                x, y = phase_randomise(x, rng) * np.float32(scale), np.zeros_like(y)
+                x = self._negative_cube(rng, augment) if self.negative_source == "map" \
+                    else phase_randomise(x, rng)
+                x, y = x * np.float32(scale), np.zeros_like(y)
             inputs[b, 0], targets[b, 0] = x, y
         return inputs, targets
 
@@ -155,6 +182,20 @@ class CubeSampler:
         corner = np.clip(centre - c // 2, 0, np.array(inputs.shape) - c)
         window = tuple(slice(int(s), int(s) + c) for s in corner)
         return inputs[window].copy(), target[window].copy()
+
+    def _negative_cube(self, rng: np.random.Generator, augment: bool) -> NDArray[Any]:
+        """A cube at a random place of a random map's whole-map negative (rotated when
+        augmenting)."""
+        i = self._negative_ids[int(rng.integers(len(self._negative_ids)))]
+        negative = self._negatives[i]
+        if negative is None:
+            negative = self._load_negative(self.entries[i]["id"])
+        c = self.cube_size
+        corner = [int(rng.integers(0, n - c + 1)) for n in negative.shape]
+        cube = negative[tuple(slice(s, s + c) for s in corner)]
+        if augment:
+            cube = rotate(cube, self.rotations[int(rng.integers(len(self.rotations)))])
+        return np.array(cube, dtype=np.float32)
 
     def _augment(self, x: NDArray[Any], y: NDArray[Any],
                  rng: np.random.Generator) -> tuple[NDArray[Any], NDArray[Any]]:
@@ -181,12 +222,21 @@ class CubeSampler:
             if key not in data:
                 raise ValueError(f"{path}: has no {self.target!r} target; rebuild the dataset "
                                  "with this generator or pick another --target")
-            arrays = [data["input"], data[key], data["signal"]]
-        short = [max(0, self.cube_size - n) for n in arrays[0].shape]
-        if any(short):
-            pad = [(s // 2, s - s // 2) for s in short]
-            arrays = [np.pad(a, pad) for a in arrays]
+            arrays = [_pad_to(data[k], self.cube_size) for k in ("input", key, "signal")]
         return arrays[0], arrays[1], arrays[2]
+
+    def _load_negative(self, sample_id: str) -> NDArray[Any] | None:
+        """The sample's whole-map negative, padded to at least one cube (None: it has none)."""
+        with np.load(self.dir / f"{sample_id}.npz") as data:
+            if "negative" not in data:
+                return None
+            return _pad_to(data["negative"], self.cube_size)
+
+
+def _pad_to(volume: NDArray[Any], size: int) -> NDArray[Any]:
+    """``volume`` zero-padded (centred) to at least ``size`` along every axis."""
+    short = [max(0, size - n) for n in volume.shape]
+    return np.pad(volume, [(s // 2, s - s // 2) for s in short]) if any(short) else volume
 
 
 def phase_randomise(volume: NDArray[Any], rng: np.random.Generator) -> NDArray[np.float32]:

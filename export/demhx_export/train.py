@@ -100,6 +100,7 @@ class TrainConfig:
     norm: str = "group"
     negative_fraction: float = 0.0
     negative_scale: tuple[float, float] = (0.5, 2.0)
+    negative_source: str = "cube"
     error_head: bool = False
     error_weight: float = 0.25
     warmup_steps: int = 200
@@ -401,10 +402,11 @@ def _samplers(config: TrainConfig, step: int) -> tuple[CubeSampler, tuple[list, 
     sampler = CubeSampler(config.train_dir, cube_size=config.cube_size,
                           batch_size=config.batch_size, seed=config.seed + 7919 * step,
                           target=config.target, negative_fraction=config.negative_fraction,
-                          negative_scale=config.negative_scale)
+                          negative_scale=config.negative_scale,
+                          negative_source=config.negative_source)
     val_sampler = CubeSampler(config.val_dir, cube_size=config.cube_size,
                               batch_size=config.batch_size, seed=config.seed, augment=False,
-                              target=config.target)
+                              target=config.target, negative_source=config.negative_source)
     return sampler, (val_sampler.fixed_batches(config.val_batches, seed=config.seed),
                      val_sampler.fixed_batches(config.val_batches, seed=config.seed + 1,
                                                negatives=True))
@@ -485,7 +487,7 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
                   schedule: str = "plateau", device: str = "cpu", precision: str = "auto",
                   workers: int = 0, min_lr: float = 1e-5, target: str = "locscale",
                   norm: str = "group", negative_fraction: float = 0.0,
-                  negative_scale: object = (0.5, 2.0),
+                  negative_scale: object = (0.5, 2.0), negative_source: str = "cube",
                   error_head: bool = False, error_weight: float = 0.25,
                   warmup_steps: int = 200, clip_norm: float = 1.0,
                   spike_factor: float = 5.0, decay_minutes: float = 0.0) -> None:
@@ -518,6 +520,9 @@ def train_command(train_dir: str, val_dir: str, run: str, widths: object = (16, 
     negative_fraction : fraction of training cubes made negatives (phase-randomised input,
         empty target).
     negative_scale : LOW,HIGH range of the negatives' random amplitude factor.
+    negative_source : "cube" (each cube's own phases randomised, at the molecule's level) or
+        "map" (cubes of the whole map phase-randomised and normalised as the runtime does: a
+        noise map as a user's would look; needs a dataset built with this generator).
     error_head : train a second output channel that estimates the first one's |error|.
     error_weight : weight of the error channel's L1 loss.
     warmup_steps : steps of linear learning-rate warm-up.
@@ -556,6 +561,7 @@ def _command_config(options: dict[str, Any]) -> TrainConfig:
                        precision=precision, min_lr=float(o["min_lr"]), target=str(o["target"]),
                        norm=str(o["norm"]), negative_fraction=float(o["negative_fraction"]),
                        negative_scale=_pair(o["negative_scale"]),
+                       negative_source=str(o["negative_source"]),
                        error_head=bool(o["error_head"]), error_weight=float(o["error_weight"]),
                        warmup_steps=int(o["warmup_steps"]), clip_norm=float(o["clip_norm"]),
                        spike_factor=float(o["spike_factor"]),

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from demhx_export.dataset import NOISE_STD, build_command, plan_samples, read_manifest
+from demhx_export.dataset import (NOISE_STD, build_command, plan_samples, read_manifest,
+                                  whole_map_negative)
 from demhx_export.synth import TARGET_RECIPES
 
 STRUCTURES = Path(__file__).resolve().parents[3] / "shared" / "data" / "structures"
@@ -61,6 +62,14 @@ def test_build_writes_normalised_pairs_and_resumes(tmp_path: Path) -> None:
         assert (target[signal == 0] == 0).all()
         assert -1 <= entry["cc_input_target"] <= 1
         assert abs(entry["fsc_half_maps"] - entry["resolution"]) < 0.4
+        # the whole-map negative, where the runtime normalises it as noise: noise-level
+        with np.load(out / f"{entry['id']}.npz") as data:
+            negative = data["negative"] if "negative" in data else None
+        assert (negative is None) == (not entry["negative_normalisation"].startswith("runtime"))
+        if negative is not None:
+            assert negative.shape == inputs.shape and negative.dtype == np.float32
+            assert 0.5 * NOISE_STD < negative.std() < 3 * NOISE_STD
+            assert abs(np.corrcoef(negative.ravel(), inputs.ravel())[0, 1]) < 0.2
     # a second run finds everything done and rewrites nothing
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npz")}
     build_command("test", str(out), count=2, seed=0, max_atoms=900,
@@ -71,3 +80,19 @@ def test_build_writes_normalised_pairs_and_resumes(tmp_path: Path) -> None:
 def test_unknown_split_is_refused() -> None:
     with pytest.raises(ValueError, match="split"):
         plan_samples("training", 1, 0, (2.5, 6.0), 25_000, STRUCTURES)
+
+
+def test_whole_map_negatives_are_noise_as_the_runtime_normalises_it() -> None:
+    """A molecule-like blob in noise: randomised over the whole box, the power of the molecule
+    spreads everywhere, and the runtime's normalisation brings it to the noise level (the
+    molecule itself stands at many times that)."""
+    rng = np.random.default_rng(0)
+    grid = np.indices((64, 64, 64)) - 32
+    blob = np.exp(-(grid ** 2).sum(axis=0) / (2 * 8.0 ** 2))
+    raw = 5.0 + 3.0 * blob + rng.normal(0, 0.2, blob.shape)
+    negative, method = whole_map_negative(raw, seed=4)
+    assert method.startswith("runtime:") and negative is not None
+    assert negative.std() < 3 * NOISE_STD and negative.max() < 1.0
+    assert abs(np.corrcoef(negative.ravel(), blob.ravel())[0, 1]) < 0.1
+    again, _ = whole_map_negative(raw, seed=4)
+    np.testing.assert_array_equal(negative, again)  # deterministic per sample seed

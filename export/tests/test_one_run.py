@@ -45,20 +45,23 @@ def test_device_command_builds_trains_and_packs_within_its_budget(tmp_path: Path
     out = tmp_path / "out"
     options = ("--build-minutes 1.5 --widths 2,4,8 --train-count 2 --val-count 1 --workers 2 "
                "--device cpu --cube-size 16 --batch-size 2 --val-every 2 --val-batches 1 "
-               "--steps 4").split()
+               "--steps 4").split() + ["--variants", "negative_fraction=0.3;negative_scale=0.8,1.2"]
     done = subprocess.run(["bash", str(SCRIPT), str(structures), str(tmp_path / "work"),
                            str(out), "3", "--", *options], capture_output=True, text=True,
                           timeout=170, env={**os.environ, "PYTHONPATH": ""})
     assert done.returncode == 0, done.stdout + done.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["one_run.log", "w2-4-8.tar"]
-    with tarfile.open(out / "w2-4-8.tar") as tar:
+    assert sorted(p.name for p in out.iterdir()) == ["one_run.log", "w2-4-8-v1.tar"]
+    with tarfile.open(out / "w2-4-8-v1.tar") as tar:
         names = set(tar.getnames())
         tar.extractall(tmp_path / "back", filter="data")
-    assert {"w2-4-8/best.safetensors", "w2-4-8/best.json", "w2-4-8/log.tsv",
-            "w2-4-8/train.log"} <= names
+    assert {"w2-4-8-v1/best.safetensors", "w2-4-8-v1/best.json", "w2-4-8-v1/log.tsv",
+            "w2-4-8-v1/train.log"} <= names
     assert not any("opt" in n or "latest" in n for n in names)  # only what is worth keeping
-    net, config = load_checkpoint(tmp_path / "back" / "w2-4-8" / "best")
-    assert net.outputs == 2 and config["train"]["negative_fraction"] == 0.25
+    net, config = load_checkpoint(tmp_path / "back" / "w2-4-8-v1" / "best")
+    # the v5 recipe (whole-map negatives), with this run's variant over it
+    assert net.outputs == 2 and config["train"]["negative_source"] == "map"
+    assert config["train"]["negative_fraction"] == 0.3
+    assert config["train"]["negative_scale"] == [0.8, 1.2]
     assert config["train"]["decay_minutes"] > 0 and config["train"]["clip_norm"] == 1.0
     assert config["step"] in (2, 4) and config["train"]["decay_steps"] == 4
     log = (out / "one_run.log").read_text()
@@ -77,3 +80,18 @@ def test_large_runs_come_back_in_parts(tmp_path: Path) -> None:
     joined.write_bytes(b"".join(p.read_bytes() for p in parts))
     with tarfile.open(joined) as tar:
         assert set(tar.getnames()) == {"big/best.safetensors", "big/best.json"}
+
+
+def test_variants_and_resolutions_are_checked() -> None:
+    from demhx_export.one_run import _resolutions, _variants
+
+    assert _variants("a=1;b=2,3/a=4", 2) == ({"a": "1", "b": "2,3"}, {"a": "4"})
+    assert _variants(None, 3) == ()
+    with pytest.raises(ValueError, match="2 entries for 3"):
+        _variants("a=1/a=2", 3)
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        _variants("a", 1)
+    assert _resolutions(None, "v5") == (2.5, 7.5) and _resolutions(None, "v4") == (2.5, 6.0)
+    assert _resolutions("3,8", "v5") == (3.0, 8.0)
+    with pytest.raises(ValueError, match="LOW,HIGH"):
+        _resolutions("8,3", "v5")

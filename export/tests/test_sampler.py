@@ -151,3 +151,40 @@ def test_negatives_have_empty_targets_and_scaled_randomised_inputs(dataset: Path
         CubeSampler(dataset, cube_size=16, negative_fraction=1.5)
     with pytest.raises(ValueError, match="negative_scale"):
         CubeSampler(dataset, cube_size=16, negative_scale=(2.0, 1.0))
+
+
+def _with_negatives(dataset: Path, maps: tuple[int, ...]) -> Path:
+    """The fixture's maps, those in ``maps`` with a 'negative' array of constant 0.5 + i."""
+    for i in range(3):
+        path = dataset / f"m{i}.npz"
+        with np.load(path) as data:
+            arrays = dict(data)
+        if i in maps:
+            arrays["negative"] = np.full(arrays["input"].shape, 0.5 + i, dtype=np.float32)
+        np.savez(path, **arrays)
+    return dataset
+
+
+def test_map_negatives_come_from_the_maps_whole_map_negatives(dataset: Path) -> None:
+    _with_negatives(dataset, (0, 2))
+    for preload in (True, False):
+        sampler = CubeSampler(dataset, cube_size=16, batch_size=8, seed=3, preload=preload,
+                              negative_fraction=1.0, negative_source="map",
+                              negative_scale=(2.0, 2.0))
+        seen = set()
+        for _ in range(6):
+            inputs, targets = sampler.batch()
+            assert not targets.any()
+            for cube in inputs[:, 0]:
+                assert np.ptp(cube) == 0  # a crop of one constant negative, never the input
+                seen.add(round(float(cube[0, 0, 0]), 4))
+        assert seen == {1.0, 5.0}  # (0.5 + i) × 2 for the maps that have one
+        val = sampler.fixed_batches(2, seed=0, negatives=True)
+        assert {round(float(x[0, 0, 0, 0, 0]), 4) for x, _ in val} <= {0.5, 2.5}  # unscaled
+
+
+def test_map_negatives_need_a_dataset_that_has_them(dataset: Path) -> None:
+    with pytest.raises(ValueError, match="rebuild the dataset"):
+        CubeSampler(dataset, cube_size=16, negative_fraction=0.5, negative_source="map")
+    with pytest.raises(ValueError, match="negative_source"):
+        CubeSampler(dataset, cube_size=16, negative_source="maps")
