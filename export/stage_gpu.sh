@@ -37,4 +37,4 @@ tracked=$(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1)
 staged=$(du -sb .gpu | cut -f1)
 echo "tracked tree $((tracked / 1048576)) MiB + .gpu $((staged / 1048576)) MiB (a call carries at most 64 MiB)"
 echo "the call (carry [\".gpu\"], timeout 600 s):"
-echo "  mkdir -p /tmp/w/site && cp -r .gpu/clean/demhx /tmp/w/site/ && bash export/train_gpu.sh .gpu/structures /tmp/w \$OUT 8.7 .gpu/wheels -- --widths 16,32,64/32,64,128 --build-minutes 2.3"
+echo "  mkdir -p /tmp/w/site && cp -r .gpu/clean/demhx /tmp/w/site/ && bash export/train_gpu.sh .gpu/structures /tmp/w \$OUT 8.5 .gpu/wheels -- --widths 16,32,64/16,32,64 --variants 'negative_fraction=0.25/negative_fraction=0.4;negative_scale=0.7,2' --build-minutes 2.3"

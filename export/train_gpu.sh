@@ -10,7 +10,8 @@
 #   MINUTES     budget of the whole call (keep a minute under the machine's limit)
 #   WHEELS      optional folder of wheels for an offline machine (gemmi, mrcfile, fire, ...),
 #               installed into WORK/site first
-#   options     those of `demhx-export one-run` (--widths 16,32,64/32,64,128, --recipe v4,
+#   options     those of `demhx-export one-run` (--widths 16,32,64/32,64,128, --recipe v5,
+#               --variants,
 #               --build-minutes, --lr, --negative-fraction, --device, ...)
 #
 # Run from anywhere; the repository is found from this script's place. The trainer's output
