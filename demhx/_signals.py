@@ -1,14 +1,23 @@
-"""Termination signals: SIGTERM and SIGHUP stop a run the way Ctrl-C does.
+"""Termination signals: SIGINT, SIGTERM and SIGHUP stop a run once, and cleanly.
 
 Batch systems stop a job with SIGTERM (SLURM's ``scancel``, ``docker stop``, systemd) and a
 closed terminal sends SIGHUP. Python's default for both is to die at once, skipping the
-clean-up that removes temporary files. :func:`handled` (entered by the command line) makes
-SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted`, a ``KeyboardInterrupt``, so the same
-``except``/``finally`` clean-up runs for all three. :func:`deferred` holds these signals back
-for the few statements that must not be cut in two (moving an output and its confidence map
-into place) and delivers them when the block ends.
+clean-up that removes temporary files. Here the first of the three signals raises
+:class:`Interrupted`, a ``KeyboardInterrupt``, so the same ``except``/``finally`` clean-up
+runs for all three. Every later signal is ignored, and so is any signal once the outcome is
+final (:func:`close`), so that neither the clean-up nor the line that reports it is cut
+short. The handler stays a Python function throughout: a signal already on its way while
+``SIG_IGN`` is swapped in makes Python print "Signal N ignored due to race condition".
 
-Only the main thread can install signal handlers; elsewhere both are no-ops.
+:func:`catch` installs the handler for the rest of the process (the command does so before
+anything else); :func:`handled` installs it for a block and restores the previous handlers
+after it. Code between the handler and the command's report may turn :class:`Interrupted`
+into another error (an extension module's import, ``__set_name__``), so :func:`taken` says
+whether a signal was taken, whatever arrived. :func:`deferred` holds the signals back for the
+few statements that must not be cut in two (moving an output and its confidence map into
+place) and delivers them when the block ends.
+
+Only the main thread can install signal handlers; elsewhere these functions do nothing.
 """
 
 from __future__ import annotations
@@ -57,10 +66,28 @@ def signal_name(error: KeyboardInterrupt) -> str:
     return error.name if isinstance(error, Interrupted) else "SIGINT"
 
 
-def _raise(signum: int, frame: FrameType | None) -> None:
-    """Stop the run; further signals are ignored so that the clean-up is not cut short."""
-    for number in SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
+class _State:
+    """Where the handler stands: the signal taken (None: none yet), whether the outcome is
+    final, and whether :func:`catch` installed the handler for the whole process."""
+
+    def __init__(self) -> None:
+        self.taken: int | None = None
+        self.closed = False
+        self.for_process = False
+
+    def reset(self) -> None:
+        self.taken, self.closed = None, False
+
+
+_STATE = _State()
+
+
+def _take(signum: int, frame: FrameType | None) -> None:
+    """The handler: the first signal stops the run; later ones, and any once the outcome is
+    final, are ignored."""
+    if _STATE.taken is not None or _STATE.closed:
+        return
+    _STATE.taken = signum
     raise Interrupted(signum)
 
 
@@ -68,18 +95,57 @@ def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def catch() -> None:
+    """Install the handler for the rest of the process (the command, first thing).
+
+    A signal the process was started with ignored stays ignored: ``nohup``'s SIGHUP, a
+    background job's SIGINT.
+    """
+    if not _in_main_thread():
+        return
+    _STATE.reset()
+    _STATE.for_process = True
+    for number in SIGNALS:
+        if signal.getsignal(number) != signal.SIG_IGN:
+            signal.signal(number, _take)
+
+
+def close() -> None:
+    """The outcome is final: from now on every signal is ignored (until :func:`handled`
+    ends, or for the rest of the process under :func:`catch`)."""
+    _STATE.closed = True
+
+
+def taken() -> Interrupted | None:
+    """The interruption by the signal taken so far, or None when none was taken."""
+    return None if _STATE.taken is None else Interrupted(_STATE.taken)
+
+
+def raise_taken() -> None:
+    """Raise :class:`Interrupted` again if a signal was taken: its exception was turned into
+    another error, or swallowed, on its way, and the run must still stop as asked."""
+    if _STATE.taken is not None:
+        raise Interrupted(_STATE.taken)
+
+
 @contextmanager
 def handled() -> Iterator[None]:
-    """Inside the block SIGINT, SIGTERM and SIGHUP raise :class:`Interrupted` (the first of
-    them; later ones are ignored until the block ends, while the clean-up runs)."""
-    if not _in_main_thread():
+    """Inside the block the first SIGINT, SIGTERM or SIGHUP raises :class:`Interrupted`;
+    later ones are ignored while the clean-up runs. Under :func:`catch` the handler is
+    already in place and this does nothing."""
+    if _STATE.for_process or not _in_main_thread():
         yield
         return
-    previous = {number: signal.signal(number, _raise) for number in SIGNALS}
+    _STATE.reset()
+    previous: dict[signal.Signals, Any] = {}
     try:
+        for number in SIGNALS:
+            previous[number] = signal.signal(number, _take)
         yield
     finally:
+        _STATE.closed = True  # a signal arriving while the handlers are put back is ignored
         _restore(previous)
+        _STATE.reset()
 
 
 @contextmanager
@@ -87,8 +153,8 @@ def deferred() -> Iterator[None]:
     """Hold SIGINT, SIGTERM and SIGHUP back inside the block; deliver the first at its end.
 
     The signal then goes to the handler that was installed before the block (raising
-    :class:`Interrupted` under :func:`handled`, ``KeyboardInterrupt`` by Python's default,
-    or the default action, which ends the process).
+    :class:`Interrupted` under :func:`handled` or :func:`catch`, ``KeyboardInterrupt`` by
+    Python's default, or the default action, which ends the process).
     """
     if not _in_main_thread():
         yield
@@ -98,8 +164,10 @@ def deferred() -> Iterator[None]:
     def hold(signum: int, frame: FrameType | None) -> None:
         pending.append(signum)
 
-    previous = {number: signal.signal(number, hold) for number in SIGNALS}
+    previous: dict[signal.Signals, Any] = {}
     try:
+        for number in SIGNALS:
+            previous[number] = signal.signal(number, hold)
         yield
     finally:
         _restore(previous)

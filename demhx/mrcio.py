@@ -338,7 +338,8 @@ def write_maps(items: Sequence[tuple[str | Path, NDArray[Any], str]], template: 
         # Write every map to its temporary file (one stored copy alive at a time) ...
         for path, (_, data, label) in zip(paths, items, strict=True):
             stored = _stored_layout(path, data, template)
-            temporaries.append(_new_temporary_for_writing(path))
+            with _signals.deferred():  # a signal waits until the new file is listed for clean-up
+                temporaries.append(_new_temporary_for_writing(path))
             _write_temporary(path, temporaries[-1], stored, template, label)
             del stored
         # ... then move them all into place, uninterrupted.

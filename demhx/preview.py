@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from demhx import _signals
 from demhx.mrcio import check_output_folder, check_path_limits, new_temporary
 
 PERCENTILES = (1.0, 99.5)  # grey scale of a row: these percentiles of its central slices
@@ -191,12 +192,15 @@ def write_preview(input_volume: NDArray[Any], output_volume: NDArray[Any], path:
     rows = preview_panels(input_volume, output_volume, percentiles)
     figure = _figure(rows, np.asarray(input_volume).shape, names, percentiles)
     # Save beside the destination, then move it into place.
-    temporary = new_temporary(path)
+    temporary = None
     try:
+        with _signals.deferred():  # a signal waits until the new file is named for clean-up
+            temporary = new_temporary(path)
         figure.savefig(temporary, format="png", dpi=_DPI)
         os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
         raise
     return path
 

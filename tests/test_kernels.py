@@ -125,14 +125,63 @@ def test_cube_abs_max_matches_reference(rng: np.random.Generator) -> None:
     np.testing.assert_array_equal(fast, slow)
 
 
-def test_disk_cache_is_skipped_where_nothing_is_writable(monkeypatch) -> None:
+def test_disk_cache_is_skipped_where_nothing_is_writable(monkeypatch, tmp_path) -> None:
     from demhx import _jit
 
     monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
-    monkeypatch.setattr(_jit.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(_jit.os, "access", lambda path, mode: path == str(tmp_path))
     assert _jit.disk_cache_usable() is False
-    monkeypatch.setenv("NUMBA_CACHE_DIR", "/tmp/numba-cache")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "numba-cache"))  # made when used
     assert _jit.disk_cache_usable() is True
+    monkeypatch.setenv("NUMBA_CACHE_DIR", "/proc/numba-cache")  # set, but not writable
+    assert _jit.disk_cache_usable() is False
+
+
+@pytest.mark.parametrize(("numba_cache_dir", "writable"), [
+    (None, "tmp"), ("file/cache", "tmp"), (None, "nowhere")])
+def test_import_without_a_writable_home_or_cache_folder(tmp_path, numba_cache_dir: str | None,
+                                                        writable: str) -> None:
+    """A user whose home cannot be looked into, with no usable NUMBA_CACHE_DIR and a
+    read-only install (``sudo -u other`` without ``-H``): no traceback at import. The
+    kernels are cached in a private folder of the user under the temporary folder, or
+    compiled in memory where even that cannot be written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    home, cwd, temporary = tmp_path / "home", tmp_path / "cwd", tmp_path / "tmp"
+    for folder in (home, cwd, temporary):
+        folder.mkdir()
+    (tmp_path / "file").write_text("in the way of a folder")
+    script = ("import os\n"  # only WRITABLE can be written (root may write anywhere)
+              "allowed, access = os.environ['WRITABLE'], os.access\n"
+              "os.access = lambda path, mode: (str(path).startswith(allowed)\n"
+              "                                and access(path, mode))\n"
+              "from demhx import _jit, _kernels\n"
+              "print(_jit.CACHE, os.environ.get('NUMBA_CACHE_DIR'))\n")
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("NUMBA_", "DEMHX_")) and key != "XDG_CACHE_HOME"}
+    env.update(HOME=str(home), TMPDIR=str(temporary), WRITABLE=str(tmp_path / writable),
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    if numba_cache_dir is not None:
+        env["NUMBA_CACHE_DIR"] = str(tmp_path / numba_cache_dir)
+    home.chmod(0o000)  # as /root for another user
+    cwd.chmod(0o500)
+    try:
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                                env=env, cwd=cwd, timeout=120)
+    finally:
+        home.chmod(0o700)
+        cwd.chmod(0o700)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("\n") <= 1, result.stderr
+    if writable == "nowhere":
+        assert result.stdout.split()[0] == "False"
+        return
+    cache = temporary / f"demhx-numba-{os.getuid()}"
+    assert result.stdout == f"True {cache}\n"
+    assert cache.stat().st_mode & 0o777 == 0o700
 
 
 def test_noise_kernels_are_named_by_both_modules() -> None:
