@@ -190,6 +190,7 @@ class CubeSampler:
         negative = self._negatives[i]
         if negative is None:
             negative = self._load_negative(self.entries[i]["id"])
+            assert negative is not None  # listed at start: the sample has one
         c = self.cube_size
         corner = [int(rng.integers(0, n - c + 1)) for n in negative.shape]
         cube = negative[tuple(slice(s, s + c) for s in corner)]

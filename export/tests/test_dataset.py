@@ -8,8 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from demhx_export.dataset import (NOISE_STD, build_command, plan_samples, read_manifest,
-                                  whole_map_negative)
+from demhx_export.dataset import (
+    NOISE_STD,
+    build_command,
+    plan_samples,
+    read_manifest,
+    whole_map_negative,
+)
 from demhx_export.synth import TARGET_RECIPES
 
 STRUCTURES = Path(__file__).resolve().parents[3] / "shared" / "data" / "structures"
