@@ -221,8 +221,13 @@ class OneChannel(nn.Module):
 
 
 def count_parameters(net: nn.Module) -> int:
-    """Number of trainable parameters of a network."""
-    return sum(p.numel() for p in net.parameters() if p.requires_grad)
+    """Number of trainable parameters of a network (of a :class:`OneChannel`, those its
+    output uses: the other head is left out, as in its exported graph)."""
+    unused: set[int] = set()
+    if isinstance(net, OneChannel):
+        other = net.net.error if net.channel == "map" else net.net.head
+        unused = {id(p) for p in other.parameters()} if other is not None else set()
+    return sum(p.numel() for p in net.parameters() if p.requires_grad and id(p) not in unused)
 
 
 def flops_per_cube(widths: Sequence[int] | str = PAPER_WIDTHS,

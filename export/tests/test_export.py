@@ -173,6 +173,11 @@ def test_a_network_with_an_error_head_exports_one_output_per_model(
     # the map's graph leaves the error head out
     weights = {init.name for init in onnx.load(str(out)).graph.initializer}
     assert any("error" in name for name in weights) == (channel == "error")
+    # and the parameter count in its metadata leaves the other head out, as its graph does
+    other = "error." if channel == "map" else "head."
+    used = sum(p.numel() for name, p in net.named_parameters() if not name.startswith(other))
+    total = sum(p.numel() for p in net.parameters())
+    assert int(report.metadata["demhx.parameters"]) == used < total
 
 
 def test_error_channel_of_a_network_without_error_head_is_refused(tmp_path: Path,
