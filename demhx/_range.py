@@ -63,7 +63,8 @@ from demhx.errors import DemhxWarning
 
 VOXEL_RATIO_REFUSED = (0.25, 4.0)  # map voxel / model voxel refused outside (any axis)
 VOXEL_RATIO_WARNED = (0.5, 3.0)  # ... and warned about outside
-TRAINED_RESOLUTIONS = (2.5, 6.0)  # Å, the training half-maps' FSC-0.143 resolutions
+TRAINED_RESOLUTIONS = (2.5, 6.0)  # Å, FSC-0.143 of the training half-maps of every shipped model
+# (tight-fast 0.4 also saw 6-7.5 Å); the messages name this shared range
 TAIL_QUANTILE = 1e-4  # the map's reach above and below the noise mean: these end quantiles
 CONTRAST_SIGMAS = 5.0  # density: voxels beyond this many noise stds from the noise mean
 INVERTED_MASS_RATIO = 2.0  # inverted: this many times as many of them below as above ...

@@ -216,15 +216,22 @@ def test_noise_in_may_give_nothing_out(output: str) -> None:
 
 def test_the_microed_map_is_not_erased_silently(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    """EMD-3001 (0.39-0.46 Å voxels) came out with a tenth of its amplitude, exit 0."""
+    """EMD-3001 (0.39-0.46 Å voxels) came out with a tenth of its amplitude, exit 0, under
+    an older default model. Whatever the shipped model makes of it, the user is told: the
+    voxel size and the low peak before the run, and after it either a refusal (an erased
+    output, nothing written) or a warning that the output follows the map only loosely."""
     source, output = real_map("EMD-3001.map"), tmp_path / "out.mrc"
-    assert cli.main([str(source), str(output), "--device", "cpu", "-q"]) == 1
+    status = cli.main([str(source), str(output), "--device", "cpu", "-q"])
     lines = capsys.readouterr().err.splitlines()
     warned = [line for line in lines if line.startswith("demhx: warning: ")]
     assert any("is 1/2.55 of the model's 1 Å" in line for line in warned)
     assert any("peaks at only 5.6 noise stds" in line for line in warned)
-    assert lines[-1].startswith("demhx: error: model tight-fast") and "erased" in lines[-1]
-    assert "nothing written" in lines[-1] and not output.exists()
+    if status == 1:
+        assert lines[-1].startswith("demhx: error: model tight-fast") and "erased" in lines[-1]
+        assert "nothing written" in lines[-1] and not output.exists()
+    else:
+        assert status == 0 and output.exists()
+        assert any("follows the map only loosely" in line for line in warned)
 
 
 @pytest.mark.filterwarnings("ignore:.*marked untrained:demhx.errors.DemhxWarning")

@@ -36,10 +36,11 @@ from typing import Any
 from demhx_export.dataset import DEFAULT_STRUCTURES, build_command
 from demhx_export.network import parse_widths
 
-# Settings of each recipe (``demhx-export train`` options). v3: the shipped tight-fast 0.3's;
+# Settings of each recipe (``demhx-export train`` options). v3: tight-fast 0.3's;
 # v4: v3 plus negatives, an error head, warm-up, gradient clipping and the divergence guard;
 # v5: v4 with whole-map negatives at the noise level (a phase-randomised cube at the
-# molecule's level taught v4 to erase real 6-7 Å density) and maps down to 7.5 Å.
+# molecule's level taught v4 to erase real 6-7 Å density) and maps down to 7.5 Å: the shipped
+# tight-fast 0.4's.
 RECIPES: dict[str, dict[str, Any]] = {
     "v3": {"target": "truth", "norm": "none", "schedule": "cosine", "lr": 1e-3,
            "warmup_steps": 0, "clip_norm": 0.0, "spike_factor": 0.0},
