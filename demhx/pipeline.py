@@ -132,7 +132,7 @@ class Enhancer:
                 tta: int | None = None) -> Map | tuple[Map, Map]:
         """The enhanced map, ``(z, y, x)`` float32 on the input grid (see :func:`enhance`)."""
         options = EnhanceOptions(noise_stats, tiling, tta, confidence, progress)
-        return self.process(volume, voxel_size, options, half2=half2, mask=mask).result()
+        return self.checked(volume, voxel_size, options, half2=half2, mask=mask).result()
 
     def run(self, volume: NDArray[Any], voxel_size: VoxelSize, *,
             half2: NDArray[Any] | None = None, noise_stats: NoiseStatsLike = None,
@@ -144,8 +144,18 @@ class Enhancer:
         ``name`` (e.g. the file the volume came from) starts the messages of input errors.
         """
         options = EnhanceOptions(noise_stats, tiling, tta, confidence, progress)
-        enhanced = self.process(volume, voxel_size, options, half2=half2, mask=mask, name=name)
+        enhanced = self.checked(volume, voxel_size, options, half2=half2, mask=mask, name=name)
         return enhanced.result(), enhanced.info
+
+    def checked(self, volume: NDArray[Any], voxel_size: VoxelSize, options: EnhanceOptions,
+                *, half2: NDArray[Any] | None = None, mask: NDArray[Any] | None = None,
+                name: str = "volume") -> Enhanced:
+        """:meth:`process` with the array API's gate for an all-zero output
+        (:func:`demhx.run_array.check_all_zero`: refused where the input had density, else
+        returned with a warning naming the cause)."""
+        enhanced = self.process(volume, voxel_size, options, half2=half2, mask=mask, name=name)
+        run_array.check_all_zero(enhanced, self.runtime, name)
+        return enhanced
 
     def enhance_file(self, source: str | Path, output: str | Path, *,
                      half2: str | Path | None = None, voxel_size: VoxelSize | None = None,
@@ -228,7 +238,7 @@ def enhance(volume: NDArray[Any], voxel_size: VoxelSize, *, model: str | Path | 
     """
     options = EnhanceOptions(noise_stats, tiling, tta, confidence, progress)
     enhancer = Enhancer(model, device=device, batch_size=batch_size, threads=threads)
-    return enhancer.process(volume, voxel_size, options, half2=half2, mask=mask).result()
+    return enhancer.checked(volume, voxel_size, options, half2=half2, mask=mask).result()
 
 
 def enhance_file(source: str | Path, output: str | Path, *, half2: str | Path | None = None,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ from numpy.typing import NDArray
 
 from demhx import _warmup, augment, normalise, resample, tiling, validate
 from demhx.blend import TileCounts, overlap_add, overlap_add_augmented
+from demhx.errors import DemhxWarning
 from demhx.model import ModelSpec
 from demhx.multi_device import Loaded
 from demhx.normalise import NoiseStats
@@ -152,6 +154,36 @@ def enhance_array(load: Callable[[], Loaded], volume: NDArray[Any], voxel_size: 
     if own_clock:
         clock.log()
     return Enhanced(np.ascontiguousarray(result, dtype=np.float32), spread, info)
+
+
+def zero_cause(info: RunInfo, runtime: Loaded) -> str:
+    """Why a run's output is all zero: every cube skipped as solvent, or the model."""
+    cubes = info.cubes
+    if cubes.run == 0:
+        return (f"all {cubes.skipped} cubes were skipped as solvent: the normalised map "
+                f"never rises above solvent noise (noise std {info.noise.std:.4g}, "
+                f"{info.noise.method}); check the voxel size and the noise statistics "
+                "(noise_stats=, mask=), or run tiling=reference")
+    return (f"{model_cause(runtime)} returned zeros for all {cubes.run} cubes it ran; check "
+            "the model (model=)")
+
+
+def check_all_zero(enhanced: Enhanced, runtime: Loaded, name: str) -> None:
+    """The array API's gate for an all-zero output (the file path refuses one outright).
+
+    Where the input has density for the output to follow (``info.fidelity``), a model that
+    returned zeros erased it: refused as :func:`demhx.validate.check_fidelity` refuses any
+    erased output. Otherwise (a map without density, every cube skipped as solvent: noise in,
+    nothing out) the zeros are returned with a :class:`DemhxWarning` naming the cause.
+    """
+    result, info = enhanced.map, enhanced.info
+    if result.size and (result.min() != 0 or result.max() != 0):
+        return
+    if info.cubes.run and info.fidelity is not None:
+        validate.check_fidelity(info.fidelity, name, model_cause(runtime),
+                                runtime.spec.trained)
+    warnings.warn(f"{name}: the output is all zero ({zero_cause(info, runtime)})",
+                  DemhxWarning, stacklevel=3)
 
 
 def _checked_inputs(volume: NDArray[Any], voxel_size: VoxelSize, half2: NDArray[Any] | None,

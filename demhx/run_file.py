@@ -23,7 +23,7 @@ from demhx import _warmup, mrcio, validate
 from demhx.errors import DemhxWarning
 from demhx.multi_device import Loaded
 from demhx.options import EnhanceOptions, EnhanceSummary, RunInfo, VoxelSize
-from demhx.run_array import StageClock, average_half_maps, model_cause
+from demhx.run_array import StageClock, average_half_maps, model_cause, zero_cause
 
 if TYPE_CHECKING:
     from demhx.pipeline import Enhancer
@@ -156,17 +156,8 @@ def _warn_oblique_cell(item: mrcio.MrcMap) -> None:
 def _check_output(result: NDArray[np.float32], info: RunInfo, runtime: Loaded,
                   output: Path) -> None:
     """The output gate: RuntimeError naming the cause for an all-zero or absurd output."""
-    cubes = info.cubes
-    if cubes.run == 0:
-        zero_cause = (f"all {cubes.skipped} cubes were skipped as solvent: the normalised map "
-                      f"never rises above solvent noise (noise std {info.noise.std:.4g}, "
-                      f"{info.noise.method}); check the voxel size and the noise statistics "
-                      "(noise_stats=, mask=), or run tiling=reference")
-    else:
-        zero_cause = (f"{model_cause(runtime)} returned zeros for all {cubes.run} cubes it "
-                      "ran; check the model (model=)")
     validate.check_output(result, info.input_peak, str(output), model_cause(runtime),
-                          zero_cause)
+                          zero_cause(info, runtime))
 
 
 def _label(runtime: Loaded, info: RunInfo) -> str:

@@ -252,3 +252,24 @@ def test_the_default_model_passes_the_output_check_on_a_real_map() -> None:
         enhanced = runner.process(volume, voxel, demhx.EnhanceOptions(tiling="fast"))
     fidelity = enhanced.info.fidelity
     assert fidelity is not None and fidelity.gain > 0.9 and fidelity.cc > 0.85
+
+
+def test_the_array_api_refuses_an_all_zero_output_of_a_map_with_density(tmp_path: Path
+                                                                         ) -> None:
+    """A model that returns zeros erased the particle: the array API says so, as the file
+    path does, instead of returning an all-zero map."""
+    path = write_model(tmp_path, "zero.onnx", scale_model(0.0))
+    for call in (lambda: demhx.enhance(_particle(), 1.0, model=str(path), device="cpu",
+                                       threads=1),
+                 lambda: demhx.Enhancer(path, device="cpu", threads=1).run(_particle(), 1.0)):
+        with pytest.raises(RuntimeError, match=r"zero\.onnx\].* erased or inverted the map"):
+            call()
+
+
+def test_the_array_api_warns_when_noise_gives_an_all_zero_output(tmp_path: Path) -> None:
+    """Noise in, nothing out is a legitimate result; it comes with a warning naming why."""
+    noise = np.random.default_rng(1).normal(0, 0.1, (48, 48, 48)).astype(np.float32)
+    with pytest.warns(DemhxWarning, match=r"all zero \(all \d+ cubes were skipped as solvent"):
+        out = demhx.enhance(noise, 1.0, model=str(identity_path(tmp_path)), device="cpu",
+                            threads=1)
+    assert not out.any()
