@@ -27,7 +27,7 @@ from tiling_study import CachedSession, source_map  # noqa: E402
 
 from demhx import mrcio, normalise, pipeline, resample, tiling  # noqa: E402
 from demhx.blend import select_cubes  # noqa: E402
-from demhx.refine import SAMPLE_STEP, predicted_cc  # noqa: E402
+from demhx.refine import COUNT_DTYPE, SAMPLE_STEP, predicted_cc  # noqa: E402
 
 
 def model_grid_input(path: Path, enhancer: pipeline.Enhancer
@@ -81,7 +81,7 @@ def blend(plan: tiling.TilingPlan, corners: np.ndarray,
     box = plan.region
     every = tuple(slice(-(-s.start // SAMPLE_STEP) * SAMPLE_STEP, s.stop, SAMPLE_STEP)
                   for s in box)
-    predicted = predicted_cc(sums[every], squares[every], counts[every].astype(np.uint8),
+    predicted = predicted_cc(sums[every], squares[every], counts[every].astype(COUNT_DTYPE),
                              background)
     return out[box], predicted
 
