@@ -20,7 +20,7 @@ from typing import Any, Literal, overload
 import numpy as np
 from numpy.typing import NDArray
 
-from demhx import run_array, run_file, validate
+from demhx import _preload, run_array, run_file, validate
 from demhx.device import parse_devices
 from demhx.multi_device import Loaded, load_group
 from demhx.normalise import NoiseStats
@@ -67,6 +67,7 @@ class Enhancer:
         self.batch_size = validate.check_positive("batch_size", batch_size)
         self.threads = validate.check_positive("threads", threads)
         self._runtime: Loaded | None = None
+        self._loading: _preload.Background | None = None
 
     @classmethod
     def from_runtime(cls, runtime: Loaded) -> Enhancer:
@@ -80,9 +81,24 @@ class Enhancer:
     def runtime(self) -> Loaded:
         """The loaded model session(s) (loaded on first access, then kept)."""
         if self._runtime is None:
-            self._runtime = load_group(self.model, self.device, batch_size=self.batch_size,
-                                       threads=self.threads)
+            loading, self._loading = self._loading, None
+            self._runtime = loading.result() if loading is not None else self._load()
         return self._runtime
+
+    def preload(self, *, gpu_only: bool = True) -> bool:
+        """Begin loading the model (and, on a GPU, running a first batch) on a background
+        thread, to overlap work such as reading the map (:mod:`demhx._preload`); where it
+        would not pay (no GPU possible, unless ``gpu_only=False``) or the model is loaded or
+        loading already, do nothing. :attr:`runtime` waits for it and raises what loading
+        raised. Returns whether a load was started."""
+        if self._runtime is not None or self._loading is not None:
+            return False
+        self._loading = _preload.start(self._load, self.device, gpu_only=gpu_only)
+        return self._loading is not None
+
+    def _load(self) -> Loaded:
+        return load_group(self.model, self.device, batch_size=self.batch_size,
+                          threads=self.threads)
 
     def process(self, volume: NDArray[Any], voxel_size: VoxelSize,
                 options: EnhanceOptions | None = None, *, half2: NDArray[Any] | None = None,

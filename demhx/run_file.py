@@ -53,6 +53,7 @@ def enhance_file(enhancer: Enhancer, source: str | Path, output: str | Path,
     for folder in {path.parent for path in (output, spread_path) if path is not None}:
         mrcio.clean_stale_temporaries(folder)
     _warmup.start()  # numba's set-up, while the map is read and the model loaded
+    enhancer.preload()  # on a GPU: the session and a first batch, while the map is read
     # Read the map (averaging half-maps in place) and the mask.
     clock = StageClock()
     template = _read_input(Path(source), half2, voxel_size)
