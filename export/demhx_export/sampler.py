@@ -157,17 +157,28 @@ class CubeSampler:
         fraction = self.negative_fraction if negatives is None else negatives
         inputs = np.empty((self.batch_size, 1, c, c, c), dtype=np.float32)
         targets = np.empty_like(inputs)
+        from_maps = self.negative_source == "map"
         for b in range(self.batch_size):
+            # a whole-map negative needs no input cube: drawn before one is cut and augmented
+            if from_maps and fraction and rng.random() < fraction:
+                scale = self._negative_factor(rng, augment)
+                inputs[b, 0], targets[b, 0] = self._negative_cube(rng, augment) * scale, 0.0
+                continue
             x, y = self._cube(rng)
             if augment:
                 x, y = self._augment(x, y, rng)
-            if fraction and rng.random() < fraction:
-                scale = np.exp(rng.uniform(*np.log(self.negative_scale))) if augment else 1.0
-                x = self._negative_cube(rng, augment) if self.negative_source == "map" \
-                    else phase_randomise(x, rng)
-                x, y = x * np.float32(scale), np.zeros_like(y)
+            if not from_maps and fraction and rng.random() < fraction:
+                scale = self._negative_factor(rng, augment)
+                x, y = phase_randomise(x, rng) * scale, np.zeros_like(y)
             inputs[b, 0], targets[b, 0] = x, y
         return inputs, targets
+
+    def _negative_factor(self, rng: np.random.Generator, augment: bool) -> np.float32:
+        """A negative's amplitude factor: log-uniform in ``negative_scale`` when augmenting,
+        else 1."""
+        if not augment:
+            return np.float32(1.0)
+        return np.float32(np.exp(rng.uniform(*np.log(self.negative_scale))))
 
     def _cube(self, rng: np.random.Generator) -> tuple[NDArray[Any], NDArray[Any]]:
         """A cube from a random map, centred on a molecule or solvent voxel."""
