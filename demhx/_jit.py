@@ -1,5 +1,5 @@
-"""Numba compilation settings shared by the kernel modules (:mod:`demhx._kernels`,
-:mod:`demhx._noise_kernels`): where compiled kernels are cached, and the cache's seed.
+"""Numba compilation settings of the kernels (:mod:`demhx._kernels`): where compiled kernels
+are cached, and the cache's seed.
 
 The kernels are compiled on first use and cached on disk, so only the very first run of an
 installation pays the compilation. ``NUMBA_CACHE_DIR`` names a cache folder explicitly;

@@ -68,9 +68,9 @@ def compile_note() -> str | None:
                 "folder is writable; set NUMBA_CACHE_DIR to a writable folder to keep them "
                 "(about 10 s on 2 cores)")
     try:
-        from demhx import _noise_kernels
+        from demhx import _kernels
 
-        kernel: Any = _noise_kernels.z_moments  # a numba dispatcher
+        kernel: Any = _kernels.z_moments  # a numba dispatcher
         index = str(kernel._cache._cache_file._index_path)  # its cache's index file
     except Exception:  # another numba version's internals: say nothing rather than guess
         return None

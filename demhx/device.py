@@ -27,7 +27,7 @@ every algorithm for each new input shape: on an H200 the first batch of the defa
 _ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
 _ORT_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu, then pip install onnxruntime "
             "(on a CUDA machine: pip install \"onnxruntime-gpu[cuda,cudnn]\")")
-_LOG_QUIET = 3  # ONNX Runtime severity: errors only
+LOG_QUIET = 3  # ONNX Runtime severity: errors only
 
 
 class DeviceError(ValueError):
@@ -142,7 +142,7 @@ def import_onnxruntime() -> Any:
     except (ImportError, AttributeError, OSError) as error:
         raise InstallError(f"ONNX Runtime cannot be imported: {error}; fix: {_ORT_FIX}"
                            ) from None
-    ort.set_default_logger_severity(_LOG_QUIET)
+    ort.set_default_logger_severity(LOG_QUIET)
     return ort
 
 
@@ -153,3 +153,11 @@ def _distribution_version(name: str) -> str | None:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the system has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)

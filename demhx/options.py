@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from demhx import augment, normalise, validate
+from demhx import augment, normalise
 from demhx.normalise import NoiseStats
-from demhx.tiling import TilingScheme
+from demhx.tiling import TilingScheme, check_tiling
 from demhx.validate import Fidelity
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class EnhanceOptions:
     def __post_init__(self) -> None:
         # Checked once, here: every path that takes options gets checked ones.
         object.__setattr__(self, "noise_stats", normalise.as_stats(self.noise_stats))
-        validate.check_tiling(self.tiling)
+        check_tiling(self.tiling)
         self.rotations  # noqa: B018 -- refuses an unsupported count of rotations
 
     @property

@@ -18,7 +18,6 @@ Runtime's own log lines (provider probing) are silenced.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import subprocess
 import warnings
@@ -31,22 +30,20 @@ import numpy as np
 from numpy.typing import NDArray
 
 from demhx import model as model_contract
-from demhx.device import (  # noqa: F401  (re-exported: demhx.session.CPU, ...)
-    _LOG_QUIET,
+from demhx.device import (
     CPU,
     CUDA,
-    CUDNN_CONV_ALGO_SEARCH,
-    DEVICES,
+    LOG_QUIET,
     DeviceError,
     DeviceRequest,
-    InstallError,
+    available_cores,
     choose_providers,
     import_onnxruntime,
     parse_device,
 )
-from demhx.errors import DemhxWarning  # noqa: F401  (re-exported: demhx.session.DemhxWarning)
+from demhx.errors import DemhxWarning
 from demhx.model import ModelSpec
-from demhx.validate import check_positive  # noqa: F401  (re-exported)
+from demhx.validate import check_positive
 
 CPU_BATCH_SIZE = 1
 """Cubes per batch on CPU: larger batches are no faster there and cost memory."""
@@ -235,14 +232,6 @@ class _Bound:
         return cls(binding, source, target, where == "cpu")
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the system has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 def bounded_threads(threads: int | None) -> int | None:
     """``threads`` limited to :func:`available_cores`, with a warning when it asks for more.
 
@@ -312,7 +301,7 @@ def _open(ort: Any, path: Path, providers: list[Any], threads: int | None,
     wants_cuda = any(isinstance(p, tuple) and p[0] == CUDA for p in providers)
     used = (_checked_twin(path, registered) if wants_cuda else None) or path
     options = ort.SessionOptions()
-    options.log_severity_level = _LOG_SILENT if wants_cuda else _LOG_QUIET
+    options.log_severity_level = _LOG_SILENT if wants_cuda else LOG_QUIET
     options.inter_op_num_threads = 1
     if threads:
         options.intra_op_num_threads = threads
@@ -323,7 +312,7 @@ def _open(ort: Any, path: Path, providers: list[Any], threads: int | None,
             warnings.filterwarnings("ignore", message="Specified provider", category=UserWarning)
             return model_contract.open_session(used, options, providers), used
     finally:
-        ort.set_default_logger_severity(_LOG_QUIET)
+        ort.set_default_logger_severity(LOG_QUIET)
 
 
 def _checked_twin(path: Path, registered: bool) -> Path | None:

@@ -57,8 +57,6 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from demhx import validate
-
 REFERENCE = "reference"
 DEFAULT = "default"
 FAST = "fast"
@@ -127,6 +125,13 @@ class TilingScheme:
         return self.lattice or self.stride
 
 
+def check_tiling(tiling: Any) -> None:
+    """ValueError unless ``tiling`` is a :class:`TilingScheme` or names one (:data:`SCHEMES`)."""
+    if not isinstance(tiling, TilingScheme) and tiling not in SCHEMES:
+        raise ValueError(f"tiling={tiling!r} is not a tiling scheme; use one of "
+                         f"{', '.join(SCHEMES)}")
+
+
 def scheme_for(tiling: str | TilingScheme, cube_size: int, model_stride: int) -> TilingScheme:
     """Resolve a scheme name for a model with the given cube size and reference stride.
 
@@ -136,7 +141,7 @@ def scheme_for(tiling: str | TilingScheme, cube_size: int, model_stride: int) ->
     cube_size : edge of the network's cubes, voxels.
     model_stride : the paper's stride recorded in the model, voxels.
     """
-    validate.check_tiling(tiling)
+    check_tiling(tiling)
     if isinstance(tiling, TilingScheme):
         if tiling.stride > cube_size:
             raise ValueError(f"tiling stride {tiling.stride} exceeds the cube size {cube_size}; "
@@ -150,7 +155,7 @@ def scheme_for(tiling: str | TilingScheme, cube_size: int, model_stride: int) ->
         stride = min(cube_size, spacing) // lattice * lattice
         return TilingScheme(tiling, stride, "uniform", DEFAULT_SKIP_THRESHOLD, lattice,
                             DEFAULT_TARGET_CC if tiling == DEFAULT else None)
-    raise AssertionError(f"scheme {tiling!r} passed validate.check_tiling but has no layout")
+    raise AssertionError(f"scheme {tiling!r} passed check_tiling but has no layout")
 
 
 def skip_level(scheme: TilingScheme, noise_std: float, noise_fraction: float = 1.0

@@ -1,5 +1,5 @@
 """What the network handles: the input-range checks before any cube runs, the output check
-after the last (demhx._range, re-exported by demhx.validate), on synthetic volumes, the tiny
+after the last (demhx.validate), on synthetic volumes, the tiny
 models of onnx_fixtures and the shared real maps."""
 
 from __future__ import annotations

@@ -184,16 +184,6 @@ def test_import_without_a_writable_home_or_cache_folder(tmp_path, numba_cache_di
     assert cache.stat().st_mode & 0o777 == 0o700
 
 
-def test_noise_kernels_are_named_by_both_modules() -> None:
-    from demhx import _noise_kernels
-
-    for name in ("box_mean", "local_moments", "select_within", "masked_sample",
-                 "masked_mean_std"):
-        assert getattr(_kernels, name) is getattr(_noise_kernels, name)
-        assert (getattr(_kernels, name + "_reference")
-                is getattr(_noise_kernels, name + "_reference"))
-
-
 @pytest.mark.parametrize("sample", [1, 2, 3])
 def test_accumulate_sampled_squares_matches_reference_and_brute_force(
         rng: np.random.Generator, sample: int) -> None:

@@ -18,7 +18,7 @@ from conftest import real_map, sha256, stored_from_canonical, write_mrc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from demhx import _temporaries, mrcio
+from demhx import mrcio
 
 LABEL = "demhx 0.1.0 model tight 1.0"
 # Fields write_map sets itself: stats, labels, and the MRC2014 format fields.
@@ -593,7 +593,7 @@ def test_stale_temporaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     import subprocess
     import sys
 
-    monkeypatch.setattr(_temporaries, "_reported", set())
+    monkeypatch.setattr(mrcio, "_reported", set())
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     owner = mrcio._owner()
@@ -624,7 +624,7 @@ def test_a_reused_pid_does_not_keep_a_stale_temporary(tmp_path: Path,
     import sys
     import time
 
-    monkeypatch.setattr(_temporaries, "_reported", set())
+    monkeypatch.setattr(mrcio, "_reported", set())
     owner = mrcio._owner()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -663,12 +663,3 @@ def test_messages_name_parameters_and_read_as_flags_on_the_command_line(tmp_path
         mrcio.check_output_path(source.with_name("in.mrc"), [], False)
     assert shown(caught) == (f"{source}: output exists; pass --overwrite to replace it or "
                              "choose another output path")
-
-
-def test_the_private_modules_names_are_those_of_mrcio() -> None:
-    from demhx import _mrcheader, _mrcread
-
-    assert mrcio.read_map is _mrcread.read_map and mrcio.MrcMap is _mrcheader.MrcMap
-    assert mrcio.new_temporary is _temporaries.new_temporary
-    assert mrcio.clean_stale_temporaries is _temporaries.clean_stale_temporaries
-    assert mrcio._write_mrc is _mrcheader._write_mrc

@@ -1,5 +1,5 @@
 """The noise-estimation kernels split between threads (z_moments, plane_moments, select_pair,
-sample_pair, plane_sums) and the sample statistics of demhx._noisestats, each against a plain
+sample_pair, plane_sums) and the sample statistics of demhx.normalise, each against a plain
 NumPy/SciPy twin on small synthetic volumes."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from demhx import _noise_kernels, _noisestats, _solvent
+from demhx import _kernels, normalise
 
 _SHAPES = [(1, 1, 1), (2, 3, 4), (5, 6, 7), (9, 8, 3), (13, 4, 11), (6, 21, 17)]
 _WINDOWS = [(1, 1, 1), (3, 3, 3), (7, 5, 3), (2, 4, 1), (1, 9, 12), (12, 2, 7)]
@@ -35,8 +35,8 @@ def test_split_moments_equal_scipy_bit_for_bit(shape: tuple[int, int, int],
     rng = np.random.default_rng(sum(shape) + 7 * sum(window))
     volume = (rng.standard_normal(shape) * 3 + 2).astype(np.float32)
     mean, std = np.empty_like(volume), np.empty_like(volume)
-    for kernel, length, args in ((_noise_kernels.z_moments, shape[1], (volume, 1.5, window[0])),
-                                 (_noise_kernels.plane_moments, shape[0], window[1:])):
+    for kernel, length, args in ((_kernels.z_moments, shape[1], (volume, 1.5, window[0])),
+                                 (_kernels.plane_moments, shape[0], window[1:])):
         bounds = [length * k // parts for k in range(parts + 1)]
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
             kernel(start, stop, *args, mean, std)
@@ -44,7 +44,7 @@ def test_split_moments_equal_scipy_bit_for_bit(shape: tuple[int, int, int],
     np.testing.assert_array_equal(mean, expected[0])
     np.testing.assert_array_equal(std, expected[1])
     whole = np.empty_like(volume), np.empty_like(volume)
-    _noise_kernels.local_moments(volume, 1.5, *window, *whole)
+    _kernels.local_moments(volume, 1.5, *window, *whole)
     np.testing.assert_array_equal(whole[0], mean)
     np.testing.assert_array_equal(whole[1], std)
 
@@ -56,7 +56,7 @@ def test_local_moments_threads_do_not_change_the_result() -> None:
     for threads in (1, numba.config.NUMBA_NUM_THREADS):
         numba.set_num_threads(threads)
         try:
-            results.append(_solvent._local_moments(volume, (5, 7, 3)))
+            results.append(normalise._local_moments(volume, (5, 7, 3)))
         finally:
             numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
     for first, second in zip(*results, strict=True):
@@ -73,8 +73,8 @@ def test_select_pair_matches_numpy(seed: int, combine: bool, lower: float, width
     old = rng.uniform(size=first.shape) < 0.6
     bounds = np.array([lower, lower + width, -1.0, 0.1])  # 0.1: rounded to float32
     mask, counts = old.copy(), np.empty(first.shape[0], np.int64)
-    _noise_kernels.select_pair(0, 2, first, second, bounds, combine, mask, counts)
-    _noise_kernels.select_pair(2, 5, first, second, bounds, combine, mask, counts)
+    _kernels.select_pair(0, 2, first, second, bounds, combine, mask, counts)
+    _kernels.select_pair(2, 5, first, second, bounds, combine, mask, counts)
     expected = ((first >= bounds[0]) & (first <= bounds[1]) & (second >= bounds[2])
                 & (second <= bounds[3]))
     if combine:
@@ -95,7 +95,7 @@ def test_sample_pair_matches_numpy(step: int, fraction: float,
     size = -(-int(before[-1]) // step)
     out = np.full((2, size + 1), -9, np.float32)
     for start, stop in ((0, 1), (1, shape[0])):
-        _noise_kernels.sample_pair(start, stop, first, second, mask, before, step, out[0],
+        _kernels.sample_pair(start, stop, first, second, mask, before, step, out[0],
                                    out[1])
     np.testing.assert_array_equal(out[0, :size], first[mask][::step])
     np.testing.assert_array_equal(out[1, :size], second[mask][::step])
@@ -107,14 +107,14 @@ def test_plane_sums_and_mean_std_match_numpy() -> None:
     values = (rng.standard_normal((12, 13, 14)) * 0.1 + 3).astype(np.float32)
     mask = rng.uniform(size=values.shape) < 0.4
     sums = np.empty(12)
-    _noise_kernels.plane_sums(0, 5, values, mask, 0.5, True, sums)
-    _noise_kernels.plane_sums(5, 12, values, mask, 0.5, True, sums)
+    _kernels.plane_sums(0, 5, values, mask, 0.5, True, sums)
+    _kernels.plane_sums(5, 12, values, mask, 0.5, True, sums)
     expected = [((values[z][mask[z]].astype(np.float64) - 0.5) ** 2).sum() for z in range(12)]
     np.testing.assert_allclose(sums, expected, rtol=1e-12)
     before = np.concatenate([[0], np.cumsum(mask.reshape(12, -1).sum(axis=1))])
-    split = _solvent._mean_std(values, (mask, before))
-    assert split == _noise_kernels.masked_mean_std(values, mask)  # same sums, same order
-    np.testing.assert_allclose(split, _noise_kernels.masked_mean_std_reference(values, mask),
+    split = normalise._mean_std(values, (mask, before))
+    assert split == _kernels.masked_mean_std(values, mask)  # same sums, same order
+    np.testing.assert_allclose(split, _kernels.masked_mean_std_reference(values, mask),
                                rtol=1e-12)
 
 
@@ -125,7 +125,7 @@ def test_median_is_numpys(seed: int, size: int, ties: bool) -> None:
     values = (rng.standard_normal(size) * 10).astype(np.float32)
     if ties:
         values = np.round(values)
-    assert _noisestats._median(values).tobytes() == np.float32(np.median(values)).tobytes()
+    assert normalise._median(values).tobytes() == np.float32(np.median(values)).tobytes()
 
 
 @pytest.mark.parametrize("size", [5, 20000, 200001, 1 << 20])
@@ -142,7 +142,7 @@ def test_top_quantile_is_numpys(size: int, kind: str, quantile: float) -> None:
         values[-100:] = np.float32(1e30)
     elif kind == "plateau":
         values[size // 2:size // 2 + size // 500] = 50
-    fast, slow = _noisestats.top_quantile(values, quantile), np.quantile(values, quantile)
+    fast, slow = normalise.top_quantile(values, quantile), np.quantile(values, quantile)
     assert type(fast) is type(slow) and fast.tobytes() == slow.tobytes()
     values[size // 3] = np.nan
-    assert np.isnan(_noisestats.top_quantile(values, quantile))
+    assert np.isnan(normalise.top_quantile(values, quantile))

@@ -14,7 +14,7 @@ from onnx_fixtures import masking_model, metadata, scale_model, write_model
 from scipy import ndimage
 
 import demhx
-from demhx import _noisestats, _solvent, mrcio, normalise
+from demhx import mrcio, normalise
 from demhx.errors import cli_terms
 from demhx.model import ModelSpec
 from demhx.normalise import NoiseStats
@@ -75,22 +75,22 @@ def test_zero_padding_is_left_out() -> None:
 def _plain_estimate(volume: np.ndarray, voxel_size: tuple[float, float, float] | None,
                     padding: np.ndarray | None = None) -> tuple[float, float, float]:
     """The estimator written plainly: SciPy box filters, boolean indexing, NumPy reductions."""
-    window = _solvent._window(voxel_size, volume.shape)
-    centred = volume - np.median(_noisestats._sample(volume)).astype(np.float32)
+    window = normalise._window(voxel_size, volume.shape)
+    centred = volume - np.median(normalise._sample(volume)).astype(np.float32)
     local_mean = ndimage.uniform_filter(centred, window, mode="reflect")
     local_std = np.sqrt(np.maximum(
         ndimage.uniform_filter(np.square(centred), window, mode="reflect")
         - np.square(local_mean), 0))
     if padding is not None:
         local_std[padding] = np.nan
-    solvent = local_mean <= np.median(_noisestats._sample(local_mean))
+    solvent = local_mean <= np.median(normalise._sample(local_mean))
     solvent &= np.isfinite(local_std)
-    solvent &= local_std <= np.quantile(_noisestats._sample(local_std[solvent]),
+    solvent &= local_std <= np.quantile(normalise._sample(local_std[solvent]),
                                         normalise.SEED_FRACTION)
     for _ in range(normalise.ITERATIONS):
         keep = np.ones(volume.shape, bool)
         for values in (local_mean, local_std):
-            sample = _noisestats._sample(values[solvent])
+            sample = normalise._sample(values[solvent])
             centre = float(np.median(sample))
             spread = normalise.MAD_TO_STD * float(np.median(np.abs(sample - np.float32(centre))))
             keep &= (values >= centre - normalise.CLIP_SIGMAS * spread) & (
@@ -113,7 +113,7 @@ def test_estimate_noise_equals_the_plain_estimator(kind: str, correlation: float
     if kind == "centred":
         volume[:3] = 0.0  # padding, left out of the solvent
     mean, std, fraction = _plain_estimate(volume, voxel_size,
-                                          _solvent._constant_runs(volume, "map"))
+                                          normalise._constant_runs(volume, "map"))
     for stats in (normalise.estimate_noise(volume, voxel_size),
                   normalise.choose_stats(volume, voxel_size)):
         assert stats.method == "auto" and stats.solvent_fraction == fraction
@@ -341,10 +341,10 @@ def test_the_edge_band_covers_a_soft_edge() -> None:
     volume = _stationary_map("off-centre")
     for edge in (0.0, 4.0, 8.0, 12.0):
         masked = volume * _soft_sphere(volume.shape, 24.0, edge)
-        value, constant, _ = _solvent._constant_region(masked, "map")
+        value, constant, _ = normalise._constant_region(masked, "map")
         assert value == 0 and constant is not None
-        local_mean, local_std = _solvent._local_moments(masked, (7, 7, 7))
-        distance = _solvent._edge_distance(constant, None)
+        local_mean, local_std = normalise._local_moments(masked, (7, 7, 7))
+        distance = normalise._edge_distance(constant, None)
         band = normalise.edge_band(local_std, distance, ~constant)
         assert normalise.MIN_EDGE_BAND_VOXELS <= band <= normalise.MAX_EDGE_BAND_VOXELS
         assert band >= edge  # attenuated voxels are left out ...
@@ -600,7 +600,7 @@ def test_normalise_for_follows_the_model_contract(blob_volume: np.ndarray) -> No
 def test_a_masked_outside_of_signed_zeros_is_plus_zero() -> None:
     """``map * mask`` leaves -0 where the map was negative: the masked constant is +0 whatever
     the sample meets first, so the normalised outside does not change sign with it."""
-    from demhx._solvent import _most_common_value
+    from demhx.normalise import _most_common_value
 
     rng = np.random.default_rng(4)
     volume = rng.normal(0.0, 1.0, (24, 24, 24)).astype(np.float32)

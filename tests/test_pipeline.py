@@ -11,8 +11,8 @@ from onnx_fixtures import CUBE, identity_path, masking_model, scale_model, smoot
 
 import demhx
 from demhx import augment, normalise, pipeline
+from demhx.errors import DemhxWarning
 from demhx.normalise import NoiseStats
-from demhx.session import DemhxWarning
 from demhx.tiling import TilingScheme
 
 # The fixtures' blobs stand far above their weak noise (up to ~300 noise stds), beyond the

@@ -13,7 +13,8 @@ from conftest import write_mrc
 from onnx_fixtures import CUBE, identity_path, metadata, scale_model, write_model
 
 from demhx import device, session
-from demhx.session import CPU, CUDA, DemhxWarning, DeviceError, DeviceRequest
+from demhx.device import CPU, CUDA, DeviceError, DeviceRequest
+from demhx.errors import DemhxWarning
 
 HAS_CUDA = CUDA in session.import_onnxruntime().get_available_providers()
 
@@ -155,7 +156,7 @@ def test_both_onnxruntime_packages_installed_is_an_error(
     session.import_onnxruntime.cache_clear()
     try:
         if fails:
-            with pytest.raises(session.InstallError, match=(
+            with pytest.raises(device.InstallError, match=(
                     "both onnxruntime and onnxruntime-gpu are installed.*fix: pip uninstall -y "
                     "onnxruntime onnxruntime-gpu, then pip install onnxruntime")):
                 session.import_onnxruntime()
@@ -189,7 +190,7 @@ def test_broken_onnxruntime_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     session.import_onnxruntime.cache_clear()
     try:
-        with pytest.raises(session.InstallError, match="cannot be imported.*pip uninstall"):
+        with pytest.raises(device.InstallError, match="cannot be imported.*pip uninstall"):
             session.import_onnxruntime()
     finally:
         monkeypatch.undo()

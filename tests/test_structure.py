@@ -1,9 +1,12 @@
-"""The package's shape: small modules, short functions, and layers that only point down.
+"""The package's shape: one home per stage, short functions, and layers that only point down.
 
 bench → export → demhx: the runtime imports neither the training package nor the benchmarks,
-and the training package does not import the benchmarks. A module over
-:data:`MAX_MODULE_LINES` lines or a function over :data:`MAX_FUNCTION_LINES` is a sign that a
-stage is doing two things; split it where the seam is (see the README's package map).
+and the training package does not import the benchmarks. Inside demhx no module imports
+another's private names (a name one module needs from another is part of that module's
+interface, and public), and no two modules import each other, directly or through others,
+at the top or inside a function. A function over :data:`MAX_FUNCTION_LINES` lines is a sign
+that it does two things. A stage stays in one module however long (see the README's package
+map).
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / "demhx"
 EXPORT = ROOT / "export" / "demhx_export"
-MAX_MODULE_LINES = 450
 MAX_FUNCTION_LINES = 60
 
 
@@ -33,12 +35,6 @@ def _imported(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module.split(".")[0])
     return names
-
-
-@pytest.mark.parametrize("path", _modules(RUNTIME), ids=lambda path: path.name)
-def test_runtime_modules_are_small(path: Path) -> None:
-    lines = len(path.read_text(encoding="utf-8").splitlines())
-    assert lines <= MAX_MODULE_LINES, f"{path.name}: {lines} lines; split it along a seam"
 
 
 @pytest.mark.parametrize("path", _modules(RUNTIME) + _modules(EXPORT),
@@ -67,3 +63,73 @@ def test_every_runtime_module_says_what_it_owns() -> None:
                if path.name != "__main__.py"
                and not ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))]
     assert not missing, f"modules without a docstring: {missing}"
+
+
+def _runtime_imports(path: Path) -> list[tuple[str, str | None]]:
+    """``(module, name)`` for every demhx module ``path`` imports from, anywhere in the file:
+    ``name`` is the name taken from it (None for the module itself)."""
+    modules = {item.stem for item in _modules(RUNTIME)}
+    found: list[tuple[str, str | None]] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name.split(".")[1], None) for alias in node.names
+                      if alias.name.startswith("demhx.")]
+        elif isinstance(node, ast.ImportFrom) and node.module == "demhx":
+            found += [(alias.name, None) for alias in node.names if alias.name in modules]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("demhx."):
+            found += [(node.module.split(".")[1], alias.name)  # type: ignore[union-attr]
+                      for alias in node.names]
+    return found
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Private names of other demhx modules that ``path`` imports or reads as attributes."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    modules = {item.stem for item in _modules(RUNTIME)} - {path.stem}
+    imported = {alias.asname or alias.name for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module == "demhx"
+                for alias in node.names if alias.name in modules}
+    uses = [f"{module}.{name}" for module, name in _runtime_imports(path)
+            if name is not None and module != path.stem
+            and name.startswith("_") and not name.startswith("__")]
+    uses += [f"{node.value.id}.{node.attr}" for node in ast.walk(tree)
+             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+             and node.value.id in imported and node.attr.startswith("_")
+             and not node.attr.startswith("__")]
+    return uses
+
+
+@pytest.mark.parametrize("path", _modules(RUNTIME), ids=lambda path: path.name)
+def test_no_module_takes_another_modules_private_names(path: Path) -> None:
+    assert not _private_uses(path), f"{path.name} uses {sorted(set(_private_uses(path)))}"
+
+
+def test_runtime_modules_import_without_circles() -> None:
+    graph = {path.stem: {module for module, _ in _runtime_imports(path)} - {path.stem}
+             for path in _modules(RUNTIME)}
+
+    def reaches(start: str, goal: str) -> list[str] | None:
+        seen, paths = {start}, [[start]]
+        while paths:
+            trail = paths.pop()
+            for module in sorted(graph.get(trail[-1], ())):
+                if module == goal:
+                    return [*trail, module]
+                if module not in seen:
+                    seen.add(module)
+                    paths.append([*trail, module])
+        return None
+
+    circles = [" → ".join(trail) for module in sorted(graph)
+               if (trail := reaches(module, module)) is not None]
+    assert not circles, f"import circles: {circles}"
+
+
+def test_the_circle_and_private_checks_see_what_they_look_for(tmp_path: Path) -> None:
+    """The two checks above find a private import, a private attribute and a lazy import."""
+    sample = tmp_path / "sample.py"
+    sample.write_text("from demhx import mrcio\nfrom demhx.validate import _hidden\n\n"
+                      "def f():\n    from demhx import pipeline\n    return mrcio._secret\n",
+                      encoding="utf-8")
+    assert set(_private_uses(sample)) == {"validate._hidden", "mrcio._secret"}
+    assert ("pipeline", None) in _runtime_imports(sample)

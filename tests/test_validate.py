@@ -10,7 +10,7 @@ import pytest
 from conftest import real_map
 
 from demhx import validate
-from demhx.session import DemhxWarning
+from demhx.errors import DemhxWarning
 
 REAL_MAPS = ["emd_5168.map", "emd_5168_monomer.mrc", "2566_3J6B_9.mrc", "emd_21457_seg.mrc",
              "EMD-3001.map", "6824.mrc"]
