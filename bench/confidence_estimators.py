@@ -206,10 +206,14 @@ def without_output_check() -> Iterator[None]:
 
 
 def run(enhancer: Any, volume: np.ndarray, **options: Any) -> tuple[Any, Any]:
-    """``enhancer.run`` at 1 Å/voxel with the runtime's warnings silenced."""
+    """``enhancer.process`` at 1 Å/voxel with the runtime's warnings silenced: the map (or
+    map and spread) and the run's record."""
+    from demhx.options import EnhanceOptions
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return enhancer.run(volume, 1.0, **options)
+        enhanced = enhancer.process(volume, 1.0, EnhanceOptions(**options))
+        return enhanced.result(), enhanced.info
 
 
 def estimates(pair: Pair, model: Any, error_model: Any | None, tta: int

@@ -57,17 +57,6 @@ def tight_mask(volume: np.ndarray, noise: normalise.NoiseStats) -> np.ndarray:
     return np.where(ramp < 1, np.cos(0.5 * np.pi * ramp) ** 2, 0.0).astype(np.float32)
 
 
-def _solvent(volume: np.ndarray, voxel_size: tuple[float, float, float]) -> np.ndarray:
-    """The unmasked estimator's final solvent voxels (as in ``estimate_noise``)."""
-    volume = np.ascontiguousarray(volume, dtype=np.float32)
-    local_mean, local_std = normalise._local_moments(
-        volume, normalise._window(voxel_size, volume.shape))
-    solvent = normalise._seed(local_mean, local_std)
-    for _ in range(normalise.ITERATIONS):
-        solvent = normalise._refine(local_mean, local_std, solvent)
-    return solvent
-
-
 def _row(label: str, volume: np.ndarray, voxel_size: tuple[float, float, float],
          reference: float | None = None, local: float | None = None) -> normalise.NoiseStats:
     start = time.perf_counter()
@@ -92,7 +81,7 @@ def statistics_table() -> None:
         if stats.method != "auto":
             continue
         reference = stats.widened_from or stats.std
-        solvent = _solvent(volume, voxel)
+        solvent = normalise.solvent_voxels(volume, voxel)
         for label, mask in (("soft sphere", soft_sphere(volume.shape)),
                             ("tight mask", tight_mask(volume, stats))):
             full = solvent & (mask == 1)
@@ -108,7 +97,7 @@ def output_table(folder: Path) -> None:
         if not path.is_file():
             continue
         volume, output = mrcio.read_map(MAPS / name).data, mrcio.read_map(path).data
-        inside = volume != normalise._most_common_value(volume)
+        inside = volume != normalise.most_common_value(volume)
         box = np.corrcoef(volume.ravel(), output.ravel())[0, 1]
         masked = np.corrcoef(volume[inside], output[inside])[0, 1]
         print(f"| {name} | {np.count_nonzero(output) / output.size:.0%} | {box:.3f} | "

@@ -32,7 +32,7 @@ from demhx.refine import COUNT_DTYPE, SAMPLE_STEP, predicted_cc  # noqa: E402
 
 def model_grid_input(path: Path, enhancer: pipeline.Enhancer
                      ) -> tuple[np.ndarray, float]:
-    """The normalised map on the model's grid, as :meth:`Enhancer.run` makes it, and the
+    """The normalised map on the model's grid, as :meth:`Enhancer.process` makes it, and the
     fraction of the model's noise std its solvent noise has (below 1 once widened)."""
     source = mrcio.read_map(path)
     runtime = enhancer.runtime

@@ -39,6 +39,7 @@ import json, resource, sys, time
 t0 = time.perf_counter()
 import mrcfile, numpy as np
 import demhx
+from demhx.options import EnhanceOptions
 from demhx.pipeline import Enhancer
 runner = Enhancer(model=sys.argv[1], device=sys.argv[6], threads=int(sys.argv[2]))
 startup = time.perf_counter() - t0
@@ -46,7 +47,8 @@ with mrcfile.open(sys.argv[3], permissive=True) as stream:
     volume = np.asarray(stream.data, dtype=np.float32)
     voxel = float(stream.voxel_size.x)
 t1 = time.perf_counter()
-out, info = runner.run(volume, voxel, tiling=sys.argv[4])
+enhanced = runner.process(volume, voxel, EnhanceOptions(tiling=sys.argv[4]))
+out, info = enhanced.map, enhanced.info
 wall = time.perf_counter() - t1
 np.save(sys.argv[5], out)
 print(json.dumps({"startup": startup, "wall": wall, "run": info.cubes.run,

@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (bench/speed.py: the maps and the CC)
 
+from demhx.options import EnhanceOptions  # noqa: E402
 from demhx.pipeline import Enhancer  # noqa: E402
 from demhx.tiling import TilingScheme  # noqa: E402
 
@@ -135,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         per_cube = float(np.load(work / f"reference-{source.stem}-s.npy"))
     else:
         start = time.perf_counter()
-        reference, info = runner.run(volume, voxel, tiling="reference")
+        enhanced = runner.process(volume, voxel, EnhanceOptions(tiling="reference"))
+        reference, info = enhanced.map, enhanced.info
         wall = time.perf_counter() - start
         per_cube = cached.seconds / max(cached.evaluated, 1)
         print(f"reference: {wall:.1f} s end to end, {info.cubes.run} cubes, "
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     for text in args.schemes.split(","):
         scheme = parse_scheme(text)
         before = cached.evaluated
-        out, info = runner.run(volume, voxel, tiling=scheme)
+        enhanced = runner.process(volume, voxel, EnhanceOptions(tiling=scheme))
+        out, info = enhanced.map, enhanced.info
         cc = speed.correlation(out, reference)
         print(f"{text:>12} {info.cubes.total:6d} {info.cubes.run:5d} {info.cubes.skipped:5d} "
               f"{cached.evaluated - before:5d} {info.cubes.run * per_cube:7.1f} {cc:7.4f}",

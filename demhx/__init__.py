@@ -1,11 +1,12 @@
 """demhx: DeepEMhancer-style local sharpening and masking of cryo-EM maps on ONNX Runtime.
 
 >>> import demhx
->>> enhanced = demhx.enhance(volume, voxel_size=1.06)         # doctest: +SKIP
->>> demhx.enhance_file("half1.mrc", "out.mrc", half2="half2.mrc")  # doctest: +SKIP
->>> runner = demhx.Enhancer("tight-fast")                     # doctest: +SKIP
->>> options = demhx.EnhanceOptions(tiling="fast", tta=3)       # doctest: +SKIP
->>> result = runner.process(volume, 1.06, options)            # doctest: +SKIP
+>>> enhanced = demhx.enhance(volume, voxel_size=1.06)                # doctest: +SKIP
+>>> demhx.enhance_file("half1.mrc", "out.mrc", half2="half2.mrc")    # doctest: +SKIP
+>>> runner = demhx.Enhancer("tight-fast")                            # doctest: +SKIP
+>>> result = runner.process(volume, 1.06, demhx.EnhanceOptions(tiling="fast", tta=3))
+...                                                                  # doctest: +SKIP
+>>> runner.process_file("in.mrc", "out.mrc", demhx.EnhanceOptions())  # doctest: +SKIP
 
 The heavy modules (numba, ONNX Runtime, scipy) are imported on first use, so that
 ``import demhx`` stays fast.

@@ -301,7 +301,7 @@ def _constant_region(volume: NDArray[Any], path_label: str
     if low == high:
         raise ValueError(f"{path_label}: is constant (every voxel is {low:g}); there is no "
                          "density to normalise, check the map")
-    value = _most_common_value(volume)
+    value = most_common_value(volume)
     equal = volume == value
     runs = equal[:-1, :-1, :-1] & equal[1:, :-1, :-1] & equal[:-1, 1:, :-1] \
         & equal[:-1, :-1, 1:]
@@ -313,7 +313,7 @@ def _constant_region(volume: NDArray[Any], path_label: str
     return value, equal, fraction
 
 
-def _most_common_value(volume: NDArray[Any]) -> np.float32:
+def most_common_value(volume: NDArray[Any]) -> np.float32:
     """The most common value of a sample of the map; a zero is +0 (a masked map's outside
     holds -0 where the mask zeroed negative values, and which one the sample met first must
     not decide the sign of the normalised outside)."""
@@ -361,6 +361,15 @@ def _estimate_unmasked(volume: NDArray[np.float32], voxel_size: tuple[float, flo
     solvent = _solvent_set(local_mean, local_std)
     del local_mean, local_std
     return _stats_of(volume, solvent)
+
+
+def solvent_voxels(volume: NDArray[Any], voxel_size: tuple[float, float, float] | None = None
+                   ) -> NDArray[np.bool_]:
+    """The voxels :func:`estimate_noise` takes as the solvent of an unmasked map (its final
+    set), as a bool array of the map's shape; ``voxel_size`` in Å, (z, y, x)."""
+    volume = _checked_volume(volume)
+    local_mean, local_std = _local_moments(volume, _window(voxel_size, volume.shape))
+    return _solvent_set(local_mean, local_std)[0]
 
 
 def _checked_volume(volume: NDArray[Any], name: str = "map") -> NDArray[np.float32]:

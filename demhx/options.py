@@ -38,9 +38,10 @@ NoiseStatsLike = NoiseStats | Sequence[float] | None
 VoxelSize = float | Sequence[float]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EnhanceOptions:
-    """How to enhance a map (checked when made; see the module's docstring).
+    """How to enhance a map (checked when made; keyword arguments only; see the module's
+    docstring).
 
     Attributes
     ----------
@@ -116,10 +117,24 @@ class Enhanced:
     spread: NDArray[np.float32] | None
     info: RunInfo
 
+    def __repr__(self) -> str:
+        cubes, info = self.info.cubes, self.info
+        return (f"Enhanced(map={_describe(self.map)}, spread={_describe(self.spread)}, "
+                f"{cubes.run} cubes run, {cubes.skipped} skipped, {info.tiling} tiling, "
+                f"device {info.device}, {info.seconds:.2f} s)")
+
     def result(self) -> NDArray[np.float32] | tuple[NDArray[np.float32], NDArray[np.float32]]:
         """The map, or ``(map, spread)`` with a confidence map (what :func:`demhx.enhance`
         returns)."""
         return self.map if self.spread is None else (self.map, self.spread)
+
+
+def _describe(array: NDArray[Any] | None) -> str:
+    """An array in a few words: its shape (z, y, x), dtype and range."""
+    if array is None:
+        return "None"
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    return f"{'×'.join(map(str, array.shape))} {array.dtype} [{low:.4g}, {high:.4g}]"
 
 
 @dataclass(frozen=True)

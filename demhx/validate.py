@@ -312,7 +312,7 @@ def check_fidelity(fidelity: Fidelity | None, name: str, cause: str, strict: boo
     """RuntimeError (only a warning when not ``strict``: an untrained model) for an output
     that erased or inverted the input's density; a warning for one that follows it loosely.
 
-    ``name``: the input; ``cause``: the model, as :func:`demhx.run_array.model_cause` says.
+    ``name``: the input; ``cause``: the model, as :func:`demhx.pipeline.model_cause` says.
     """
     if fidelity is None:
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import mrcfile
 import numpy as np
@@ -14,6 +15,21 @@ from scipy import ndimage
 MAPS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maps"
 
 Triplet = tuple[float, float, float]
+
+
+def run_with(enhancer: Any, volume: np.ndarray, voxel_size: Any, *, half2: Any = None,
+             mask: Any = None, name: str = "volume", **options: Any) -> tuple[Any, Any]:
+    """``enhancer.process`` with the options given by name: (``.result()``, ``.info``)."""
+    from demhx.options import EnhanceOptions
+
+    enhanced = enhancer.process(volume, voxel_size, EnhanceOptions(**options), half2=half2,
+                                mask=mask, name=name)
+    return enhanced.result(), enhanced.info
+
+
+def enhance_with(enhancer: Any, volume: np.ndarray, voxel_size: Any, **arguments: Any) -> Any:
+    """The map (or map and spread) of :func:`run_with`."""
+    return run_with(enhancer, volume, voxel_size, **arguments)[0]
 
 
 def real_map(name: str) -> Path:

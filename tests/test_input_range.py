@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_map, synthetic_map
+from conftest import enhance_with, real_map, synthetic_map
 from onnx_fixtures import identity_path, metadata, scale_model, write_model
 
 import demhx
-from demhx import cli, mrcio, normalise, run_array, validate
+from demhx import cli, mrcio, normalise, pipeline, validate
 from demhx.errors import DemhxWarning
 
 ONE = (1.0, 1.0, 1.0)  # Å
@@ -35,7 +35,7 @@ def _stats(volume: np.ndarray, voxel: tuple[float, float, float]) -> tuple[float
 def _no_cube_may_run(monkeypatch: pytest.MonkeyPatch) -> None:
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("a cube ran although the input was out of range")
-    monkeypatch.setattr(run_array, "_on_model_grid", never)
+    monkeypatch.setattr(pipeline, "_on_model_grid", never)
 
 
 # --------------------------------------------------------------------------- voxel size
@@ -239,7 +239,7 @@ def test_an_untrained_model_that_erases_only_warns(tmp_path: Path) -> None:
     path = write_model(tmp_path, "weak.onnx", scale_model(0.05, meta=metadata(trained="false")))
     runner = demhx.Enhancer(path, device="cpu", threads=1)
     with pytest.warns(DemhxWarning, match=r"weak\.onnx\].* erased or inverted the map"):
-        out = runner.enhance(_particle(), 1.0, tiling="fast")
+        out = enhance_with(runner, _particle(), 1.0, tiling="fast")
     assert np.any(out != 0)
 
 
@@ -261,7 +261,7 @@ def test_the_array_api_refuses_an_all_zero_output_of_a_map_with_density(tmp_path
     path = write_model(tmp_path, "zero.onnx", scale_model(0.0))
     for call in (lambda: demhx.enhance(_particle(), 1.0, model=str(path), device="cpu",
                                        threads=1),
-                 lambda: demhx.Enhancer(path, device="cpu", threads=1).run(_particle(), 1.0)):
+                 lambda: demhx.Enhancer(path, device="cpu", threads=1).process(_particle(), 1.0)):
         with pytest.raises(RuntimeError, match=r"zero\.onnx\].* erased or inverted the map"):
             call()
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_with
 from onnx_fixtures import CUBE, identity_path, scale_model, smooth_model, write_model
 
 from demhx import cli, device, pipeline
@@ -128,8 +129,8 @@ def test_whole_map_on_a_group_equals_one_device(group: RuntimeGroup, models: dic
     volume[8:20, 6:18, 5:15] += 2.0
     single = pipeline.Enhancer(models["smooth"], device="cpu", threads=1)
     several = pipeline.Enhancer.from_runtime(group)
-    expected, info = single.run(volume, 1.0, tiling=tiling)
-    result, group_info = several.run(volume, 1.0, tiling=tiling)
+    expected, info = run_with(single, volume, 1.0, tiling=tiling)
+    result, group_info = run_with(several, volume, 1.0, tiling=tiling)
     np.testing.assert_array_equal(result, expected)
     assert group_info.device == "cpu,cpu" and group_info.cubes == info.cubes
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PARTICLES, gaussian_blobs, particle_centres, real_map, synthetic_map
+from conftest import PARTICLES, gaussian_blobs, particle_centres, real_map, run_with, synthetic_map
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx_fixtures import masking_model, metadata, scale_model, write_model
@@ -455,7 +455,7 @@ def test_masked_maps_and_user_masks_never_give_a_zero_map(
     volume, mask = _zone_inputs()[case]
     if model == "mask-normalised" and mask is None:
         mask = (volume != 0).astype(np.float32)
-    result, info = enhancers[model].run(volume, 1.0, mask=mask)
+    result, info = run_with(enhancers[model], volume, 1.0, mask=mask)
     inside = (volume != 0) if mask is None else (mask > 0)
     assert info.cubes.run > 0 and np.abs(result).max() > 0.2 * np.abs(volume).max()
     correlation = np.corrcoef(result[inside], volume[inside])[0, 1]
@@ -600,7 +600,7 @@ def test_normalise_for_follows_the_model_contract(blob_volume: np.ndarray) -> No
 def test_a_masked_outside_of_signed_zeros_is_plus_zero() -> None:
     """``map * mask`` leaves -0 where the map was negative: the masked constant is +0 whatever
     the sample meets first, so the normalised outside does not change sign with it."""
-    from demhx.normalise import _most_common_value
+    from demhx.normalise import most_common_value
 
     rng = np.random.default_rng(4)
     volume = rng.normal(0.0, 1.0, (24, 24, 24)).astype(np.float32)
@@ -609,5 +609,15 @@ def test_a_masked_outside_of_signed_zeros_is_plus_zero() -> None:
     masked = volume * mask  # -0 outside where the map was negative
     assert np.signbit(masked[mask == 0]).any() and not np.signbit(masked[mask == 0]).all()
     for values in (masked, -np.abs(masked) * mask):
-        value = _most_common_value(values)
+        value = most_common_value(values)
         assert value == 0 and not np.signbit(value)
+
+
+def test_solvent_voxels_are_the_voxels_estimate_noise_measures() -> None:
+    volume = synthetic_map("off-centre", noise_mean=NOISE_MEAN, noise_std=NOISE_STD)
+    solvent = normalise.solvent_voxels(volume)
+    stats = normalise.estimate_noise(volume)
+    assert solvent.shape == volume.shape and solvent.dtype == np.bool_
+    assert 0.2 < solvent.mean() < 0.99
+    assert abs(float(volume[solvent].mean(dtype=np.float64)) - stats.mean) < 1e-4 * stats.std
+    assert abs(float(volume[solvent].std(dtype=np.float64)) / stats.std - 1) < 1e-4

@@ -8,6 +8,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
+from conftest import enhance_with
 from onnx_fixtures import identity_path
 
 from demhx import cli, errors, pipeline, validate
@@ -62,8 +63,8 @@ def test_process_gives_the_same_map_as_enhance(identity: pipeline.Enhancer) -> N
     options = EnhanceOptions(noise_stats=(0.0, 0.01), tiling="fast")
     enhanced = identity.process(volume, 1.0, options)
     assert isinstance(enhanced, Enhanced) and enhanced.spread is None
-    np.testing.assert_array_equal(enhanced.map, identity.enhance(
-        volume, 1.0, noise_stats=(0.0, 0.01), tiling="fast"))
+    np.testing.assert_array_equal(enhanced.map, enhance_with(
+        identity, volume, 1.0, noise_stats=(0.0, 0.01), tiling="fast"))
     assert enhanced.info.tiling == "fast" and enhanced.info.shape == volume.shape
     spread = identity.process(volume, 1.0, options.replace(confidence=True, tta=3)).spread
     assert spread is not None and spread.shape == volume.shape
@@ -77,7 +78,8 @@ def test_process_file_writes_what_enhance_file_writes(identity: pipeline.Enhance
         stream.voxel_size = 1.0
     options = EnhanceOptions(tiling="fast")
     first = identity.process_file(source, tmp_path / "a.mrc", options)
-    second = identity.enhance_file(source, tmp_path / "b.mrc", tiling="fast")
+    second = pipeline.enhance_file(source, tmp_path / "b.mrc", model=identity.model, device="cpu",
+                                  tiling="fast")
     with mrcfile.open(first.output) as a, mrcfile.open(second.output) as b:
         np.testing.assert_array_equal(a.data, b.data)
     assert first.info.cubes == second.info.cubes
@@ -131,3 +133,39 @@ def test_threads_bound_the_host_kernels_during_a_run(identity: pipeline.Enhancer
     identity.process(_blob(), 1.0, options)  # the fixture's enhancer has threads=1
     assert seen and set(seen) == {1}
     assert numba.get_num_threads() == before
+
+
+def test_options_take_keywords_only() -> None:
+    with pytest.raises(TypeError):
+        EnhanceOptions((0.0, 1.0))  # type: ignore[misc]
+    assert EnhanceOptions(tiling="fast").tiling == "fast"
+
+
+def test_results_print_in_a_line_without_their_arrays(identity: pipeline.Enhancer) -> None:
+    enhanced = identity.process(_blob(), 1.0, EnhanceOptions(noise_stats=(0.0, 0.01)))
+    text = repr(enhanced)
+    assert text.startswith("Enhanced(map=20×20×20 float32 [") and "\n" not in text
+    assert "spread=None" in text and f"{enhanced.info.cubes.run} cubes run" in text
+    assert len(text) < 300
+    assert repr(identity).startswith("Enhancer(model=") and "device='cpu'" in repr(identity)
+
+
+def test_a_file_run_refuses_a_confidence_map_it_has_no_file_for(identity: pipeline.Enhancer,
+                                                                tmp_path: Path) -> None:
+    source = tmp_path / "in.mrc"
+    with mrcfile.new(source) as stream:
+        stream.set_data(_blob())
+        stream.voxel_size = 1.0
+    with pytest.raises(ValueError, match="pass confidence= with the path"):
+        identity.process_file(source, tmp_path / "out.mrc", EnhanceOptions(confidence=True))
+    assert not (tmp_path / "out.mrc").exists()
+
+
+def test_the_public_api_is_small() -> None:
+    import demhx
+
+    assert len(demhx.__all__) <= 12
+    assert {name for name in vars(pipeline.Enhancer) if not name.startswith("_")} == {
+        "from_runtime", "runtime", "preload", "process", "process_file"}
+    for name in demhx.__all__:
+        assert getattr(demhx, name) is not None

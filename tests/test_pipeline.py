@@ -7,6 +7,7 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 import pytest
+from conftest import enhance_with, run_with
 from onnx_fixtures import CUBE, identity_path, masking_model, scale_model, smooth_model, write_model
 
 import demhx
@@ -76,7 +77,7 @@ def _write_mrc(path: Path, data: np.ndarray, voxel_size: float = 1.0) -> Path:
 def test_identity_model_returns_the_input(identity: pipeline.Enhancer, tiling: str,
                                           shape: tuple[int, int, int]) -> None:
     volume = _noise(shape)
-    result = identity.enhance(volume, 1.0, noise_stats=(0.0, 0.1), tiling=tiling)
+    result = enhance_with(identity, volume, 1.0, noise_stats=(0.0, 0.1), tiling=tiling)
     assert result.shape == shape and result.dtype == np.float32
     np.testing.assert_allclose(result, volume, rtol=1e-5, atol=1e-5)
 
@@ -85,7 +86,7 @@ def test_identity_with_estimated_noise_removes_the_solvent_mean(
         identity: pipeline.Enhancer) -> None:
     volume = _blobby((40, 36, 44)) + np.float32(0.3)
     no_skip = TilingScheme("no-skip", CUBE // 2, "cosine", None)
-    result, info = identity.run(volume, 1.0, tiling=no_skip)
+    result, info = run_with(identity, volume, 1.0, tiling=no_skip)
     assert info.noise.method not in ("user", "mask")
     np.testing.assert_allclose(result, volume - np.float32(info.noise.mean), rtol=1e-4,
                                atol=1e-4 * float(np.abs(volume).max()))
@@ -93,7 +94,7 @@ def test_identity_with_estimated_noise_removes_the_solvent_mean(
 
 def test_identity_round_trip_through_resampling(identity: pipeline.Enhancer) -> None:
     volume = _blobby((30, 26, 34))
-    result, info = identity.run(volume, (1.3, 1.1, 0.9), noise_stats=(0.0, 0.1),
+    result, info = run_with(identity, volume, (1.3, 1.1, 0.9), noise_stats=(0.0, 0.1),
                                 tiling="reference")
     assert info.model_shape != volume.shape and result.shape == volume.shape
     error = np.abs(result - volume).max() / np.abs(volume).max()
@@ -110,10 +111,10 @@ def test_scale_model_scales(models: dict[str, Path]) -> None:
 def test_half_maps_equal_their_average(identity: pipeline.Enhancer) -> None:
     half1, half2 = _blobby((30, 30, 30), 3), _blobby((30, 30, 30), 4)
     average = (half1 + half2) / 2
-    from_halves = identity.enhance(half1, 1.0, half2=half2)
-    np.testing.assert_array_equal(from_halves, identity.enhance(average, 1.0))
+    from_halves = enhance_with(identity, half1, 1.0, half2=half2)
+    np.testing.assert_array_equal(from_halves, enhance_with(identity, average, 1.0))
     with pytest.raises(ValueError, match="half-map 2: shape .* differs"):
-        identity.enhance(half1, 1.0, half2=half2[:, :, :-1])
+        enhance_with(identity, half1, 1.0, half2=half2[:, :, :-1])
 
 
 def test_batched_equals_one_by_one(models: dict[str, Path]) -> None:
@@ -126,7 +127,7 @@ def test_batched_equals_one_by_one(models: dict[str, Path]) -> None:
 def test_runs_are_bitwise_deterministic(models: dict[str, Path]) -> None:
     enhancer = pipeline.Enhancer(models["smooth"], device="cpu", batch_size=3)
     volume = _blobby((36, 40, 28))
-    first, second = (enhancer.enhance(volume, 1.1) for _ in range(2))
+    first, second = (enhance_with(enhancer, volume, 1.1) for _ in range(2))
     np.testing.assert_array_equal(first, second)
 
 
@@ -134,8 +135,8 @@ def test_default_tiling_skips_solvent_and_stays_close_to_reference(
         models: dict[str, Path]) -> None:
     enhancer = pipeline.Enhancer(models["smooth"], device="cpu")
     volume = _blobby((64, 64, 64))
-    reference, ref_info = enhancer.run(volume, 1.0, tiling="reference")
-    default, info = enhancer.run(volume, 1.0, tiling="default")
+    reference, ref_info = run_with(enhancer, volume, 1.0, tiling="reference")
+    default, info = run_with(enhancer, volume, 1.0, tiling="default")
     assert ref_info.cubes.skipped == 0 and info.cubes.skipped > 0
     assert info.cubes.run < ref_info.cubes.run / 8
     # The fixture's zero-padded 5³ convolutions get every cube's outer 4 voxels wrong; the
@@ -149,14 +150,14 @@ def test_mask_model_needs_a_mask(models: dict[str, Path]) -> None:
     enhancer = pipeline.Enhancer(models["masked"], device="cpu")
     volume = _blobby((20, 20, 20))
     with pytest.raises(ValueError, match="masked.onnx: .* expects masked input.*mask="):
-        enhancer.enhance(volume, 1.0)
+        enhance_with(enhancer, volume, 1.0)
     mask = np.zeros(volume.shape, np.float32)
     mask[5:15, 5:15, 5:15] = 1
     no_skip = TilingScheme("no-skip", CUBE // 2, "cosine", None)
-    result = enhancer.enhance(volume, 1.0, mask=mask, noise_stats=(0.0, 0.1), tiling=no_skip)
+    result = enhance_with(enhancer, volume, 1.0, mask=mask, noise_stats=(0.0, 0.1), tiling=no_skip)
     np.testing.assert_allclose(result, volume * mask, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="mask: shape"):
-        enhancer.enhance(volume, 1.0, mask=mask[1:])
+        enhance_with(enhancer, volume, 1.0, mask=mask[1:])
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -168,23 +169,23 @@ def test_mask_model_needs_a_mask(models: dict[str, Path]) -> None:
 def test_bad_arguments(identity: pipeline.Enhancer, kwargs: dict, message: str) -> None:
     options = {"voxel_size": 1.0, **kwargs}
     with pytest.raises(ValueError, match=message):
-        identity.enhance(_noise((8, 8, 8)), **options)
+        enhance_with(identity, _noise((8, 8, 8)), **options)
 
 
 def test_bad_volumes(identity: pipeline.Enhancer) -> None:
     volume = _noise((8, 8, 8))
     volume[1, 2, 3] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):
-        identity.enhance(volume, 1.0)
+        enhance_with(identity, volume, 1.0)
     with pytest.raises(ValueError, match="not a 3-D"):
-        identity.enhance(np.zeros((8, 8), np.float32), 1.0)
+        enhance_with(identity, np.zeros((8, 8), np.float32), 1.0)
     with pytest.raises(ValueError, match="not real numbers"):
-        identity.enhance(np.zeros((8, 8, 8), np.complex64), 1.0)
+        enhance_with(identity, np.zeros((8, 8, 8), np.complex64), 1.0)
 
 
 def test_enhancer_loads_the_model_once(identity: pipeline.Enhancer) -> None:
     runtime = identity.runtime
-    identity.enhance(_noise((10, 10, 10)), 1.0, noise_stats=(0, 1))
+    enhance_with(identity, _noise((10, 10, 10)), 1.0, noise_stats=(0, 1))
     assert identity.runtime is runtime
 
 
@@ -269,8 +270,8 @@ def test_confidence_with_identity_model_is_the_plain_output(
         rotation_models: dict[str, pipeline.Enhancer], tiling: str) -> None:
     enhancer = rotation_models["identity"]
     volume = _blobby((21, 26, 19))
-    plain, plain_info = enhancer.run(volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling)
-    (mean, spread), info = enhancer.run(volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling,
+    plain, plain_info = run_with(enhancer, volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling)
+    (mean, spread), info = run_with(enhancer, volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling,
                                         confidence=True, tta=24)
     np.testing.assert_array_equal(mean, plain)
     np.testing.assert_array_equal(spread, np.zeros_like(plain))
@@ -284,8 +285,8 @@ def test_confidence_with_rotation_equivariant_model_has_no_spread(
         rotation_models: dict[str, pipeline.Enhancer], tiling: str) -> None:
     enhancer = rotation_models["masking"]
     volume = _blobby((24, 20, 28)) * np.float32(0.2)
-    plain = enhancer.enhance(volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling)
-    mean, spread = enhancer.enhance(volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling,
+    plain = enhance_with(enhancer, volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling)
+    mean, spread = enhance_with(enhancer, volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling,
                                     confidence=True, tta=24)
     scale = float(np.abs(plain).max())
     np.testing.assert_allclose(mean, plain, rtol=0, atol=1e-5 * scale)
@@ -302,8 +303,8 @@ def test_mean_is_the_mean_of_runs_on_rotated_maps(
     enhancer = rotation_models["smooth"]
     volume = _blobby((24, 24, 24))
     options = {"noise_stats": (0.0, 0.01), "tiling": tiling}
-    mean, spread = enhancer.enhance(volume, 1.0, confidence=True, tta=12, **options)
-    runs = [rotation.inverse.apply(enhancer.enhance(rotation.apply(volume), 1.0, **options))
+    mean, spread = enhance_with(enhancer, volume, 1.0, confidence=True, tta=12, **options)
+    runs = [rotation.inverse.apply(enhance_with(enhancer, rotation.apply(volume), 1.0, **options))
             for rotation in augment.SUBSETS[12]]
     expected = np.mean(runs, axis=0)
     scale = float(np.abs(expected).max())
@@ -317,7 +318,7 @@ def test_skipped_solvent_has_zero_spread(rotation_models: dict[str, pipeline.Enh
     enhancer = rotation_models["smooth"]
     volume = _noise((48, 40, 44), seed=2, scale=0.01)
     volume[4:14, 6:14, 5:12] += _blobby((10, 8, 7))
-    (mean, spread), info = enhancer.run(volume, 1.0, noise_stats=(0.0, 0.01), confidence=True)
+    (mean, spread), info = run_with(enhancer, volume, 1.0, noise_stats=(0.0, 0.01), confidence=True)
     assert info.cubes.skipped > 0 and info.augmentations == augment.DEFAULT_COUNT
     uncovered = mean == 0  # the model's background, where no run cube reaches
     assert uncovered.sum() > volume.size // 4
@@ -347,11 +348,11 @@ def test_without_confidence_the_run_is_unchanged(
         rotation_models: dict[str, pipeline.Enhancer]) -> None:
     enhancer = rotation_models["smooth"]
     volume = _blobby((30, 26, 34))
-    plain = enhancer.enhance(volume, 1.1)
-    np.testing.assert_array_equal(enhancer.enhance(volume, 1.1, confidence=False, tta=None),
+    plain = enhance_with(enhancer, volume, 1.1)
+    np.testing.assert_array_equal(enhance_with(enhancer, volume, 1.1, confidence=False, tta=None),
                                   plain)
-    averaged = enhancer.enhance(volume, 1.1, tta=4)  # the mean alone, no spread
-    mean, _ = enhancer.enhance(volume, 1.1, confidence=True, tta=4)
+    averaged = enhance_with(enhancer, volume, 1.1, tta=4)  # the mean alone, no spread
+    mean, _ = enhance_with(enhancer, volume, 1.1, confidence=True, tta=4)
     assert isinstance(averaged, np.ndarray)
     np.testing.assert_array_equal(averaged, mean)
     assert not np.array_equal(averaged, plain)
@@ -415,7 +416,7 @@ def test_flattened_solvent_warns_widens_and_still_runs_weak_density(
     assert demhx.DemhxWarning is DemhxWarning
     with pytest.warns(DemhxWarning, match=r"volume: the map peaks at \d+ noise stds .*"
                       r"normalised with std .* instead"):
-        result, info = identity.run(volume, 1.0)
+        result, info = run_with(identity, volume, 1.0)
     noise = info.noise
     assert noise.widened_from is not None and noise.widened_from < noise.std / 10
     assert normalise.peak_sigmas(volume, noise) == pytest.approx(normalise.MAX_PEAK_SIGMAS,
@@ -432,7 +433,7 @@ def test_user_noise_stats_beyond_the_range_warn_but_are_kept(
         identity: pipeline.Enhancer) -> None:
     volume, _, _ = _flattened_map()
     with pytest.warns(DemhxWarning, match="with noise_stats= std 0.01 the map peaks at"):
-        _, info = identity.run(volume, 1.0, noise_stats=(0.0, 0.01))
+        _, info = run_with(identity, volume, 1.0, noise_stats=(0.0, 0.01))
     assert (info.noise.std, info.noise.widened_from) == (0.01, None)
 
 
@@ -472,9 +473,9 @@ def test_range_warnings_give_the_trained_range(identity: pipeline.Enhancer) -> N
     assert trained == "6.5–22"
     volume, _, _ = _flattened_map()
     with pytest.warns(DemhxWarning, match=f"beyond the {trained} noise stds the network"):
-        identity.run(volume, 1.0, noise_stats=(0.0, 0.01))
+        run_with(identity, volume, 1.0, noise_stats=(0.0, 0.01))
     with pytest.warns(DemhxWarning, match=f"far beyond the {trained} the network"):
-        identity.run(volume, 1.0)
+        run_with(identity, volume, 1.0)
 
 
 # --------------------------------------------------------------------------- plausibility
@@ -485,7 +486,7 @@ def test_an_absurd_voxel_is_repaired_not_spread(identity: pipeline.Enhancer) -> 
     spiked = volume.copy()
     spiked[5, 6, 7] = 1e30
     with pytest.warns(DemhxWarning, match=r"volume: 1 voxel\(s\) lie far outside"):
-        result = identity.enhance(spiked, 1.0, noise_stats=(0.0, 0.1), tiling="reference")
+        result = enhance_with(identity, spiked, 1.0, noise_stats=(0.0, 0.1), tiling="reference")
     assert np.isfinite(result).all()
     others = np.ones(volume.shape, bool)
     others[5, 6, 7] = False
@@ -497,7 +498,7 @@ def test_an_absurd_voxel_is_repaired_not_spread(identity: pipeline.Enhancer) -> 
 def test_implausible_voxel_size_in_the_api(identity: pipeline.Enhancer,
                                            voxel_size: object) -> None:
     with pytest.raises(ValueError, match=r"volume: voxel size \(z/y/x\) .* outside the range"):
-        identity.enhance(_blobby((16, 16, 16)), voxel_size)  # type: ignore[arg-type]
+        enhance_with(identity, _blobby((16, 16, 16)), voxel_size)  # type: ignore[arg-type]
 
 
 def test_model_grid_bounded_before_allocation(identity: pipeline.Enhancer,
@@ -508,7 +509,7 @@ def test_model_grid_bounded_before_allocation(identity: pipeline.Enhancer,
     monkeypatch.setattr(normalise, "statistics_for", _never)
     with pytest.raises(ValueError, match=r"volume: resampled to the model's 1 Å voxels the map "
                        r"would have \(x×y×z\) 40×40×40 voxels"):
-        identity.enhance(_blobby((20, 20, 20)), 2.0)
+        enhance_with(identity, _blobby((20, 20, 20)), 2.0)
 
 
 def _never(*args: object) -> None:
@@ -545,4 +546,4 @@ def test_runtime_refuses_non_finite_predictions(tmp_path: Path) -> None:
     runner = pipeline.Enhancer(model, device="cpu", threads=1)
     with pytest.raises(RuntimeError, match=r"nan\.onnx: model fixture 0\.1 on cpu produced "
                        r"\d+ NaN or infinite values"):
-        runner.enhance(_blobby((16, 16, 16)), 1.0, noise_stats=(0.0, 0.1))
+        enhance_with(runner, _blobby((16, 16, 16)), 1.0, noise_stats=(0.0, 0.1))

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import enhance_with
 from onnx_fixtures import identity_path, scale_model, write_model
 
 import demhx
@@ -28,7 +29,8 @@ def test_a_preloaded_model_gives_the_same_output(tmp_path: Path) -> None:
     early = demhx.Enhancer(path, device="cpu", threads=1)
     assert early.preload(gpu_only=False) and not early.preload(gpu_only=False)  # once
     volume = _particle()
-    np.testing.assert_array_equal(early.enhance(volume, 1.0), plain.enhance(volume, 1.0))
+    np.testing.assert_array_equal(enhance_with(early, volume, 1.0),
+                                  enhance_with(plain, volume, 1.0))
     assert early.runtime is early.runtime and not early.preload(gpu_only=False)  # kept
 
 

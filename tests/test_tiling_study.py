@@ -19,6 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*the network was trained on")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import tiling_study  # noqa: E402
+from conftest import run_with  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +42,15 @@ def test_default_cubes_are_reference_cubes_end_to_end(smooth: Path,
     cached = tiling_study.CachedSession(enhancer.runtime.session, None)
     enhancer._runtime = dataclasses.replace(enhancer.runtime, session=cached)
     volume = _particle(shape)
-    _, reference = enhancer.run(volume, 1.0, noise_stats=(0.0, 0.01), tiling="reference")
+    _, reference = run_with(enhancer, volume, 1.0, noise_stats=(0.0, 0.01), tiling="reference")
     assert cached.evaluated == reference.cubes.run > 0
-    _, fast = enhancer.run(volume, 1.0, noise_stats=(0.0, 0.01), tiling="fast")
+    _, fast = run_with(enhancer, volume, 1.0, noise_stats=(0.0, 0.01), tiling="fast")
     assert 0 < fast.cubes.run < reference.cubes.run
-    default, info = enhancer.run(volume, 1.0, noise_stats=(0.0, 0.01), tiling="default")
+    default, info = run_with(enhancer, volume, 1.0, noise_stats=(0.0, 0.01), tiling="default")
     assert fast.cubes.run <= info.cubes.run <= reference.cubes.run
     assert cached.evaluated == reference.cubes.run  # every default cube was already run
-    plain, _ = pipeline.Enhancer(smooth, device="cpu", threads=1).run(
-        volume, 1.0, noise_stats=(0.0, 0.01), tiling="default")
+    plain, _ = run_with(pipeline.Enhancer(smooth, device="cpu", threads=1),
+                        volume, 1.0, noise_stats=(0.0, 0.01), tiling="default")
     np.testing.assert_array_equal(default, plain)
 
 
@@ -58,7 +59,8 @@ def test_cube_grids_of_their_own_are_new_cubes(smooth: Path) -> None:
     cached = tiling_study.CachedSession(enhancer.runtime.session, None)
     enhancer._runtime = dataclasses.replace(enhancer.runtime, session=cached)
     volume = _particle((45, 38, 61))
-    enhancer.run(volume, 1.0, noise_stats=(0.0, 0.01), tiling="reference")
+    run_with(enhancer, volume, 1.0, noise_stats=(0.0, 0.01), tiling="reference")
     before = cached.evaluated
-    enhancer.run(volume, 1.0, noise_stats=(0.0, 0.01), tiling=tiling_study.parse_scheme("6:5"))
+    run_with(enhancer, volume, 1.0, noise_stats=(0.0, 0.01),
+             tiling=tiling_study.parse_scheme("6:5"))
     assert cached.evaluated > before
