@@ -23,7 +23,7 @@ from onnx_fixtures import (
     write_registry,
 )
 
-from demhx import _warmup, cli, model, session
+from demhx import _warmup, cli, device, model, session
 from demhx._progress import ProgressBar
 
 HAS_CUDA = session.CUDA in session.import_onnxruntime().get_available_providers()
@@ -612,7 +612,7 @@ def test_stale_temporary_files_are_named(case: dict, capsys: pytest.CaptureFixtu
 # Threads: bounded by the cores, with a warning.
 
 def test_threads_beyond_the_cores(case: dict, capsys: pytest.CaptureFixture[str]) -> None:
-    cores = session.available_cores()
+    cores = device.available_cores()
     warned = _succeeds(case, _argv(case, "--threads", "100000", "-q"), capsys)
     assert warned == [f"demhx: warning: --threads 100000 is more than the {cores} CPU cores "
                       f"available; using {cores}"]
