@@ -469,15 +469,28 @@ def read_map(path: str | Path, voxel_size: VoxelSizeLike | None = None) -> MrcMa
                 else validate.voxel_triplet(voxel_size, f"{path}: voxel size"))
     header, extended_header = _read_header(path)
     _check_header(path, header)
-    _check_data_size(path, header, compression)
-    validate.check_grid((int(header.nx), int(header.ny), int(header.nz)),
-                        f"{path}: header dimensions (x×y×z)", "crop or bin the map")
+    _check_data_size(path, header, None if compression is None else -1)
+    try:
+        validate.check_grid((int(header.nx), int(header.ny), int(header.nz)),
+                            f"{path}: header dimensions (x×y×z)", "crop or bin the map")
+    except ValueError:
+        if compression is not None:  # a file that does not hold them says so first
+            length = sum(map(len, _decompressed(path, compression, _file_bytes(header) + 1)))
+            _check_data_size(path, header, length)
+        raise
     voxel = override if override is not None else _checked_header_voxel_size(path, header)
     if override is not None:
         validate.check_voxel_size(override, f"{path}: voxel_size=",
                                   "give the voxel size in Å (1 nm = 10 Å)")
+    # A compressed file is decompressed once, and its length checked before it is used.
+    raw = None
+    if compression is not None:
+        raw = bytearray()
+        for chunk in _decompressed(path, compression, _file_bytes(header) + 1):
+            raw += chunk
+        _check_data_size(path, header, len(raw))
     # Read the stored array and bring it to canonical (z, y, x) order in one float32 copy.
-    data = _read_canonical(path, header, compression)
+    data = _read_canonical(path, header, raw)
     _check_finite(path, data)
     return MrcMap(data, voxel, header, extended_header, path)
 
@@ -495,7 +508,7 @@ def check_map_file(path: str | Path) -> None:
     header, _ = _read_header(path)
     _check_header(path, header)
     if compression is None:
-        _check_data_size(path, header, compression)
+        _check_data_size(path, header, None)
 
 
 def _check_input_file(path: Path) -> str | None:
@@ -576,17 +589,24 @@ def _explain(reason: str) -> str:
     return f"not a readable MRC/CCP4 map ({reason}); check the file or re-export it"
 
 
-def _check_data_size(path: Path, header: np.recarray, compression: str | None) -> None:
-    """Compare the file's size with what the header promises, without reading the data."""
+def _file_bytes(header: np.recarray) -> int:
+    """Bytes of the file the header describes: the headers and the data."""
+    return HEADER_BYTES + max(0, int(header.nsymbt)) + _data_bytes(header)
+
+
+def _check_data_size(path: Path, header: np.recarray, actual: int | None) -> None:
+    """Compare the file's size with what the header promises. ``actual``: the decompressed
+    length of a compressed file; None: the file's own size; -1: not known yet (only the
+    extended-header size is checked)."""
     nsymbt = int(header.nsymbt)
     if nsymbt < 0:
         raise ValueError(f"{path}: header extended-header size {nsymbt} is negative; the "
                          "header is corrupt, re-export the map")
-    expected = HEADER_BYTES + nsymbt + _data_bytes(header)
-    if compression is None:
+    if actual == -1:
+        return
+    expected = _file_bytes(header)
+    if actual is None:
         actual = path.stat().st_size
-    else:
-        actual = _decompressed_size(path, compression, limit=expected + 1)
     if actual != expected:
         shape = f"{int(header.nx)}×{int(header.ny)}×{int(header.nz)}"
         mode = int(header.mode)
@@ -601,33 +621,33 @@ def _open_compressed(path: Path, compression: str) -> Any:
     return gzip.open(path, "rb") if compression == "gzip" else bz2.open(path, "rb")
 
 
-def _decompressed_size(path: Path, compression: str, limit: int) -> int:
-    """Bytes in a compressed file, counting (without keeping) at most ``limit`` of them."""
+def _decompressed(path: Path, compression: str, limit: int) -> Iterator[bytes]:
+    """The decompressed bytes of a compressed file in chunks, at most ``limit`` of them (so
+    that a header promising more than the file holds makes nothing that large)."""
     total = 0
     with _mrcfile_errors(path), _open_compressed(path, compression) as stream:
         while total < limit:
             chunk = stream.read(min(_CHUNK_BYTES, limit - total))
             if not chunk:
-                break
+                return
             total += len(chunk)
-    return total
+            yield chunk
 
 
-def _read_canonical(path: Path, header: np.recarray, compression: str | None
+def _read_canonical(path: Path, header: np.recarray, raw: bytearray | None
                     ) -> NDArray[np.float32]:
-    """The data as a private (z, y, x) float32 C-contiguous array."""
+    """The data as a private (z, y, x) float32 C-contiguous array, read from the file, or
+    from ``raw``, a compressed file's decompressed bytes."""
     permutation = _canonical_permutation(_axis_order(path, header))
-    if compression is None:
+    if raw is None:
         with _mrcfile_errors(path):
             with mrcfile.mmap(path, mode="r", permissive=False) as mrc:
                 stored = mrc.data
                 return np.array(stored.transpose(permutation), dtype=np.float32, order="C")
     dtype = data_dtype_from_header(header)
     shape = (int(header.nz), int(header.ny), int(header.nx))
-    with _mrcfile_errors(path), _open_compressed(path, compression) as stream:
-        stream.read(HEADER_BYTES + int(header.nsymbt))
-        raw = stream.read(_data_bytes(header))
-    stored = np.frombuffer(raw, dtype=dtype).reshape(shape)
+    stored = np.frombuffer(raw, dtype=dtype, count=shape[0] * shape[1] * shape[2],
+                           offset=HEADER_BYTES + int(header.nsymbt)).reshape(shape)
     return np.array(stored.transpose(permutation), dtype=np.float32, order="C")
 
 

@@ -663,3 +663,27 @@ def test_messages_name_parameters_and_read_as_flags_on_the_command_line(tmp_path
         mrcio.check_output_path(source.with_name("in.mrc"), [], False)
     assert shown(caught) == (f"{source}: output exists; pass --overwrite to replace it or "
                              "choose another output path")
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2"])
+def test_a_compressed_map_is_decompressed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               suffix: str) -> None:
+    import bz2
+    import gzip
+
+    volume = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6)
+    plain = write_mrc(tmp_path / "plain.mrc", volume)
+    packed = tmp_path / f"map.mrc{suffix}"
+    opener = gzip.open if suffix == ".gz" else bz2.open
+    with opener(packed, "wb") as stream:
+        stream.write(plain.read_bytes())
+    opened: list[Path] = []
+    original = mrcio._open_compressed
+
+    def counting(path: Path, compression: str) -> object:
+        opened.append(path)
+        return original(path, compression)
+
+    monkeypatch.setattr(mrcio, "_open_compressed", counting)
+    np.testing.assert_array_equal(mrcio.read_map(packed).data, volume)
+    assert opened == [packed]

@@ -144,3 +144,20 @@ def test_bad_shapes_are_refused() -> None:
         resample.resample_to_shape(np.zeros((4, 4), np.float32), (4, 4, 4))
     with pytest.raises(ValueError, match="cannot resample"):
         resample.resample_to_shape(np.zeros((4, 4, 4), np.float32), (4, 0, 4))
+
+
+@pytest.mark.parametrize(("shape", "new_shape"), [((20, 21, 19), (35, 12, 19)),
+                                                  ((16, 17, 18), (9, 30, 31))])
+def test_equals_scipy_signal_resample_per_axis(shape: tuple[int, int, int],
+                                               new_shape: tuple[int, int, int]) -> None:
+    """The crop/pad is scipy.signal.resample's, axis by axis (smaller axes first)."""
+    from scipy import signal
+
+    volume = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    expected = volume.astype(np.float64)
+    for axis in sorted(range(3), key=lambda axis: new_shape[axis] / shape[axis]):
+        if new_shape[axis] != shape[axis]:
+            expected = signal.resample(expected, new_shape[axis], axis=axis)
+    result = resample.resample_to_shape(volume, new_shape)
+    assert result.dtype == np.float32 and result.shape == new_shape
+    np.testing.assert_allclose(result, expected, rtol=0, atol=2e-6 * np.abs(expected).max())
