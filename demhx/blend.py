@@ -66,11 +66,9 @@ def overlap_add(padded: NDArray[Any], plan: TilingPlan, predict: Predict, batch_
     """Run ``predict`` over the cubes of ``plan`` and blend the predictions.
 
     Skipped (solvent) cubes contribute nothing: a voxel gets the blend of the run cubes that
-    cover it, and the background only where no run cube does. Measured against blending
-    skipped cubes in as background: with a local "sharpen and mask" network (solvent to 0)
-    both keep CC 0.9975 to the reference tiling on emd_5168 at 5 σ, and where the network's
-    output in solvent-looking cubes is not background, leaving them out is closer to the
-    reference (0.9970 vs 0.9944).
+    cover it, and the background only where no run cube does: where the network's output in
+    solvent-looking cubes is not background, leaving them out is closer to the reference
+    than blending them in as background (``bench/RESULTS.md``).
 
     Parameters
     ----------

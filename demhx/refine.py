@@ -47,14 +47,10 @@ def predicted_cc(sums: NDArray[Any], squares: NDArray[Any], counts: NDArray[Any]
     ``1 / sqrt(1 + mean error / variance of the output)``. Returns 1 where nothing can be
     estimated (no overlaps, or no signal).
 
-    Measured against the true CC on the model grid, refining one step at a time
-    (``bench/refinement_study.py``, model ``tight``, cached reference predictions), predicted
-    / true: EMD-6824 0.966 / 0.969, 0.973 / 0.976, 0.984 / 0.977, 0.987 / 0.982, 0.991 /
-    0.987, 0.992 / 0.989, 0.994 / 0.993 at 64, 80, 96, 120, 144, 180, 216 cubes; EMD-5168
-    0.985 / 0.994, 0.989 / 0.994, 0.994 / 0.995 at 64, 80, 100 cubes; the 256³ map of
-    ``bench/speed.py`` 0.996 / 0.999 at 88. Within 0.01: pessimistic where the network is
-    stable, up to 0.007 optimistic on EMD-6824 — hence the default's target of 0.993 for the
-    0.99 bar.
+    Measured against the true CC (``bench/refinement_study.py``; ``bench/RESULTS.md``, "Input
+    range and the self-checking default"): within 0.01 of it, pessimistic where the network
+    is stable and slightly optimistic where single cubes stray, hence a target a little above
+    the bar it serves.
     """
     # One pass: sums over the overlaps of the variance and of the squared output, over the
     # covered voxels of output² / k, and over all voxels of the output and its square.

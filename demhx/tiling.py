@@ -28,18 +28,13 @@ Three schemes are built in (:func:`scheme_for`):
 ``fast``
     The default's first cubes only, never refined.
 
-Why the reference's lattice and uniform weights, measured with the trained default model
-``tight`` 0.2 (``bench/tiling_study.py``; CC of the output to the reference output): the
-network's prediction for a voxel depends on where the voxel sits in its cube modulo the
-reference stride (its pooling), so cubes off the reference lattice disagree with it. On
-emd_5168 (174³ on the model grid, 512 reference cubes) a stride-48 grid centred on its own
-padding (cosine blending) gives CC 0.945 and stride 32 gives 0.971, while the same numbers of
-cubes taken from the reference lattice give 0.993 (64 cubes, uniform weights) and 0.995 (125);
-a cosine taper over the overlaps costs 0.002–0.004 of CC against uniform weights. On the
-256³ map of ``bench/speed.py`` every variant is at 0.999 (88 cubes run of 125, 2197 in the
-reference). On EMD-6824 the first 64 cubes reach only 0.972 (single-cube predictions stray by
-a third of the signal there); the adaptive default goes on to 216 cubes and 0.9936, while on
-EMD-5168 it stops at 100 cubes (0.9952) and on the 256³ map at once.
+Why the reference's lattice and uniform weights: the network's prediction for a voxel
+depends on where the voxel sits in its cube modulo the reference stride (its pooling), so
+cubes off the reference lattice disagree with the reference, and a cosine taper over the
+overlaps moves the blend away from the reference's plain average. Cubes taken from the
+reference's lattice and averaged uniformly stay closest to it for a given number of cubes
+(measured with ``bench/tiling_study.py``: ``bench/RESULTS.md``, "Default vs reference
+tiling").
 
 Every box shape is covered: each axis is padded on its own to ``cube_size + (n - 1) * step``
 with ``n`` the fewest cubes at the scheme's lattice step (the stride without a lattice) that
