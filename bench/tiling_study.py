@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     runner = Enhancer(model=args.model, device="cpu", threads=args.threads)
     cached = CachedSession(runner.runtime.session,
                            None if args.cache is None else args.cache / "cubes")
-    # The runtime is frozen; swap in the caching session for this study only.
-    runner._runtime = dataclasses.replace(runner.runtime, session=cached)
+    # The runtime is frozen; a copy with the caching session, for this study only.
+    runner = Enhancer.from_runtime(dataclasses.replace(runner.runtime, session=cached),
+                                   threads=args.threads)
     reference_file = work / f"reference-{source.stem}.npy"
     if reference_file.exists():
         reference = np.load(reference_file)

@@ -495,10 +495,11 @@ class Enhancer:
                 f"loaded={self._runtime is not None})")
 
     @classmethod
-    def from_runtime(cls, runtime: Loaded) -> Enhancer:
+    def from_runtime(cls, runtime: Loaded, *, threads: int | None = None) -> Enhancer:
         """An enhancer on a model already loaded (:func:`demhx.session.load_runtime`, or a
-        :class:`~demhx.multi_device.RuntimeGroup` of several devices)."""
-        enhancer = cls(runtime.spec.path)
+        :class:`~demhx.multi_device.RuntimeGroup` of several devices); ``threads`` bounds its
+        host kernels (as in :class:`Enhancer`)."""
+        enhancer = cls(runtime.spec.path, threads=threads)
         enhancer.device, enhancer._runtime = runtime.device, runtime
         return enhancer
 

@@ -97,6 +97,7 @@ def test_the_network_alone_would_leak_outside_the_mask(smooth: Path) -> None:
     np.testing.assert_array_equal(zeroed[~outside], leaked[~outside])
 
 
+@pytest.mark.slow
 def test_the_default_model_leaves_the_monomer_s_outside_empty(tmp_path: Path) -> None:
     """emd_5168_monomer.mrc: zeros outside its mask reached 12 % of the output's peak. Inside,
     the output follows the input (the output check)."""

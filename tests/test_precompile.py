@@ -57,6 +57,7 @@ def _environment(**variables: str) -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "NUMBA_CPU_NAME": "generic", **variables}
 
 
+@pytest.mark.slow
 def test_a_seeded_cache_serves_every_real_run_without_compiling(tmp_path: Path) -> None:
     """What the images do: precompile into a seed (generic CPU), then runs on the real maps
     (and a larger synthetic one) through the command, with a fresh cache seeded from it,

@@ -77,6 +77,7 @@ def test_readme_names_the_fix_demhx_prints_for_two_onnxruntime_packages() -> Non
     assert cuda in device._ORT_FIX and cuda in text
 
 
+@pytest.mark.slow
 def test_the_api_example_runs_as_pasted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's Python block, run from a folder laid out like the repository's root, with
     a small fixture network as the default model so that it takes seconds, not minutes."""

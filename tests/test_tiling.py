@@ -315,6 +315,7 @@ def test_adaptive_default_stops_at_once_for_a_consistent_network() -> None:
     np.testing.assert_array_equal(default, fast)
 
 
+@pytest.mark.slow
 def test_adaptive_default_adds_reference_cubes_until_faithful() -> None:
     volume = _particle((150, 150, 150))  # 7³ reference cubes, 3³ before refining
     predict = _noisy_network(0.2)

@@ -38,9 +38,10 @@ def _particle(shape: tuple[int, int, int]) -> np.ndarray:
 @pytest.mark.parametrize("shape", [(45, 38, 61), (30, 30, 30)])
 def test_default_cubes_are_reference_cubes_end_to_end(smooth: Path,
                                                       shape: tuple[int, int, int]) -> None:
-    enhancer = pipeline.Enhancer(smooth, device="cpu", threads=1)
-    cached = tiling_study.CachedSession(enhancer.runtime.session, None)
-    enhancer._runtime = dataclasses.replace(enhancer.runtime, session=cached)
+    loaded = pipeline.Enhancer(smooth, device="cpu", threads=1).runtime
+    cached = tiling_study.CachedSession(loaded.session, None)
+    enhancer = pipeline.Enhancer.from_runtime(dataclasses.replace(loaded, session=cached),
+                                              threads=1)
     volume = _particle(shape)
     _, reference = run_with(enhancer, volume, 1.0, noise_stats=(0.0, 0.01), tiling="reference")
     assert cached.evaluated == reference.cubes.run > 0
@@ -55,9 +56,10 @@ def test_default_cubes_are_reference_cubes_end_to_end(smooth: Path,
 
 
 def test_cube_grids_of_their_own_are_new_cubes(smooth: Path) -> None:
-    enhancer = pipeline.Enhancer(smooth, device="cpu", threads=1)
-    cached = tiling_study.CachedSession(enhancer.runtime.session, None)
-    enhancer._runtime = dataclasses.replace(enhancer.runtime, session=cached)
+    loaded = pipeline.Enhancer(smooth, device="cpu", threads=1).runtime
+    cached = tiling_study.CachedSession(loaded.session, None)
+    enhancer = pipeline.Enhancer.from_runtime(dataclasses.replace(loaded, session=cached),
+                                              threads=1)
     volume = _particle((45, 38, 61))
     run_with(enhancer, volume, 1.0, noise_stats=(0.0, 0.01), tiling="reference")
     before = cached.evaluated
