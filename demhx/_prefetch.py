@@ -25,9 +25,11 @@ from numpy.typing import NDArray
 from demhx import _kernels
 
 Progress = Callable[[int, int], None]
-Evaluate = Callable[[NDArray[np.float32]], Any]  # cubes -> predictions, or (mean, variance)
+Predictions = NDArray[np.float32] | tuple[NDArray[np.float32], NDArray[np.float32]]
+"""A batch's predictions, or their ``(mean, variance)`` over rotations."""
+Evaluate = Callable[[NDArray[np.float32]], Predictions]  # cubes -> predictions
 # add(predictions, corners, first, count): sum one batch's predictions into the output
-Add = Callable[[Any, NDArray[np.int64], int, int], None]
+Add = Callable[[Predictions, NDArray[np.int64], int, int], None]
 _BUFFERS = 3
 _STOP = None
 

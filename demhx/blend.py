@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from demhx import _kernels
-from demhx._prefetch import Evaluate, run_batches
+from demhx._prefetch import Evaluate, Predictions, run_batches
 from demhx.augment import Rotation, predict_augmented
 from demhx.refine import SampledSums, new_corners
 from demhx.tiling import TilingPlan, crop, refine_plan
@@ -87,7 +87,8 @@ def overlap_add(padded: NDArray[Any], plan: TilingPlan, predict: Predict, batch_
     counts : cubes in the plan, run and skipped.
     """
     evaluate = functools.partial(_predict_checked, predict)
-    return _blend(padded, plan, evaluate, batch_size, background, skip_below, progress, None)
+    return _run_and_blend(padded, plan, evaluate, batch_size, background, skip_below,
+                          progress, None)
 
 
 def overlap_add_augmented(padded: NDArray[Any], plan: TilingPlan, predict: Predict,
@@ -123,8 +124,8 @@ def overlap_add_augmented(padded: NDArray[Any], plan: TilingPlan, predict: Predi
     scaled = None if progress is None else functools.partial(_scaled, progress, evaluations)
     cubes_per_batch = max(1, batch_size // evaluations)
     spread = np.zeros(plan.padded_shape, dtype=np.float32)
-    mean, counts = _blend(padded, plan, evaluate, cubes_per_batch, background, skip_below,
-                          scaled, spread)
+    mean, counts = _run_and_blend(padded, plan, evaluate, cubes_per_batch, background,
+                                  skip_below, scaled, spread)
     return mean, np.ascontiguousarray(crop(spread, plan)), counts
 
 
@@ -132,9 +133,10 @@ def _scaled(progress: Progress, factor: int, done: int, total: int) -> None:
     progress(done * factor, total * factor)
 
 
-def _blend(padded: NDArray[Any], plan: TilingPlan, evaluate: Evaluate, batch_size: int,
-           background: float, skip_below: float | None, progress: Progress | None,
-           spread: NDArray[Any] | None) -> tuple[NDArray[Any], TileCounts]:
+def _run_and_blend(padded: NDArray[Any], plan: TilingPlan, evaluate: Evaluate,
+                   batch_size: int, background: float, skip_below: float | None,
+                   progress: Progress | None, spread: NDArray[Any] | None
+                   ) -> tuple[NDArray[Any], TileCounts]:
     """Select, run and blend the cubes (refining an adaptive plan); the output and the counts.
 
     With ``spread`` (zeros of ``plan.padded_shape``), ``evaluate`` returns ``(mean,
@@ -192,14 +194,17 @@ class _Sums:
     variance: NDArray[Any] | None = None
     sampled: SampledSums | None = None
 
-    def add(self, predictions: Any, corners: NDArray[Any], first: int, count: int) -> None:
+    def add(self, predictions: Predictions, corners: NDArray[Any], first: int, count: int
+            ) -> None:
         """Add a batch: predictions, or ``(mean, variance)`` when a variance is blended."""
-        if self.variance is None:
-            mean = predictions
-        else:
+        if isinstance(predictions, tuple):
             mean, variance = predictions
+            if self.variance is None:
+                raise TypeError("a (mean, variance) batch without a variance to blend into")
             _kernels.accumulate_weighted(variance, corners, first, count, self.weights,
                                          self.variance)
+        else:
+            mean = predictions
         if self.sampled is None:
             _kernels.accumulate_weighted(mean, corners, first, count, self.weights,
                                          self.accumulator)

@@ -314,18 +314,19 @@ def _on_model_grid(normalised: Volume, voxel: tuple[float, float, float], runtim
     skip = tiling.skip_level(scheme, spec.noise_std, noise_fraction)
     clock.lap("tiling")
     network = _TimedPredict(runtime.run)
-    mean, spread, cubes = _blend(padded, plan, network, runtime.batch_size, options.rotations,
-                                 spec.background, skip, options.progress)
+    mean, spread, cubes = _run_cubes(padded, plan, network, runtime.batch_size,
+                                     options.rotations, spec.background, skip,
+                                     options.progress)
     clock.add("network", network.seconds)
     clock.lap("accumulate")  # extraction, solvent test, blending, self-check
     clock.add("accumulate", -network.seconds)
     return mean, spread, cubes, model_shape
 
 
-def _blend(padded: Volume, plan: tiling.TilingPlan, network: _TimedPredict, batch_size: int,
-           rotations: tuple[augment.Rotation, ...] | None, background: float,
-           skip: float | None, progress: Progress | None
-           ) -> tuple[Volume, Volume | None, TileCounts]:
+def _run_cubes(padded: Volume, plan: tiling.TilingPlan, network: _TimedPredict,
+               batch_size: int, rotations: tuple[augment.Rotation, ...] | None,
+               background: float, skip: float | None, progress: Progress | None
+               ) -> tuple[Volume, Volume | None, TileCounts]:
     """The blended prediction, the spread over ``rotations`` (None without) and the counts."""
     if rotations is not None:
         return overlap_add_augmented(padded, plan, network, batch_size, rotations,
