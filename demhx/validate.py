@@ -50,53 +50,39 @@ Outputs
 
 What the network handles
 ------------------------
-Measured with ``bench/input_range.py`` (``bench/RESULTS.md``, "Input range: what the network
-handles").
+The bounds below come from measurements on the synthetic training inputs, test-split maps and
+the shared real maps (``bench/input_range.py``; the tables and the thresholds chosen from
+them are in ``bench/RESULTS.md``, "Input range: what the network handles").
 
 Inputs (refused with ``ValueError``, or warned about, before any cube runs)
     :func:`check_voxel_ratio` — the network sees every map resampled to the model's voxel
-    size (1 Å). Declaring a test map's voxel size ``s`` times its true one (3 simulated
-    test-split maps, 2.9–3.6 Å): for ``s`` 1–2 the output's CC to the truth is 0.005–0.15
-    above the input's; from 3 to 10 the network returns the map about unchanged (CC to the
-    truth within -0.03..+0.04 of the input's) while a run costs ``s³`` as many cubes; at 0.5
-    and below, where resampling keeps none of the map's finer detail, the output is worse
-    than the input (by 0.05–0.20; by 0.16–0.36 at 0.2–0.25). Refused outside
-    :data:`VOXEL_RATIO_REFUSED` (a voxel size slipped by 10 or in the wrong units), warned
-    outside :data:`VOXEL_RATIO_WARNED`. The network thus handles apparent resolutions (the
-    map's resolution on the model grid) of about 2.5–9 Å; the runtime bounds them through
-    the voxel size only (no resolution is estimated from the map).
+    size. A voxel size a few times too large leaves the map about unchanged at ``s³`` times
+    the cost, one too small loses detail the network then cannot restore: refused outside
+    :data:`VOXEL_RATIO_REFUSED` (a size slipped by 10 or in the wrong units), warned outside
+    :data:`VOXEL_RATIO_WARNED`. The runtime bounds the apparent resolution through the voxel
+    size only (no resolution is estimated from the map).
 
     :func:`density_mass`, :func:`check_contrast` — noise is symmetric about its mean and
-    density only adds above it: of the voxels beyond :data:`CONTRAST_SIGMAS` noise stds, the
-    24 synthetic training inputs have at most 0.0002 times as many below the mean as above,
-    the real maps at most 0.41 (EMD-5168's sharpening ripples), pure noise about 1 (however
-    wrong its std); the real maps multiplied by -1 have 2.55 times as many below or more.
-    Refused above :data:`INVERTED_MASS_RATIO`, when :data:`MIN_INVERTED_FRACTION` of the
-    voxels or more lie below (a few deep voxels are noise or ripples).
+    density only adds above it: among the voxels beyond :data:`CONTRAST_SIGMAS` noise stds,
+    a map with inverted contrast has more below the mean than above. Refused above
+    :data:`INVERTED_MASS_RATIO`, when :data:`MIN_INVERTED_FRACTION` of the voxels or more lie
+    below (a few deep voxels are noise or sharpening ripples).
 
-    :func:`check_noise_level` — the solvent lies within a few noise stds of the noise mean:
-    within :data:`NOISE_BAND_SIGMAS` lie 89–97 % of the voxels of the training inputs and
-    46–92 % of the real maps'. A mean that leaves fewer than
-    :data:`MIN_NOISE_BAND_FRACTION` there (±10 noise stds off on the test maps; a mean above
-    every voxel) describes another map: refused.
+    :func:`check_noise_level` — the solvent lies within a few noise stds of the noise mean;
+    a mean that leaves fewer than :data:`MIN_NOISE_BAND_FRACTION` of the voxels within
+    :data:`NOISE_BAND_SIGMAS` describes another map: refused.
 
-    :func:`warn_low_peak` — the training inputs peak at 6.5–22 noise stds; a map peaking
-    lower is partly taken for noise (EMD-3001, 5.6: its output kept 0.08 of the input's
-    amplitude). Pure noise peaks at 3.7 (white) to 4.3 (smoothed) and rightly comes out
-    empty, so only peaks from :data:`NOISE_PEAK_SIGMAS` to :data:`MIN_PEAK_SIGMAS` warn.
+    :func:`warn_low_peak` — a map peaking below the trained range is partly taken for noise;
+    pure noise peaks lower still and rightly comes out empty, so only peaks from
+    :data:`NOISE_PEAK_SIGMAS` to :data:`MIN_PEAK_SIGMAS` warn.
 
 Output (after the last cube, before anything is returned or written)
     :func:`output_fidelity`, :func:`check_fidelity` — where the input stands clearly above
     its noise, the output must follow it at low resolution (means over blocks of about
-    :data:`COMPARE_ANGSTROM`): on 3 test maps and every shared real map, ``tight-fast`` 0.3
-    and ``tight`` 0.2, the least-squares gain from input to output is 0.49–1.29 and their
-    correlation 0.69–1.00 (0.77–1.17 and 0.90–1.00 over the voxel-size sweep above). An
-    erased output (EMD-3001 through ``tight-fast``: gain 0.07) or an inverted one (a test
-    map times -1: 0.16) fails (``RuntimeError``, nothing written) below
-    :data:`MIN_OUTPUT_GAIN` or :data:`MIN_OUTPUT_CC`, and warns below
-    :data:`WARN_OUTPUT_GAIN` or :data:`WARN_OUTPUT_CC` (EMD-3001 through ``tight``: 0.51). A
-    map of pure noise has no such voxels (fewer than :data:`MIN_SIGNAL_FRACTION`): the
-    network's empty output passes.
+    :data:`COMPARE_ANGSTROM`): an erased or inverted output fails (``RuntimeError``, nothing
+    written) below :data:`MIN_OUTPUT_GAIN` or :data:`MIN_OUTPUT_CC`, and warns below
+    :data:`WARN_OUTPUT_GAIN` or :data:`WARN_OUTPUT_CC`. A map of pure noise has no such
+    voxels (fewer than :data:`MIN_SIGNAL_FRACTION`): the network's empty output passes.
 """
 
 from __future__ import annotations
