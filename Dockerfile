@@ -15,7 +15,8 @@
 # onnxruntime-gpu in place of the CPU package onnxruntime: both install the same `onnxruntime`
 # module, and demhx refuses to start with both present. So the dependencies are installed
 # explicitly and demhx itself with --no-deps. The shipped models (models/, package data
-# demhx.models) are installed with the package.
+# demhx.models) are installed with the package; LICENSE is copied because pyproject.toml
+# names it in license-files (the wheel carries it; setuptools warns without it).
 
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 
@@ -31,7 +32,7 @@ RUN python3 -m venv /opt/demhx
 RUN /opt/demhx/bin/pip install --no-cache-dir --only-binary=:all: \
         "numpy>=1.24" "scipy>=1.10" "mrcfile>=1.5" "numba>=0.58" "fire>=0.5" \
         "onnxruntime-gpu==${ORT_GPU_VERSION}"
-COPY pyproject.toml README.md /src/
+COPY pyproject.toml README.md LICENSE /src/
 COPY demhx /src/demhx
 COPY models /src/models
 RUN /opt/demhx/bin/pip install --no-cache-dir --no-deps /src

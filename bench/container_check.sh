@@ -38,7 +38,7 @@ echo "== requirements: ${requirements[*]}"
 echo "== install ($python, Python $("$python" -c 'import sys; print(sys.version.split()[0])'))"
 "$python" -m venv "$work/venv"
 "$work/venv/bin/pip" install -q --no-cache-dir --only-binary=:all: "${requirements[@]}"
-cp "$root/pyproject.toml" "$root/README.md" "$work/src/"
+cp "$root/pyproject.toml" "$root/README.md" "$root/LICENSE" "$work/src/"
 cp -r "$root/demhx" "$root/models" "$work/src/"
 find "$work/src" -name __pycache__ -prune -exec rm -rf {} +
 "$work/venv/bin/pip" install -q --no-cache-dir --no-deps "$work/src"

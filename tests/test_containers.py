@@ -1,14 +1,21 @@
 """The container recipes (Dockerfile, .dockerignore, demhx.def) against the package they install.
 
 Docker and Apptainer are not needed: the recipes are parsed and checked for what must hold
-for the image to work. The install steps themselves are run by ``bench/container_check.sh``.
+for the image to work. demhx's own install step (``pip install --no-deps`` of the copied tree)
+is run here as a wheel build on a staged copy of what the Dockerfile copies; the whole install
+and a run are ``bench/container_check.sh``'s.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import re
 import shlex
+import subprocess
+import sys
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -317,3 +324,122 @@ def test_models_are_package_data() -> None:
     for name in names:
         assert (ROOT / "models" / name).is_file(), name
         assert name.endswith(".py") or any(Path(name).match(glob) for glob in globs), name
+
+
+def _docker_copies() -> list[tuple[list[str], str]]:
+    """(sources, destination) of each COPY from the build context in the build stage."""
+    copies = []
+    for keyword, arguments in _stages()[0]:
+        if keyword == "COPY" and not arguments.startswith("--from="):
+            *sources, destination = arguments.split()
+            copies.append((sources, destination))
+    return copies
+
+
+def _container_check_copies() -> list[str]:
+    """What bench/container_check.sh copies into the tree it installs ("$work/src/")."""
+    text = (ROOT / "bench" / "container_check.sh").read_text(encoding="utf-8")
+    copied = []
+    for line in text.splitlines():
+        words = shlex.split(line) if line.startswith("cp ") else []
+        if words and words[-1] == "$work/src/":
+            copied += [word.removeprefix("$root/") for word in words[1:-1]
+                       if word.startswith("$root/")]
+    return copied
+
+
+def _read_by_the_install() -> set[str]:
+    """The repository's top-level paths that building demhx from a copied tree reads:
+    pyproject.toml, the readme and licence files it names, the folders of its packages."""
+    pyproject = _pyproject()
+    project, setuptools = pyproject["project"], pyproject["tool"]["setuptools"]
+    readme = project["readme"]
+    needed = {"pyproject.toml", readme if isinstance(readme, str) else readme["file"]}
+    for pattern in project.get("license-files", []):
+        matches = [path.relative_to(ROOT).as_posix() for path in ROOT.glob(pattern)]
+        assert matches, f"license-files names {pattern!r}, which is not in the repository"
+        needed.update(matches)
+    return needed | {folder.split("/")[0] for folder in setuptools["package-dir"].values()}
+
+
+@pytest.mark.parametrize("recipe", ["Dockerfile", "demhx.def", "bench/container_check.sh"])
+def test_recipes_copy_every_file_the_install_reads(recipe: str) -> None:
+    """LICENSE among them: pyproject.toml names it in license-files, and a build without
+    it warns (setuptools stops supporting such builds after 2027-02-18)."""
+    copied = {
+        "Dockerfile": lambda: [source for sources, _ in _docker_copies() for source in sources],
+        "demhx.def": lambda: [line.split()[0] for line in _section("files").splitlines()
+                              if line.strip()],
+        "bench/container_check.sh": _container_check_copies,
+    }[recipe]()
+    assert "LICENSE" in _read_by_the_install()
+    missing = _read_by_the_install() - set(copied)
+    assert not missing, f"{recipe} does not copy {sorted(missing)}, which the install reads"
+
+
+def _stage_docker_copies(tree: Path) -> None:
+    """Lay out in ``tree`` exactly what the Dockerfile copies into the folder it installs
+    (files that .dockerignore keeps out of the build context left out)."""
+    installed = [word for words in _source_installs(_docker_pip_installs()) for word in words
+                 if word.startswith("/")]
+    assert len(installed) == 1, installed
+    ignored = _dockerignore()
+    for sources, destination in _docker_copies():
+        target = tree / Path(destination).relative_to(installed[0])
+        for source in sources:
+            top = ROOT / source
+            files = [top] if top.is_file() else sorted(top.rglob("*"))
+            for path in files:
+                relative = path.relative_to(ROOT).as_posix()
+                if not path.is_file() or _dockerignored(relative, ignored):
+                    continue
+                if top.is_dir():  # COPY demhx /src/demhx: the folder's contents
+                    copy = target / path.relative_to(top)
+                else:  # COPY a b /src/ puts them in the folder; COPY a /src/b names it
+                    copy = target / top.name if destination.endswith("/") else target
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                copy.write_bytes(path.read_bytes())
+
+
+def _backend_installed(tree: Path) -> bool:
+    """Whether this environment has the build backend the tree's pyproject.toml requires
+    (then a build without isolation uses the same backend versions pip would fetch)."""
+    text = (tree / "pyproject.toml").read_text(encoding="utf-8")
+    for requirement in map(Requirement, tomllib.loads(text)["build-system"]["requires"]):
+        try:
+            version = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            return False
+        if not requirement.specifier.contains(Version(version), prereleases=True):
+            return False
+    return True
+
+
+@pytest.mark.slow
+def test_copied_tree_installs_with_its_licence_and_no_warning(tmp_path: Path) -> None:
+    """The recipes' install step, ``pip install --no-deps <copied tree>``, on a copy of what
+    the Dockerfile copies: pip builds a wheel (here without build isolation when the
+    environment has the required setuptools, as fast; else with it, as the image does);
+    setuptools says nothing about licence files and the wheel carries LICENSE."""
+    tree = tmp_path / "src"
+    _stage_docker_copies(tree)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v",
+               "--wheel-dir", str(tmp_path / "wheel"), str(tree)]
+    if _backend_installed(tree):
+        command.insert(4, "--no-build-isolation")
+    environment = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path, env=environment)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    warnings = [line for line in log.splitlines() if "Warning:" in line]
+    assert "did not match any files" not in log, log[-4000:]
+    assert not [line for line in warnings if re.search("licen[cs]e", line, re.I)], warnings
+    (wheel,) = (tmp_path / "wheel").glob("demhx-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = archive.read(next(name for name in names
+                                     if name.endswith(".dist-info/METADATA"))).decode()
+    assert "License-File: LICENSE" in metadata.splitlines()
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
+    assert "demhx/models/registry.json" in names
