@@ -58,6 +58,9 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+__all__ = ["DEFAULT_COUNT", "Predict", "predict_augmented", "Rotation", "rotation_subset",
+           "ROTATIONS", "SUBSETS"]
+
 Predict = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 
 DEFAULT_COUNT = 6

@@ -29,6 +29,10 @@ from demhx.mrcio import OUTPUT_SUFFIXES
 from demhx.options import EnhanceOptions, EnhanceSummary, VoxelSize
 from demhx.pipeline import Enhancer
 
+__all__ = ["check_inputs", "choose_shard", "create_folders", "enhance_many", "MapResult",
+           "output_path", "output_paths", "parse_shard", "preview_paths", "Shard",
+           "shard_from_environment", "shard_indices", "shard_line", "summary_table"]
+
 LOG = logging.getLogger("demhx")
 OK, FAILED, NOT_RUN = "ok", "failed", "not run"
 _GZIP = ".gz"

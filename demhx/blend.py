@@ -28,6 +28,9 @@ from demhx.augment import Rotation, predict_augmented
 from demhx.refine import SampledSums, new_corners
 from demhx.tiling import TilingPlan, crop, refine_plan
 
+__all__ = ["overlap_add", "overlap_add_augmented", "Predict", "Progress", "select_cubes",
+           "TileCounts"]
+
 Predict = Callable[[NDArray[np.float32]], NDArray[np.float32]]
 Progress = Callable[[int, int], None]
 

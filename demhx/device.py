@@ -17,6 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+__all__ = ["available_cores", "choose_providers", "CPU", "CUDA", "cuda_device_count",
+           "CUDNN_CONV_ALGO_SEARCH", "DeviceError", "DeviceRequest", "DEVICES",
+           "import_onnxruntime", "InstallError", "LOG_QUIET", "parse_device",
+           "parse_devices"]
+
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "cuda:N,M,...", "cuda:all")

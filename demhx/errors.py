@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+__all__ = ["cli_terms", "DemhxWarning", "describe_error", "option", "OPTIONS"]
+
 _USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
                  IsADirectoryError, NotADirectoryError)
 """Errors of the input or the options (exit status 2 on the command line)."""

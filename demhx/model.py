@@ -41,6 +41,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+__all__ = ["FORMAT_VERSION", "fp16_twin", "load_registry", "load_spec", "metadata_of",
+           "METADATA_PREFIX", "models_dir", "ModelSpec", "NORMALISATIONS",
+           "open_session", "read_metadata", "registered_fp16_sha256", "REGISTRY_FILE",
+           "REQUIRED_KEYS", "resolve_model", "sha256_of", "spec_from_metadata",
+           "verify_sha256"]
+
 FORMAT_VERSION = 1
 METADATA_PREFIX = "demhx."
 NORMALISATIONS = ("noise", "mask")

@@ -83,6 +83,16 @@ from numpy.typing import NDArray
 from demhx import _signals, validate
 from demhx.errors import DemhxWarning
 
+__all__ = ["check_distinct_outputs", "check_folder_to_create", "check_map_file",
+           "check_output_folder", "check_output_path", "check_path_limits",
+           "clean_stale_temporaries", "COMPLEX_MODES", "extended_header_to_write",
+           "EXTENDED_HEADER_TYPES", "HEADER_BYTES", "IMAGE_STACK_SPACE_GROUP",
+           "LABEL_BYTES", "LABEL_COUNT", "MRC2014_VERSION", "MrcMap", "new_temporary",
+           "OUTPUT_SUFFIXES", "read_map", "REAL_MODES", "same_file",
+           "STALE_AFTER_SECONDS", "SYMMETRY_RECORD_BYTES", "TEMPORARY_PATTERN",
+           "VOLUME_SPACE_GROUP", "VOLUME_STACK_SPACE_GROUPS", "VoxelSizeLike",
+           "write_map", "write_maps"]
+
 # --------------------------------------------------------------------------- temporary files
 TEMPORARY_PATTERN = re.compile(
     r"^\.(?P<name>.+)\.demhx-(?P<owner>[0-9a-f]{8})-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")

@@ -29,6 +29,8 @@ from demhx.device import parse_devices
 from demhx.model import ModelSpec
 from demhx.session import Runtime, load_runtime
 
+__all__ = ["group_of", "load_group", "Loaded", "RuntimeGroup"]
+
 
 @dataclass(eq=False)
 class RuntimeGroup:

@@ -68,6 +68,20 @@ from demhx.validate import check_volume
 if TYPE_CHECKING:
     from demhx.model import ModelSpec
 
+__all__ = ["as_stats", "check_not_masked", "choose_stats", "CLIP_SIGMAS", "denormalise",
+           "describe", "edge_band", "EDGE_TOLERANCE", "estimate_noise", "ITERATIONS",
+           "limit_peak", "MAD_TO_STD", "MASK_COHERENCE", "MASK_DILATION_VOXELS",
+           "MASK_QUANTILES", "mask_stats", "MASKED_FRACTION", "masked_outside",
+           "MAX_EDGE_BAND_VOXELS", "MAX_PEAK_SIGMAS", "MAX_SOLVENT_OFFSET_SIGMAS",
+           "MIN_EDGE_BAND_VOXELS", "MIN_EDGE_SHELL_VOXELS", "MIN_MASK_FRACTION",
+           "MIN_MASKED_SOLVENT_FRACTION", "MIN_SOLVENT_FRACTION",
+           "MIN_SOLVENT_PEAK_SIGMAS", "MIN_SOLVENT_VOXELS", "MIN_TAIL_FRACTION",
+           "most_common_value", "NoiseStats", "normalise", "normalise_for",
+           "PEAK_QUANTILE", "PEAK_SAMPLE_VOXELS", "peak_sigmas", "peak_stats",
+           "SAMPLE_VOXELS", "SEED_FRACTION", "solvent_voxels", "statistics_for",
+           "TARGET_PEAK_SIGMAS", "top_quantile", "TRAINED_PEAK_SIGMAS", "user_stats",
+           "WINDOW_VOXELS", "ZONE_NOISE_FRACTION"]
+
 
 # --------------------------------------------------------------------------- noise statistics
 MAD_TO_STD = 1.4826  # median absolute deviation of a Gaussian, in standard deviations

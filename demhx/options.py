@@ -33,6 +33,9 @@ from demhx.validate import Fidelity
 if TYPE_CHECKING:
     from demhx.blend import TileCounts
 
+__all__ = ["Enhanced", "EnhanceOptions", "EnhanceSummary", "NoiseStatsLike", "Progress", "RunInfo",
+           "VoxelSize"]
+
 Progress = Callable[[int, int], None]
 NoiseStatsLike = NoiseStats | Sequence[float] | None
 VoxelSize = float | Sequence[float]

@@ -61,12 +61,14 @@ from demhx.options import (
     VoxelSize,
 )
 
+__all__ = ["Enhancer", "average_half_maps", "enhance", "enhance_file"]
+
 # --------------------------------------------------------------------------- the array path
 LOG = logging.getLogger("demhx")
 Volume = NDArray[np.float32]
 
 
-class StageClock:
+class _StageClock:
     """Wall time of the pipeline's stages, logged at DEBUG level (the CLI's ``--debug``)."""
 
     def __init__(self) -> None:
@@ -89,7 +91,7 @@ class StageClock:
 
 
 @contextlib.contextmanager
-def host_threads(threads: int | None) -> Iterator[None]:
+def _host_threads(threads: int | None) -> Iterator[None]:
     """Host kernels (noise statistics, tiling) use at most ``threads`` threads while inside
     (numba's thread count, which they follow); None leaves numba's count as it is."""
     if threads is None:
@@ -120,7 +122,7 @@ def average_half_maps(half1: NDArray[Any], half2: NDArray[Any], names: tuple[str
 def _enhance_array(load: Callable[[], Loaded], volume: NDArray[Any], voxel_size: VoxelSize,
                   options: EnhanceOptions, *, half2: NDArray[Any] | None = None,
                   mask: NDArray[Any] | None = None, name: str = "volume",
-                  mask_name: str = "mask", clock: StageClock | None = None) -> Enhanced:
+                  mask_name: str = "mask", clock: _StageClock | None = None) -> Enhanced:
     """Enhance ``volume`` as ``options`` say, with the model ``load()`` returns.
 
     The inputs are checked before the model is loaded (``load`` is called once, after them).
@@ -131,7 +133,7 @@ def _enhance_array(load: Callable[[], Loaded], volume: NDArray[Any], voxel_size:
     start = time.perf_counter()
     own_clock = clock is None
     if clock is None:
-        clock = StageClock()
+        clock = _StageClock()
     else:
         clock.lap("read")  # the file path started the clock and read the map
     volume, voxel, checked_mask = _checked_inputs(volume, voxel_size, half2, mask,
@@ -170,7 +172,7 @@ def _enhance_array(load: Callable[[], Loaded], volume: NDArray[Any], voxel_size:
     fidelity = validate.output_fidelity(volume, result, voxel, stats.mean,
                                         _measured_std(stats))
     if result.min() != 0 or result.max() != 0:
-        validate.check_fidelity(fidelity, name, model_cause(runtime), runtime.spec.trained)
+        validate.check_fidelity(fidelity, name, _model_cause(runtime), runtime.spec.trained)
     info = RunInfo(shape, model_shape, stats, cubes, runtime.device, options.tiling_name,
                    time.perf_counter() - start, len(rotations) if rotations else 1, peak,
                    fidelity)
@@ -179,7 +181,7 @@ def _enhance_array(load: Callable[[], Loaded], volume: NDArray[Any], voxel_size:
     return Enhanced(np.ascontiguousarray(result, dtype=np.float32), spread, info)
 
 
-def zero_cause(info: RunInfo, runtime: Loaded) -> str:
+def _zero_cause(info: RunInfo, runtime: Loaded) -> str:
     """Why a run's output is all zero: every cube skipped as solvent, or the model."""
     cubes = info.cubes
     if cubes.run == 0:
@@ -187,11 +189,11 @@ def zero_cause(info: RunInfo, runtime: Loaded) -> str:
                 f"never rises above solvent noise (noise std {info.noise.std:.4g}, "
                 f"{info.noise.method}); check the voxel size and the noise statistics "
                 "(noise_stats=, mask=), or run tiling=reference")
-    return (f"{model_cause(runtime)} returned zeros for all {cubes.run} cubes it ran; check "
+    return (f"{_model_cause(runtime)} returned zeros for all {cubes.run} cubes it ran; check "
             "the model (model=)")
 
 
-def check_all_zero(enhanced: Enhanced, runtime: Loaded, name: str) -> None:
+def _check_all_zero(enhanced: Enhanced, runtime: Loaded, name: str) -> None:
     """The array API's gate for an all-zero output (the file path refuses one outright).
 
     Where the input has density for the output to follow (``info.fidelity``), a model that
@@ -203,9 +205,9 @@ def check_all_zero(enhanced: Enhanced, runtime: Loaded, name: str) -> None:
     if result.size and (result.min() != 0 or result.max() != 0):
         return
     if info.cubes.run and info.fidelity is not None:
-        validate.check_fidelity(info.fidelity, name, model_cause(runtime),
+        validate.check_fidelity(info.fidelity, name, _model_cause(runtime),
                                 runtime.spec.trained)
-    warnings.warn(f"{name}: the output is all zero ({zero_cause(info, runtime)})",
+    warnings.warn(f"{name}: the output is all zero ({_zero_cause(info, runtime)})",
                   DemhxWarning, stacklevel=3)
 
 
@@ -275,7 +277,7 @@ def _check_model_grid(shape: tuple[int, ...], voxel: tuple[float, float, float],
                         "crop the map")
 
 
-def model_cause(runtime: Loaded) -> str:
+def _model_cause(runtime: Loaded) -> str:
     """Who made an output, for the messages that blame the model."""
     return f"model {runtime.spec.label} [{runtime.model_file.name}] on {runtime.device}"
 
@@ -285,13 +287,13 @@ def _check_finite_output(result: Volume, spread: Volume | None, runtime: Loaded)
     for values in (result,) if spread is None else (result, spread):
         if not validate.all_finite(values):
             bad = validate.count_nonfinite(values)
-            raise RuntimeError(f"{model_cause(runtime)} produced {bad} NaN or infinite "
+            raise RuntimeError(f"{_model_cause(runtime)} produced {bad} NaN or infinite "
                                "voxels; nothing written; check the model file, or try "
                                "device=cpu")
 
 
 def _on_model_grid(normalised: Volume, voxel: tuple[float, float, float], runtime: Loaded,
-                   options: EnhanceOptions, noise_fraction: float, clock: StageClock
+                   options: EnhanceOptions, noise_fraction: float, clock: _StageClock
                    ) -> tuple[Volume, Volume | None, TileCounts, tuple[int, int, int]]:
     """Resample to the model's voxel size, run the tiles; the prediction on the model grid.
 
@@ -447,8 +449,8 @@ def _warn_oblique_cell(item: mrcio.MrcMap) -> None:
 def _check_output(result: NDArray[np.float32], info: RunInfo, runtime: Loaded,
                   output: Path) -> None:
     """The output gate: RuntimeError naming the cause for an all-zero or absurd output."""
-    validate.check_output(result, info.input_peak, str(output), model_cause(runtime),
-                          zero_cause(info, runtime))
+    validate.check_output(result, info.input_peak, str(output), _model_cause(runtime),
+                          _zero_cause(info, runtime))
 
 
 def _label(runtime: Loaded, info: RunInfo) -> str:
@@ -461,7 +463,6 @@ def _label(runtime: Loaded, info: RunInfo) -> str:
 
 
 # --------------------------------------------------------------------------- the public face
-__all__ = ["Enhancer", "enhance", "enhance_file"]
 Map = NDArray[np.float32]
 
 
@@ -541,11 +542,11 @@ class Enhancer:
         returned with a :class:`~demhx.errors.DemhxWarning` naming the cause otherwise (every
         cube skipped as solvent: noise in, nothing out).
         """
-        with host_threads(self.threads):
+        with _host_threads(self.threads):
             enhanced = _enhance_array(lambda: self.runtime, volume, voxel_size,
                                       options or EnhanceOptions(), half2=half2, mask=mask,
                                       name=name, mask_name=mask_name)
-        check_all_zero(enhanced, self.runtime, name)
+        _check_all_zero(enhanced, self.runtime, name)
         return enhanced
 
     def process_file(self, source: str | Path, output: str | Path,
@@ -567,12 +568,12 @@ class Enhancer:
         _warmup.start()  # numba's set-up, while the map is read and the model loaded
         self.preload()  # on a GPU: the session and a first batch, while the map is read
         # Read the map (averaging half-maps in place) and the mask.
-        clock = StageClock()
+        clock = _StageClock()
         template = _read_input(Path(source), half2, voxel_size)
         mask_data = None if mask is None else mrcio.read_map(Path(mask), template.voxel_size).data
         # Enhance, check the result, and write atomically: nothing is written if anything
         # above fails.
-        with host_threads(self.threads):
+        with _host_threads(self.threads):
             enhanced = _enhance_array(lambda: self.runtime, template.data, template.voxel_size,
                                       options, mask=mask_data, name=str(source),
                                       mask_name=str(mask), clock=clock)

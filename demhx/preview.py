@@ -28,6 +28,11 @@ from numpy.typing import NDArray
 from demhx import _signals
 from demhx.mrcio import check_output_folder, check_path_limits, new_temporary
 
+__all__ = ["BACKGROUND", "central_slices", "check_preview_path", "contrast_limits", "GAP",
+           "PERCENTILES", "PLANES", "preview_file_path", "PREVIEW_FIX", "preview_image",
+           "preview_panels", "preview_row", "PreviewRow", "require_matplotlib",
+           "row_titles", "to_grey", "write_file_preview", "write_preview"]
+
 PERCENTILES = (1.0, 99.5)  # grey scale of a row: these percentiles of its central slices
 GAP = 4  # pixels between panels and rows in :func:`preview_image`
 BACKGROUND = 1.0  # grey level (white) of the gaps in :func:`preview_image`

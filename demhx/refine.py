@@ -23,6 +23,9 @@ from numpy.typing import NDArray
 from demhx import _kernels
 from demhx.tiling import TilingPlan
 
+__all__ = ["COUNT_DTYPE", "MAX_COVERING", "most_covering", "new_corners", "predicted_cc",
+           "SAMPLE_STEP", "SampledSums"]
+
 SAMPLE_STEP = 2  # voxels between the samples of the refinement estimate, per axis
 COUNT_DTYPE = np.uint16
 """Type of the cube counts: 2 bytes per sampled voxel, up to 65535 cubes over one voxel

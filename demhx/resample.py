@@ -32,6 +32,8 @@ from numpy.typing import NDArray
 
 from demhx import validate
 
+__all__ = ["resample", "resample_to_shape", "target_shape", "WORKERS"]
+
 WORKERS = -1  # threads for scipy.fft: all available cores
 
 

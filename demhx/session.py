@@ -45,6 +45,9 @@ from demhx.errors import DemhxWarning
 from demhx.model import ModelSpec
 from demhx.validate import check_positive
 
+__all__ = ["bounded_threads", "check_io", "CPU_BATCH_SIZE", "CUDA_BATCH_SIZE",
+           "CUDA_MAX_BATCH_SIZE", "load_runtime", "ModelIO", "Runtime"]
+
 CPU_BATCH_SIZE = 1
 """Cubes per batch on CPU: larger batches are no faster there and cost memory."""
 CUDA_BATCH_SIZE = 8

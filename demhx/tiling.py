@@ -52,6 +52,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+__all__ = ["axis_layout", "check_tiling", "crop", "DEFAULT", "DEFAULT_SKIP_THRESHOLD",
+           "DEFAULT_STRIDE_FRACTION", "DEFAULT_TARGET_CC", "FAST", "pad_volume",
+           "plan_tiling", "REFERENCE", "refine_plan", "refine_positions", "scheme_for",
+           "SCHEMES", "skip_level", "TilingPlan", "TilingScheme", "window_1d",
+           "window_3d", "WINDOWS"]
+
 REFERENCE = "reference"
 DEFAULT = "default"
 FAST = "fast"

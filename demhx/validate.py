@@ -98,6 +98,20 @@ from numpy.typing import NDArray
 
 from demhx.errors import DemhxWarning
 
+__all__ = ["all_finite", "check_contrast", "check_fidelity", "check_grid", "check_mask",
+           "check_noise_level", "check_noise_range", "check_output", "check_positive",
+           "check_volume", "check_voxel_ratio", "check_voxel_size", "COMPARE_ANGSTROM",
+           "CONTRAST_SIGMAS", "count_nonfinite", "density_mass", "density_tails",
+           "extreme_limits", "Fidelity", "INVERTED_MASS_RATIO", "MAGNITUDE_RANGE",
+           "MAX_GRID_VOXELS", "MAX_NOISE_STDS", "MAX_OUTPUT_RATIO",
+           "MIN_INVERTED_FRACTION", "MIN_NOISE_BAND_FRACTION", "MIN_PEAK_SIGMAS",
+           "MIN_SAMPLE_VOXELS", "MIN_SIGNAL_FRACTION", "NOISE_BAND_SIGMAS",
+           "NOISE_PEAK_SIGMAS", "OUTLIER_FACTOR", "OUTLIER_QUANTILE", "output_fidelity",
+           "RANGE_SAMPLE_VOXELS", "repair_extreme_voxels", "SAMPLE_VOXELS",
+           "SIGNAL_SIGMAS", "SIGNAL_TAIL_QUANTILE", "TAIL_QUANTILE",
+           "TRAINED_RESOLUTIONS", "VOXEL_RATIO_REFUSED", "VOXEL_RATIO_WARNED",
+           "VOXEL_SIZE_RANGE", "voxel_triplet", "warn_low_peak"]
+
 # ------------------------------------------------------------------------- what the network handles
 VOXEL_RATIO_REFUSED = (0.25, 4.0)  # map voxel / model voxel refused outside (any axis)
 VOXEL_RATIO_WARNED = (0.5, 3.0)  # ... and warned about outside
@@ -298,7 +312,7 @@ def check_fidelity(fidelity: Fidelity | None, name: str, cause: str, strict: boo
     """RuntimeError (only a warning when not ``strict``: an untrained model) for an output
     that erased or inverted the input's density; a warning for one that follows it loosely.
 
-    ``name``: the input; ``cause``: the model, as :func:`demhx.pipeline.model_cause` says.
+    ``name``: the input; ``cause``: the model that made the output (its label, file and device).
     """
     if fidelity is None:
         return

@@ -133,3 +133,26 @@ def test_the_circle_and_private_checks_see_what_they_look_for(tmp_path: Path) ->
                       encoding="utf-8")
     assert set(_private_uses(sample)) == {"validate._hidden", "mrcio._secret"}
     assert ("pipeline", None) in _runtime_imports(sample)
+
+
+def _public_definitions(path: Path) -> set[str]:
+    """Functions and classes a module defines without a leading underscore."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {node.name for node in tree.body
+            if isinstance(node, ast.FunctionDef | ast.ClassDef) and not node.name.startswith("_")}
+
+
+@pytest.mark.parametrize("path", [path for path in _modules(RUNTIME)
+                                  if not path.name.startswith("_")], ids=lambda path: path.name)
+def test_public_modules_say_what_they_export(path: Path) -> None:
+    """``__all__`` in every public module: it names what the module defines (each name
+    exists) and every public function and class it defines."""
+    import importlib
+
+    module = importlib.import_module(f"demhx.{path.stem}")
+    exported = getattr(module, "__all__", None)
+    assert exported is not None, f"{path.name} has no __all__"
+    assert all(hasattr(module, name) for name in exported)
+    if path.stem != "__init__":
+        assert _public_definitions(path) <= set(exported), (
+            f"{path.name}: {sorted(_public_definitions(path) - set(exported))} not in __all__")
