@@ -49,7 +49,7 @@ picks those of one map for a model (the user's, the model's mask mode, or
 and :func:`normalise_for` normalises the map as the model expects.
 
 Sections, in order: the noise statistics and the dynamic range, the solvent estimators
-(the measured accuracy is in their docstrings), the stage policy.
+(masked maps, the automatic estimate, user masks), normalisation, the stage policy.
 """
 
 from __future__ import annotations
@@ -342,6 +342,27 @@ def most_common_value(volume: NDArray[Any]) -> np.float32:
 def estimate_noise(volume: NDArray[Any], voxel_size: tuple[float, float, float] | None = None
                    ) -> NoiseStats:
     """Estimate the solvent noise mean and std of an unmasked map (method ``"auto"``).
+
+    The solvent is found from local statistics, with no assumption on where the particle is:
+    the mean and standard deviation of the density in a window of about
+    :data:`WINDOW_VOXELS` voxels around every voxel are computed (box filters), and
+
+    1. a first guess of the solvent takes, among the voxels whose local mean is below the
+       median, the :data:`SEED_FRACTION` with the lowest local standard deviation;
+    2. the solvent is then every voxel whose local mean *and* local standard deviation lie
+       within :data:`CLIP_SIGMAS` robust standard deviations (median and median absolute
+       deviation) of those of the current solvent set; this is repeated
+       :data:`ITERATIONS` times;
+    3. the noise mean and std are those of the raw voxels in the final set
+       (:func:`solvent_voxels`).
+
+    Density raises the local mean and the local variance, so particles anywhere in the box
+    (off-centre, touching an edge, filaments crossing it, hollow particles whose empty centre
+    counts as solvent, non-cubic boxes) are left out, while the solvent is kept wherever it
+    is. Runs of exactly constant voxels (padding) are left out too. Where solvent and density
+    no longer separate in the windows (a particle filling about half the box, with noise
+    correlated over a few voxels) the std comes out high: pass ``noise_stats=`` or ``mask=``
+    for such maps. The measured accuracy is in ``bench/RESULTS.md`` ("Noise estimation").
 
     Parameters
     ----------
