@@ -1,5 +1,6 @@
-"""bench/invented.py: phase randomisation keeps the amplitude spectrum and the mean and removes
-the structure; the blob and noise measures count what they say on tiny volumes."""
+"""bench/invented.py (it measures with export's metrics, so its tests live with export's):
+phase randomisation keeps the amplitude spectrum and the mean and removes the structure; the
+blob and noise measures count what they say on tiny volumes."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import invented  # noqa: E402
 
 
