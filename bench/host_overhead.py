@@ -49,7 +49,7 @@ with mrcfile.new(sys.argv[2], overwrite=True) as target:
 # ONNX Runtime, mrcfile) and numba's compiler set-up; the process then exits as demhx does.
 _FLOOR = ("import os, demhx.pipeline, onnxruntime\n"
           "from demhx import _warmup\n"
-          "_warmup._set_up()\n" + _READ_WRITE + "os._exit(0)\n")
+          "_warmup.start()\n_warmup.wait()\n" + _READ_WRITE + "os._exit(0)\n")
 
 
 def timed(command: list[str], folder: Path) -> float:
