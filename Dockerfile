@@ -30,7 +30,7 @@ RUN apt-get update \
 RUN python3 -m venv /opt/demhx
 # Binary wheels only: nothing is compiled, so no compiler is needed at any stage.
 RUN /opt/demhx/bin/pip install --no-cache-dir --only-binary=:all: \
-        "numpy>=1.24" "scipy>=1.10" "mrcfile>=1.5" "numba>=0.58" "fire>=0.5" \
+        "numpy>=1.24" "scipy>=1.10" "mrcfile>=1.5" "numba>=0.58" "fire>=0.7,<0.8" \
         "onnxruntime-gpu==${ORT_GPU_VERSION}"
 COPY pyproject.toml README.md LICENSE /src/
 COPY demhx /src/demhx

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["cli_terms", "DemhxWarning", "describe_error", "option", "OPTIONS"]
+__all__ = ["cli_terms", "DemhxWarning", "describe_error", "option", "OPTIONS", "USAGE_ERRORS"]
 
-_USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
-                 IsADirectoryError, NotADirectoryError)
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
+                IsADirectoryError, NotADirectoryError)
 """Errors of the input or the options (exit status 2 on the command line)."""
 
 # Parameters of the API that are also options of the command line (``out_dir`` → ``--out-dir``).
@@ -63,6 +63,6 @@ def describe_error(error: BaseException) -> str:
                 "memory")
     else:
         text = str(error).strip() or type(error).__name__
-        if not isinstance(error, (*_USAGE_ERRORS, RuntimeError)):
+        if not isinstance(error, (*USAGE_ERRORS, RuntimeError)):
             text = f"{type(error).__name__}: {text}"
     return " ".join(cli_terms(text).split())[:500]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -335,6 +336,21 @@ def test_options_are_matched_exactly(argv: list[str], message: str | None,
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and err.startswith("demhx: error: ")
     assert message in err
+
+
+def test_no_option_is_taken_by_a_prefix_or_a_first_letter() -> None:
+    """Every option is matched exactly: each shorter spelling of one (``--over``, ``--b``),
+    and each single-letter form that DeepEMhancer does not define (``-d``, ``-t``), is an
+    unknown option, not the option fire would make of it."""
+    names = [field.name for field in dataclasses.fields(cli.Arguments)][3:]
+    spellings = {f"--{name.replace('_', '-')}" for name in names} | {f"--{name}" for name in names}
+    deepemhancer = {"-i", "-o", "-i2", "-s", "-m", "-b", "-g", "-p", "-q", "-h"}
+    shorter = {spelling[:end] for spelling in spellings for end in range(3, len(spelling))}
+    letters = {f"-{name[0]}" for name in names} - deepemhancer
+    assert len(shorter) > 50 and {"-d", "-t", "-v", "-n", "-c"} <= letters
+    for word in sorted((shorter - spellings) | letters):
+        with pytest.raises(ValueError, match=f"^unknown option {word}[ ;]"):
+            cli.parse_arguments(["a", "b", word, "1"])
 
 
 def test_unknown_option_lists_the_valid_ones_in_cli_spelling(

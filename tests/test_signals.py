@@ -345,3 +345,19 @@ def test_signals_the_command_was_started_ignoring_stay_ignored() -> None:
     process = _start(["-c", script])
     out, err = process.communicate(timeout=_PROCESS_TIMEOUT_S)
     assert (process.returncode, out, err) == (0, "True True\n", "")
+
+
+def test_the_entry_imports_only_the_standard_library() -> None:
+    """``demhx.cli`` (the console script's module) imports nothing outside the standard
+    library but the signal handling, so that the handlers are in place a few milliseconds
+    after the process starts; fire, the reading of the words and the run come after."""
+    script = ("import sys\n"
+              "before = set(sys.modules)\n"
+              "import demhx.cli\n"
+              "print(' '.join(sorted(name for name in set(sys.modules) - before\n"
+              "                      if name.split('.')[0] not in sys.stdlib_module_names)))\n")
+    process = _start(["-c", script])
+    out, err = process.communicate(timeout=_PROCESS_TIMEOUT_S)
+    assert process.returncode == 0, err
+    assert set(out.split()) <= {"demhx", "demhx._version", "demhx._signals", "demhx.cli"}, out
+    assert "demhx.cli" in out.split()
