@@ -154,13 +154,15 @@ def _read(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
             continue
         spelling, equals, value = word.partition("=")
         name = _field(spelling)
-        if name in spelt:
-            first = spelt[name][0]
-            raise UsageError(f"{spelling} and {first} both choose the {name}; give one of them"
-                             if name in ("device", "model") and spelling != first else
-                             f"{spelling} is given twice (also as {first}); give it once")
         if not equals:
             value = "True" if name in FLAGS else _value(spelling, queue, name == "noise_stats")
+        if name in spelt:
+            first = spelt[name][0]
+            translated = (first in DEEPEMHANCER) != (spelling in DEEPEMHANCER)  # -g, -p
+            if name not in ("device", "model") or not translated:
+                raise UsageError(f"{spelling} is given twice (also as {first}); give it once")
+            theirs, ours = (first, spelling) if first in DEEPEMHANCER else (spelling, first)
+            raise UsageError(f"{theirs} and {ours} both choose the {name}; give one of them")
         if spelling in DEEPEMHANCER and name in ("device", "model"):
             value = (_gpu_device if name == "device" else _processing_model)(spelling, value)
         spelt[name] = (spelling, value)

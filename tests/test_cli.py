@@ -314,6 +314,8 @@ def test_deepemhancer_flags(argv: list[str], expected: dict) -> None:
     (["a", "b", "--quiet", "--quiet"], "--quiet is given twice"),
     (["a", "b", "-q", "--quiet"], "--quiet is given twice (also as -q)"),
     (["a", "b", "-g", "0", "--device", "cpu"], "both choose the device"),
+    (["a", "b", "--device", "cpu", "-g", "0"], "-g and --device both choose the device"),
+    (["a", "b", "-i2", "h", "--half2", "h"], "--half2 is given twice (also as -i2)"),
     (["a", "b", "-p", "tightTarget", "--model", "tight"], "both choose the model"),
     (["a", "b", "-p", "wideTarget"], "-p wideTarget: demhx ships no wideTarget model"),
     (["a", "b", "-p", "highRes"], "demhx-export from-keras"),
