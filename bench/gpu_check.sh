@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check on a CUDA machine, in under 10 minutes: the gpu-marked tests and the whole test
 # suite (their failures printed), the noise-estimation bench, 256³ runs (default and reference
-# tiling) with stage times, the demhx command end to end on 256³, and the reference tiling on
-# one GPU against every GPU.
+# tiling) with stage times, the demhx command end to end on 256³, the reference tiling on
+# one GPU against every GPU, the feed (raw network against the pipeline's network stage),
+# several maps in one warm process, and the GPU's busy percentage.
 #
 # Use as .device/measure.sh of ../shared/tools/device (run.sh installs onnxruntime-gpu and the
 # demhx wheel into a scratch site folder first, then runs this from the project root):
@@ -95,4 +96,14 @@ print(enhance_file('$W/m256.mrc', '$W/o-multi.mrc', device='$devices', tiling='r
                    overwrite=True).line())
 " 2>&1 | grep -E "GPUs visible|wrote|wall|Error|error" | tee -a "$LOG"
 done
+# 5. The feed and warm maps (bench/gpu_feed.py): the raw network's ms per cube against the
+#    reference tiling's network stage (the bar: 75 % or better), three 256³ maps in one
+#    process (the bar: ≤ 0.6 s each once warm), and the GPU's busy % during each (util.csv).
+say "feed: raw network against the reference tiling's network stage; several maps warm"
+timeout 150 python3 "$ROOT/bench/gpu_feed.py" "$W/m256.mrc" --device cuda --tiling reference \
+    --maps 3 --util "$R/util.csv" 2>&1 | grep -vE "^\s*$" | tail -8 | tee -a "$LOG"
+say "GPU busy over the whole check (util.csv): mean and largest"
+awk -F', ' '{ split($2, b, " "); n++; s += b[1]; if (b[1] > m) m = b[1] }
+            END { if (n) printf "%d samples, mean %.0f %%, largest %d %%\n", n, s / n, m }' \
+    "$R/util.csv" | tee -a "$LOG"
 say "done"
