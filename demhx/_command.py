@@ -18,7 +18,7 @@ import re
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from demhx import EnhanceOptions, Enhancer
     from demhx.batch import MapResult, Shard
 
-__all__ = ["DEEPEMHANCER", "HELP", "OPTIONS", "USAGE", "Arguments", "OutputWatch",
+__all__ = ["DEEPEMHANCER", "HELP", "OPTIONS", "USAGE", "Arguments",
            "UsageError", "describe_error", "help_text", "main", "parse_arguments"]
 
 PROGRAM = "demhx"
@@ -397,38 +397,14 @@ def help_text(folder: Path | None = None) -> str:
     titles = {name: f"{name} (default)" if name == registry["default"] else name
               for name in registry["models"]}
     width = max([_NAME_WIDTH, *(len(title) + 2 for title in titles.values())])
-    lines = [f"  {titles[name]:<{width}}{_describe_model(folder, entry)}"
+    lines = [f"  {titles[name]:<{width}}{model.describe(folder, entry)}"
              for name, entry in registry["models"].items()]
     listing = "\n".join(["", "shipped models (--model NAME):",
                          *(lines or ["  none; pass --model PATH.onnx"])])
     return HELP.replace(_MODELS_AFTER, _MODELS_AFTER + listing + "\n", 1)
 
 
-def _describe_model(folder: Path, entry: dict[str, Any]) -> str:
-    """One line about a registered model: its registry description, else its metadata."""
-    from demhx import model
-
-    if entry.get("description"):
-        return " ".join(str(entry["description"]).split())
-    path = folder / str(entry.get("file", ""))
-    try:
-        metadata = model.read_metadata(path)
-    except Exception as error:  # the help still prints when a model cannot be read
-        return f"{path.name}: cannot be read ({describe_error(error)[:80]}); reinstall demhx"
-    values = {key.removeprefix(model.METADATA_PREFIX): value for key, value in metadata.items()}
-    parts = [f"v{values.get('version', '?')}"]
-    if "widths" in values:
-        parts.append(f"widths {values['widths']}")
-    if "parameters" in values:
-        parts.append(f"{int(values['parameters']) / 1e6:.2f} M weights")
-    if "gflop_per_cube" in values:
-        gflop, cube = float(values["gflop_per_cube"]), values.get("cube_size", "?")
-        parts.append(f"{gflop:.0f} GFLOP per {cube}³ cube")
-    parts.append(f"{values.get('voxel_size', '?')} Å/voxel")
-    return ", ".join(parts)
-
-
-def main(args: list[str], watch: OutputWatch) -> int:
+def main(args: list[str], watch: _signals.OutputWatch) -> int:
     """Run the command line ``args``; returns the exit status.
 
     Errors become one line and a status; a signal's :class:`~demhx._signals.Interrupted`
@@ -451,7 +427,7 @@ def main(args: list[str], watch: OutputWatch) -> int:
         return _report(error, "--debug" in args)
 
 
-def _run(args: Arguments, watch: OutputWatch) -> int:
+def _run(args: Arguments, watch: _signals.OutputWatch) -> int:
     """Enhance IN into OUT (and the preview), with progress and a summary unless quiet."""
     from demhx._progress import ProgressBar
 
@@ -493,25 +469,15 @@ def _options(args: Arguments, progress: Callable[[int, int], None]) -> EnhanceOp
 
 
 def _preview_path(args: Arguments) -> Path | None:
-    """The checked ``--preview`` file of the one-map form: not an input nor another output,
-    nor in a folder named like one; a ``--preview`` folder that does not exist is created
-    only when the picture is written."""
+    """The checked ``--preview`` file of the one-map form (None without ``--preview``)."""
     if args.preview is None:
         return None
-    from demhx import mrcio, preview
+    from demhx import preview
 
     _require_matplotlib()
-    path = preview.preview_file_path(args.preview, str(args.output))
     inputs = [Path(name).expanduser() for name in (args.input, args.half2, args.mask) if name]
-    written = [("output", Path(str(args.output)).expanduser()), ("preview", path)]
-    if args.confidence is not None:
-        written.append(("confidence map", Path(args.confidence).expanduser()))
-    mrcio.check_path_limits(path, "preview")
-    mrcio.check_distinct_outputs(written, inputs)
-    if Path(args.preview).suffix.lower() == ".png" or path.parent.is_dir():
-        return preview.check_preview_path(path, args.overwrite)
-    mrcio.check_folder_to_create(path.parent, "preview")
-    return path
+    return preview.checked_preview_path(args.preview, str(args.output), inputs,
+                                        args.confidence, args.overwrite)
 
 
 def _require_matplotlib() -> None:
@@ -524,7 +490,7 @@ def _require_matplotlib() -> None:
         raise UsageError(str(error)) from None
 
 
-def _run_many(args: Arguments, watch: OutputWatch) -> int:
+def _run_many(args: Arguments, watch: _signals.OutputWatch) -> int:
     """Enhance several maps with one model load; a table on stderr; 1 if any map failed."""
     from demhx import batch
 
@@ -559,34 +525,22 @@ def _plan_many(args: Arguments
                ) -> tuple[list[Path], list[Path], list[Path] | None, int] | None:
     """This job's inputs, outputs and previews, checked before any work, and the number of
     maps given; None (after saying so) when its shard has no maps."""
-    from demhx import batch, mrcio
+    from demhx import batch
 
-    # Keep this job's share, check its inputs, then name every map's output (and preview)
-    # so that names clash or not whatever the shard.
     every = [Path(path) for path in (args.input, *args.more_inputs)]
-    share = batch.shard_indices(len(every), args.shard)
-    if args.shard is not None and not share:
+    if args.shard is not None and not batch.shard_indices(len(every), args.shard):
         with _console(args):
             logging.getLogger(PROGRAM).info(batch.shard_line(args.shard, 0, len(every)))
         return None
-    batch.check_inputs([every[index] for index in share])
-    outputs = batch.output_paths(every, args.out_dir, args.suffix)
-    previews = None
     if args.preview is not None:
         _require_matplotlib()
-        previews = [batch.preview_paths(args.preview, every, outputs)[index] for index in share]
-    outputs = [outputs[index] for index in share]
-    # Every file written: within the system's limits, none an input or another's file.
-    written = [("output", path) for path in outputs]
-    written += [("preview", path) for path in previews or []]
-    for kind, path in written:
-        mrcio.check_path_limits(path, kind)
-    mrcio.check_distinct_outputs(written, [*every, *([Path(args.mask)] if args.mask else [])])
-    return [every[index] for index in share], outputs, previews, len(every)
+    plan = batch.plan_maps(every, args.out_dir, args.suffix, args.shard, preview=args.preview,
+                           mask=args.mask)
+    return plan.sources, plan.outputs, plan.previews, len(every)
 
 
 def _enhance_many(args: Arguments, enhancer: Enhancer, sources: list[Path],
-                  outputs: list[Path], previews: list[Path] | None, watch: OutputWatch
+                  outputs: list[Path], previews: list[Path] | None, watch: _signals.OutputWatch
                   ) -> tuple[list[MapResult], KeyboardInterrupt | None]:
     """Run the maps one by one (progress bar, one line each); on Ctrl-C (or SIGTERM, SIGHUP)
     the maps not reached are marked not run (the one under way ok if its output was already
@@ -672,35 +626,3 @@ def _report(error: BaseException, debug: bool) -> int:
     tail = "" if usage or debug else " (run with --debug for the traceback)"
     sys.stderr.write(f"{PROGRAM}: error: {describe_error(error)}{tail}\n")
     return 2 if usage else 1
-
-
-class OutputWatch:
-    """The files a run may write, each with its state before the run, to tell which ones it
-    wrote: demhx moves a file into place only when it is complete, so a file that appeared
-    (or was replaced) is whole."""
-
-    def __init__(self) -> None:
-        self._before: dict[str, tuple[int, ...] | None] | None = None
-
-    def watch(self, paths: Iterable[object]) -> None:
-        """Note the files ``paths`` (None entries left out) before anything is written."""
-        self._before = {str(path): _file_state(str(path)) for path in paths if path is not None}
-
-    def changed(self, path: object) -> bool:
-        """Whether the watched file ``path`` was written since :meth:`watch`."""
-        return _file_state(str(path)) not in (None, (self._before or {}).get(str(path)))
-
-    def written(self) -> list[str] | None:
-        """The watched files written since :meth:`watch`, in its order; None before it."""
-        if self._before is None:
-            return None
-        return [path for path in self._before if self.changed(path)]
-
-
-def _file_state(path: str) -> tuple[int, ...] | None:
-    """A file's device, inode, size and modification time; None when there is no such file."""
-    try:
-        status = os.stat(os.path.expanduser(path))
-    except (OSError, ValueError):
-        return None
-    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns

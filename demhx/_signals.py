@@ -17,14 +17,18 @@ whether a signal was taken, whatever arrived. :func:`deferred` holds the signals
 few statements that must not be cut in two (moving an output and its confidence map into
 place) and delivers them when the block ends.
 
+:class:`OutputWatch` notes the files a run may write before it writes any, so that the line
+that reports a stop names those it wrote.
+
 Only the main thread can install signal handlers; elsewhere these functions do nothing.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 from typing import Any
@@ -186,3 +190,35 @@ def _deliver(signum: int, handler: Callable[[int, FrameType | None], Any] | int 
         handler(signum, None)
     elif handler != signal.SIG_IGN:
         signal.raise_signal(signum)  # the default action
+
+
+class OutputWatch:
+    """The files a run may write, each with its state before the run, to tell which ones it
+    wrote: demhx moves a file into place only when it is complete, so a file that appeared
+    (or was replaced) is whole."""
+
+    def __init__(self) -> None:
+        self._before: dict[str, tuple[int, ...] | None] | None = None
+
+    def watch(self, paths: Iterable[object]) -> None:
+        """Note the files ``paths`` (None entries left out) before anything is written."""
+        self._before = {str(path): _file_state(str(path)) for path in paths if path is not None}
+
+    def changed(self, path: object) -> bool:
+        """Whether the watched file ``path`` was written since :meth:`watch`."""
+        return _file_state(str(path)) not in (None, (self._before or {}).get(str(path)))
+
+    def written(self) -> list[str] | None:
+        """The watched files written since :meth:`watch`, in its order; None before it."""
+        if self._before is None:
+            return None
+        return [path for path in self._before if self.changed(path)]
+
+
+def _file_state(path: str) -> tuple[int, ...] | None:
+    """A file's device, inode, size and modification time; None when there is no such file."""
+    try:
+        status = os.stat(os.path.expanduser(path))
+    except (OSError, ValueError):
+        return None
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns

@@ -29,7 +29,8 @@ from demhx.mrcio import OUTPUT_SUFFIXES
 from demhx.options import EnhanceOptions, EnhanceSummary, VoxelSize
 from demhx.pipeline import Enhancer
 
-__all__ = ["check_inputs", "choose_shard", "create_folders", "enhance_many", "MapResult",
+__all__ = ["check_inputs", "choose_shard", "create_folders", "enhance_many", "MapPlan",
+           "MapResult", "plan_maps",
            "output_path", "output_paths", "parse_shard", "preview_paths", "Shard",
            "shard_from_environment", "shard_indices", "shard_line", "summary_table"]
 
@@ -269,6 +270,39 @@ def _reason(error: Exception) -> str:
     if isinstance(error, OSError) and error.strerror and error.filename is not None:
         return f"{error.filename}: {error.strerror.lower()}"
     return str(error)
+
+
+@dataclass(frozen=True)
+class MapPlan:
+    """This job's share of several maps: inputs, outputs and previews (None without)."""
+
+    sources: list[Path]
+    outputs: list[Path]
+    previews: list[Path] | None
+
+
+def plan_maps(sources: Sequence[Path], out_dir: str | Path | None, suffix: str | None,
+              shard: Shard | None = None, *, preview: str | Path | None = None,
+              mask: str | Path | None = None) -> MapPlan:
+    """This job's share of ``sources`` (:func:`shard_indices`), checked before any work.
+
+    Every map's output (and preview) is named from all the sources, so that names clash or
+    not whatever the shard; this job's inputs are checked (:func:`check_inputs`), and every
+    file it writes is within the system's limits and is none of the inputs (nor ``mask``)
+    nor another's file.
+    """
+    share = shard_indices(len(sources), shard)
+    check_inputs([sources[index] for index in share])
+    outputs = output_paths(sources, out_dir, suffix)
+    previews = (None if preview is None else
+                [preview_paths(preview, list(sources), outputs)[index] for index in share])
+    outputs = [outputs[index] for index in share]
+    written = [("output", path) for path in outputs]
+    written += [("preview", path) for path in previews or []]
+    for kind, path in written:
+        mrcio.check_path_limits(path, kind)
+    mrcio.check_distinct_outputs(written, [*sources, *([Path(mask)] if mask else [])])
+    return MapPlan([sources[index] for index in share], outputs, previews)
 
 
 def enhance_many(enhancer: Enhancer, sources: Sequence[str | Path],

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from demhx import _signals
 
 if TYPE_CHECKING:
-    from demhx._command import HELP, USAGE, Arguments, OutputWatch, help_text, parse_arguments
+    from demhx._command import HELP, USAGE, Arguments, help_text, parse_arguments
     from demhx.errors import describe_error
 
-__all__ = ["HELP", "USAGE", "Arguments", "OutputWatch", "describe_error", "help_text", "main",
+__all__ = ["HELP", "USAGE", "Arguments", "describe_error", "help_text", "main",
            "parse_arguments", "run", "stop_line"]
 
 PROGRAM = "demhx"
@@ -58,12 +58,11 @@ def run() -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: the process's); returns the exit status."""
-    watch = None
+    watch = _signals.OutputWatch()
     with _signals.handled():  # SIGTERM and SIGHUP stop the run as Ctrl-C does
         try:
             from demhx import _command
 
-            watch = _command.OutputWatch()
             status = _command.main(list(sys.argv[1:] if argv is None else argv), watch)
             _signals.close()  # the outcome is final: a signal now is ignored
         except BaseException as error:
@@ -96,7 +95,7 @@ def stop_line(signal_name: str, written: Sequence[str] | None) -> str:
     return f"{PROGRAM}: {what} after writing {names}; {these} complete, nothing else was written"
 
 
-def _stopped(interrupt: KeyboardInterrupt, watch: OutputWatch | None) -> int:
+def _stopped(interrupt: KeyboardInterrupt, watch: _signals.OutputWatch | None) -> int:
     """Say in one line what stopped the run and what it wrote; the signal's exit status."""
     _signals.close()  # nothing cuts the line short
     name = _signals.signal_name(interrupt)

@@ -41,7 +41,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FORMAT_VERSION", "fp16_twin", "load_registry", "load_spec", "metadata_of",
+__all__ = ["describe", "FORMAT_VERSION", "fp16_twin", "load_registry", "load_spec", "metadata_of",
            "METADATA_PREFIX", "models_dir", "ModelSpec", "NORMALISATIONS",
            "open_session", "read_metadata", "registered_fp16_sha256", "REGISTRY_FILE",
            "REQUIRED_KEYS", "resolve_model", "sha256_of", "spec_from_metadata",
@@ -297,3 +297,29 @@ def load_spec(model: str | Path | None = None) -> ModelSpec:
     path, expected = resolve_model(model)
     verify_sha256(path, expected)
     return spec_from_metadata(path, read_metadata(path))
+
+
+def describe(folder: Path, entry: dict[str, Any]) -> str:
+    """One line about the registered model ``entry`` of the registry in ``folder``: its
+    registry description, else what its metadata says (version, widths, weights, cost, voxel
+    size); a line saying it cannot be read when it cannot."""
+    from demhx.errors import describe_error
+
+    if entry.get("description"):
+        return " ".join(str(entry["description"]).split())
+    path = folder / str(entry.get("file", ""))
+    try:
+        metadata = read_metadata(path)
+    except Exception as error:  # the help still prints when a model cannot be read
+        return f"{path.name}: cannot be read ({describe_error(error)[:80]}); reinstall demhx"
+    values = {key.removeprefix(METADATA_PREFIX): value for key, value in metadata.items()}
+    parts = [f"v{values.get('version', '?')}"]
+    if "widths" in values:
+        parts.append(f"widths {values['widths']}")
+    if "parameters" in values:
+        parts.append(f"{int(values['parameters']) / 1e6:.2f} M weights")
+    if "gflop_per_cube" in values:
+        gflop, cube = float(values["gflop_per_cube"]), values.get("cube_size", "?")
+        parts.append(f"{gflop:.0f} GFLOP per {cube}³ cube")
+    parts.append(f"{values.get('voxel_size', '?')} Å/voxel")
+    return ", ".join(parts)

@@ -26,9 +26,16 @@ import numpy as np
 from numpy.typing import NDArray
 
 from demhx import _signals
-from demhx.mrcio import check_output_folder, check_path_limits, new_temporary
+from demhx.mrcio import (
+    check_distinct_outputs,
+    check_folder_to_create,
+    check_output_folder,
+    check_path_limits,
+    new_temporary,
+)
 
-__all__ = ["BACKGROUND", "central_slices", "check_preview_path", "contrast_limits", "GAP",
+__all__ = ["BACKGROUND", "central_slices", "check_preview_path", "checked_preview_path",
+           "contrast_limits", "GAP",
            "PERCENTILES", "PLANES", "preview_file_path", "PREVIEW_FIX", "preview_image",
            "preview_panels", "preview_row", "PreviewRow", "require_matplotlib",
            "row_titles", "to_grey", "write_file_preview", "write_preview"]
@@ -282,3 +289,21 @@ def preview_file_path(preview: str | Path, output: str | Path) -> Path:
     if name.lower().endswith(".gz"):
         name = name[:-3]
     return preview / f"{Path(name).stem}.png"
+
+
+def checked_preview_path(preview: str | Path, output: str | Path, inputs: Sequence[Path],
+                         confidence: str | Path | None = None, overwrite: bool = False) -> Path:
+    """The picture's file for ``preview`` (a PNG or a folder) of the run writing ``output``,
+    checked before any work: within the system's limits, not an input nor another output
+    (nor in a folder named like one); a folder that does not exist yet is created only when
+    the picture is written."""
+    path = preview_file_path(preview, output)
+    written = [("output", Path(output).expanduser()), ("preview", path)]
+    if confidence is not None:
+        written.append(("confidence map", Path(confidence).expanduser()))
+    check_path_limits(path, "preview")
+    check_distinct_outputs(written, list(inputs))
+    if Path(preview).suffix.lower() == ".png" or path.parent.is_dir():
+        return check_preview_path(path, overwrite)
+    check_folder_to_create(path.parent, "preview")
+    return path

@@ -142,7 +142,7 @@ def test_stop_line_says_what_was_written() -> None:
 def test_output_watch_sees_files_moved_into_place(tmp_path: Path) -> None:
     new, old = tmp_path / "new.mrc", tmp_path / "old.mrc"
     old.write_bytes(b"old")
-    watch = cli.OutputWatch()
+    watch = _signals.OutputWatch()
     assert watch.written() is None  # outputs not known yet: before any work
     watch.watch([new, None, old])
     assert watch.written() == []
