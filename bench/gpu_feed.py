@@ -108,9 +108,10 @@ def measure(args: argparse.Namespace, stages: StageLines) -> None:
         windows["network stage"] = (start, time.time())
         network = stage_seconds(stages.lines[-1], "network")
         per_cube = network / max(summary.info.cubes.run, 1)
+        share = f"{raw / per_cube:.0%}" if per_cube > 0 else "n/a (the stage took < 1 ms)"
         print(f"{args.tiling} tiling: {summary.info.cubes.run} cubes, network stage "
-              f"{network:.2f} s = {per_cube * 1e3:.2f} ms per cube, raw/stage "
-              f"{raw / per_cube:.0%}; {stages.lines[-1]}", flush=True)
+              f"{network:.2f} s = {per_cube * 1e3:.2f} ms per cube, raw/stage {share}; "
+              f"{stages.lines[-1]}", flush=True)
         start = time.time()
         for index in range(args.maps):
             began = time.perf_counter()
