@@ -134,11 +134,6 @@ COMPARE_ANGSTROM = 3.0  # output and input compared as means over blocks of abou
 RANGE_SAMPLE_VOXELS = 1 << 20  # voxels of input and output these checks look at (evenly strided)
 
 
-def _range_sample(volume: NDArray[Any]) -> NDArray[np.float64]:
-    flat = volume.reshape(-1)
-    return np.asarray(flat[::max(1, flat.size // RANGE_SAMPLE_VOXELS)], dtype=np.float64)
-
-
 # --------------------------------------------------------------------------- inputs
 
 
@@ -178,14 +173,15 @@ def check_voxel_ratio(voxel: Sequence[float], model_voxel: float, name: str) -> 
 def density_tails(volume: NDArray[Any], mean: float, std: float) -> tuple[float, float]:
     """How far the map reaches above and below the noise ``mean``, in noise stds ``std``:
     its :data:`TAIL_QUANTILE` quantiles from each end, taken on an evenly strided sample."""
-    low, high = np.quantile(_range_sample(volume), (TAIL_QUANTILE, 1 - TAIL_QUANTILE))
+    sample = _sample(volume, RANGE_SAMPLE_VOXELS)
+    low, high = np.quantile(sample, (TAIL_QUANTILE, 1 - TAIL_QUANTILE))
     return (float(high) - mean) / std, (mean - float(low)) / std
 
 
 def density_mass(volume: NDArray[Any], mean: float, std: float) -> tuple[float, float]:
     """The fractions of the voxels more than :data:`CONTRAST_SIGMAS` noise stds ``std`` above
     and below the noise ``mean`` (on an evenly strided sample)."""
-    sample = _range_sample(volume)
+    sample = _sample(volume, RANGE_SAMPLE_VOXELS)
     level = CONTRAST_SIGMAS * std
     above = np.count_nonzero(sample > mean + level) / sample.size
     return above, np.count_nonzero(sample < mean - level) / sample.size
@@ -212,7 +208,7 @@ def check_noise_level(volume: NDArray[Any], mean: float, std: float, method: str
                       ) -> None:
     """ValueError when fewer than :data:`MIN_NOISE_BAND_FRACTION` of the voxels lie within
     :data:`NOISE_BAND_SIGMAS` noise stds ``std`` of the noise ``mean`` (from ``method``)."""
-    sample = _range_sample(volume)
+    sample = _sample(volume, RANGE_SAMPLE_VOXELS)
     near = np.count_nonzero(np.abs(sample - mean) <= NOISE_BAND_SIGMAS * std) / sample.size
     if near >= MIN_NOISE_BAND_FRACTION:
         return
@@ -271,7 +267,7 @@ def output_fidelity(volume: NDArray[Any], result: NDArray[Any],
     ``voxel_size``: Å along (z, y, x).
     """
     # Where the input stands above its noise, at its own resolution.
-    values = _range_sample(volume) - mean
+    values = _sample(volume, RANGE_SAMPLE_VOXELS) - mean
     mirror = -float(np.quantile(values, SIGNAL_TAIL_QUANTILE))
     level = min(SIGNAL_SIGMAS * std, max(mirror, 0.0))
     fraction = np.count_nonzero(values > level) / values.size
@@ -282,7 +278,7 @@ def output_fidelity(volume: NDArray[Any], result: NDArray[Any],
     inside = _blocks(volume > np.float32(mean + level), factors)
     inputs = _blocks(volume, factors)[inside] - mean
     outputs = _blocks(result, factors)[inside]
-    inputs, outputs = _range_sample(inputs), _range_sample(outputs)
+    inputs, outputs = _sample(inputs, RANGE_SAMPLE_VOXELS), _sample(outputs, RANGE_SAMPLE_VOXELS)
     spread = float(inputs.std() * outputs.std())
     cc = float(np.mean((inputs - inputs.mean()) * (outputs - outputs.mean())) / spread) \
         if spread > 0 else 0.0

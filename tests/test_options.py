@@ -31,6 +31,15 @@ def _blob(shape: tuple[int, int, int] = (20, 20, 20)) -> np.ndarray:
     return blob + np.random.default_rng(0).normal(0, 0.01, shape).astype(np.float32)
 
 
+def _blob_file(folder: Path) -> Path:
+    """:func:`_blob` written as ``in.mrc`` in ``folder``, at 1 Å/voxel."""
+    source = folder / "in.mrc"
+    with mrcfile.new(source) as stream:
+        stream.set_data(_blob())
+        stream.voxel_size = 1.0
+    return source
+
+
 def test_options_are_frozen_and_checked_when_made() -> None:
     options = EnhanceOptions(noise_stats=(0.0, 0.5), tiling="fast")
     assert options.noise_stats == NoiseStats(0.0, 0.5, "user", 1.0)
@@ -72,10 +81,7 @@ def test_process_gives_the_same_map_as_enhance(identity: pipeline.Enhancer) -> N
 
 def test_process_file_writes_what_enhance_file_writes(identity: pipeline.Enhancer,
                                                        tmp_path: Path) -> None:
-    source = tmp_path / "in.mrc"
-    with mrcfile.new(source) as stream:
-        stream.set_data(_blob())
-        stream.voxel_size = 1.0
+    source = _blob_file(tmp_path)
     options = EnhanceOptions(tiling="fast")
     first = identity.process_file(source, tmp_path / "a.mrc", options)
     second = pipeline.enhance_file(source, tmp_path / "b.mrc", model=identity.model, device="cpu",
@@ -152,10 +158,7 @@ def test_results_print_in_a_line_without_their_arrays(identity: pipeline.Enhance
 
 def test_a_file_run_refuses_a_confidence_map_it_has_no_file_for(identity: pipeline.Enhancer,
                                                                 tmp_path: Path) -> None:
-    source = tmp_path / "in.mrc"
-    with mrcfile.new(source) as stream:
-        stream.set_data(_blob())
-        stream.voxel_size = 1.0
+    source = _blob_file(tmp_path)
     with pytest.raises(ValueError, match="pass confidence= with the path"):
         identity.process_file(source, tmp_path / "out.mrc", EnhanceOptions(confidence=True))
     assert not (tmp_path / "out.mrc").exists()
