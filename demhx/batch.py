@@ -6,6 +6,8 @@ inputs; :func:`check_inputs` checks that every input can be read before any map 
 :func:`enhance_many` runs an :class:`~demhx.pipeline.Enhancer` over the maps and
 yields one :class:`MapResult` per map as it finishes; a map that fails (unreadable file,
 refused input, existing output, ...) is reported in its result and the next map runs.
+:func:`enhance_plan` runs a :func:`plan_maps` plan to the end and returns every result; a
+Ctrl-C (or SIGTERM, SIGHUP) still gives one result per map, as :class:`BatchInterrupted`.
 :func:`summary_table` formats the results as a plain-text table.
 
 Under a cluster job array each job runs its share of the maps: :func:`choose_shard` reads
@@ -23,14 +25,14 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from demhx import mrcio
+from demhx import _signals, mrcio
 from demhx import preview as preview_module
 from demhx.mrcio import OUTPUT_SUFFIXES
 from demhx.options import EnhanceOptions, EnhanceSummary, VoxelSize
 from demhx.pipeline import Enhancer
 
-__all__ = ["check_inputs", "choose_shard", "create_folders", "enhance_many", "MapPlan",
-           "MapResult", "plan_maps",
+__all__ = ["BatchInterrupted", "check_inputs", "choose_shard", "create_folders",
+           "enhance_many", "enhance_plan", "MapPlan", "MapResult", "plan_maps",
            "output_path", "output_paths", "parse_shard", "preview_paths", "Shard",
            "shard_from_environment", "shard_indices", "shard_line", "summary_table"]
 
@@ -333,6 +335,52 @@ def enhance_many(enhancer: Enhancer, sources: Sequence[str | Path],
                                  overwrite=overwrite)
     finally:
         LOG.removeFilter(repeated)
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """A run of :func:`enhance_plan` stopped by Ctrl-C (or SIGTERM, SIGHUP).
+
+    ``results`` has one :class:`MapResult` per map of the plan: those finished, then the map
+    under way (``"ok"`` if its output was already in place) and the maps not reached, marked
+    ``"not run"``. ``interrupt`` is the interruption itself (for its signal).
+    """
+
+    def __init__(self, results: list[MapResult], interrupt: KeyboardInterrupt) -> None:
+        super().__init__(*interrupt.args)
+        self.results = results
+        self.interrupt = interrupt
+
+
+def enhance_plan(enhancer: Enhancer, plan: MapPlan, options: EnhanceOptions | None = None, *,
+                 voxel_size: VoxelSize | None = None, mask: str | Path | None = None,
+                 overwrite: bool = False, on_result: Callable[[MapResult], object] | None = None
+                 ) -> list[MapResult]:
+    """Enhance every map of ``plan`` (:func:`plan_maps`) with :func:`enhance_many`, its output
+    and preview folders created first; one :class:`MapResult` per map, in order.
+
+    ``on_result`` is called with each result as its map finishes. Raises
+    :class:`BatchInterrupted`, holding every map's result, when the run is interrupted: also
+    when a signal taken while a map ran was turned into that map's error on its way.
+    """
+    create_folders([*plan.outputs, *(plan.previews or [])])
+    watch = _signals.OutputWatch()  # tells whether the map under way was written
+    watch.watch(plan.outputs)
+    results: list[MapResult] = []
+    try:
+        for result in enhance_many(enhancer, plan.sources, plan.outputs, options,
+                                   previews=plan.previews, voxel_size=voxel_size, mask=mask,
+                                   overwrite=overwrite):
+            if result.error is None or _signals.taken() is None:
+                results.append(result)  # (a map whose error was a signal's is not counted)
+            _signals.raise_taken()
+            if on_result is not None:
+                on_result(result)
+    except KeyboardInterrupt as interrupt:
+        results += [MapResult(source, output, OK if watch.changed(output) else NOT_RUN)
+                    for source, output in list(zip(plan.sources, plan.outputs,
+                                                   strict=True))[len(results):]]
+        raise BatchInterrupted(results, interrupt) from interrupt
+    return results
 
 
 class _DropMessage(logging.Filter):

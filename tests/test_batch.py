@@ -290,6 +290,50 @@ def test_interrupt_keeps_finished_maps(maps: list[Path], model: Path, tmp_path: 
     assert err.rstrip().endswith("interrupted; only the maps marked ok were written")
 
 
+def test_enhance_plan_runs_every_map_in_order(maps: list[Path], model: Path,
+                                             tmp_path: Path) -> None:
+    """The plan's folders are created, every map runs, and each result is passed on as its
+    map finishes."""
+    out = tmp_path / "out" / "deeper"
+    plan = batch.plan_maps(maps, out, "_x")
+    seen: list[batch.MapResult] = []
+    results = batch.enhance_plan(pipeline.Enhancer(str(model), device="cpu"), plan,
+                                 on_result=seen.append)
+    assert results == seen and [result.status for result in results] == ["ok"] * 3
+    assert [result.output for result in results] == plan.outputs
+    assert all(output.is_file() for output in plan.outputs)
+
+
+@pytest.mark.parametrize("written", [False, True])
+def test_enhance_plan_interrupted_marks_the_maps_not_run(
+        maps: list[Path], model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        written: bool) -> None:
+    """Ctrl-C in the second map: a KeyboardInterrupt holding one result per map; the second
+    counts as ok only when its output was already moved into place."""
+    real = pipeline.Enhancer.process_file
+
+    def stop_in_second(self: pipeline.Enhancer, source: Path, *args: object, **kwargs: object):
+        if Path(source) != maps[1]:
+            return real(self, source, *args, **kwargs)
+        if written:
+            real(self, source, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Enhancer, "process_file", stop_in_second)
+    plan = batch.plan_maps(maps, tmp_path / "out", None)
+    seen: list[batch.MapResult] = []
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        batch.enhance_plan(pipeline.Enhancer(str(model), device="cpu"), plan,
+                           on_result=seen.append)
+    assert isinstance(stopped.value, batch.BatchInterrupted)
+    assert type(stopped.value.interrupt) is KeyboardInterrupt
+    assert [result.status for result in seen] == ["ok"]
+    assert [result.status for result in stopped.value.results] == [
+        "ok", "ok" if written else "not run", "not run"]
+    assert [result.source for result in stopped.value.results] == plan.sources
+    assert plan.outputs[1].is_file() == written and not plan.outputs[2].exists()
+
+
 def test_summary_table_aligns_columns() -> None:
     results = [batch.MapResult(Path("long/input.mrc"), Path("o.mrc"), batch.OK, seconds=12.25),
                batch.MapResult(Path("b.mrc"), Path("out/b.mrc"), batch.FAILED,
