@@ -1,10 +1,9 @@
 """The ``demhx`` command's work, imported by :mod:`demhx.cli` once the signal handlers are in
 place: read the words, run one map or several, report on stderr.
 
-Options are matched exactly as :data:`OPTIONS` (the fields of :class:`Arguments`) and
-:data:`DEEPEMHANCER` spell them: the words are read here, and fire, which would take ``-s``
-for ``--suffix``, is handed ``--field=value`` pairs to call the command with. Values are
-checked where the library checks them, so the command line and the API refuse alike.
+Options are matched exactly as :class:`Arguments` (a field per option, with its help line) and
+:data:`DEEPEMHANCER` spell them; fire, which would take ``-s`` for ``--suffix``, is handed the
+words read here as ``--field=value`` and calls the command.
 """
 
 from __future__ import annotations
@@ -18,61 +17,66 @@ import re
 import sys
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from demhx import _signals, _warmup
+from demhx._progress import ProgressBar
 from demhx.errors import USAGE_ERRORS, cli_terms, describe_error
 
 if TYPE_CHECKING:
     from demhx import EnhanceOptions, Enhancer
-    from demhx.batch import MapResult, Shard
+    from demhx.batch import MapPlan, MapResult, Shard
 
 __all__ = ["DEEPEMHANCER", "HELP", "OPTIONS", "USAGE", "Arguments",
            "UsageError", "describe_error", "help_text", "main", "parse_arguments"]
 
 PROGRAM = "demhx"
 SEVERAL = f"{PROGRAM} IN [IN ...] --out-dir DIR|--suffix SUF"
-FLAGS = ("overwrite", "quiet", "debug")
+LOG = logging.getLogger(PROGRAM)
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-_NAME_WIDTH = 18  # columns of the model-name column in the help's model list
+_NAME_WIDTH = 18  # columns of the model names in the help
 
 
 class UsageError(ValueError):
     """The command line itself is wrong (unknown option, missing argument, bad value)."""
 
 
+def _option(metavar: str | None, text: str, default: Any = None) -> Any:
+    """An option's field: its value's name in the help (None: a flag) and its help line."""
+    return field(default=default, metadata={"metavar": metavar, "help": text})
+
+
 @dataclass(frozen=True)
 class Arguments:
-    """The command line, read and checked; the fields after ``more_inputs`` are its options.
-
-    ``output`` is OUT, or None with ``--out-dir`` or ``--suffix`` (:attr:`batch`), where
-    ``more_inputs`` holds the other input maps and ``shard`` this job's share of them.
-    """
+    """The command line, read and checked: the paths, then the options in the help's order.
+    With ``--out-dir`` or ``--suffix`` OUT is None and ``more_inputs`` holds the other maps."""
 
     input: str
     output: str | None
     more_inputs: tuple[str, ...] = ()
-    half2: str | None = None
-    model: str | None = None
-    device: str = "auto"
-    batch_size: int | None = None
-    threads: int | None = None
-    tiling: str = "default"
-    voxel_size: tuple[float, float, float] | None = None  # (z, y, x) in Å
-    noise_stats: tuple[float, float] | None = None
-    mask: str | None = None
-    out_dir: str | None = None
-    suffix: str | None = None
-    shard: Shard | None = None
-    preview: str | None = None
-    confidence: str | None = None
-    tta: int | None = None
-    overwrite: bool = False
-    quiet: bool = False
-    debug: bool = False
+    half2: str | None = _option("H2", "second half-map, averaged with IN (recommended)")
+    model: str | None = _option("NAME|PATH", "a shipped model (listed below) or an ONNX file")
+    device: str = _option("DEV", "auto, cpu, cuda, cuda:N, cuda:N,M,... or cuda:all", "auto")
+    batch_size: int | None = _option("N", "cubes per network call and GPU (default: auto)")
+    threads: int | None = _option("N", "CPU threads (default: all physical cores)")
+    tiling: str = _option("SCHEME", "default (self-checking), fast or reference (slow)",
+                          "default")
+    voxel_size: tuple[float, float, float] | None = _option(  # (z, y, x) in Å
+        "A", "voxel size in Å, A or X,Y,Z (default: the header's)")
+    noise_stats: tuple[float, float] | None = _option("M,S", "solvent noise mean and std of IN")
+    mask: str | None = _option("PATH", "particle mask on IN's grid (noise measured outside it)")
+    out_dir: str | None = _option("DIR", "several maps: write DIR/<input name>")
+    suffix: str | None = _option("SUF", "several maps: add SUF to each name (a.map: a_x.map)")
+    shard: Shard | None = _option("K/N", "several maps: job K's share of N (default: SLURM's)")
+    preview: str | None = _option("PNG|DIR", "also draw central slices (needs demhx[preview])")
+    confidence: str | None = _option("PATH", "also write the spread over the --tta rotations")
+    tta: int | None = _option("N", "rotations per cube: 3, 4, 6 (default), 12 or 24")
+    overwrite: bool = _option(None, "replace existing outputs", False)
+    quiet: bool = _option(None, "warnings and errors only (and the table if a map failed)", False)
+    debug: bool = _option(None, "also the stage times, and the traceback of errors", False)
 
     @property
     def batch(self) -> bool:
@@ -84,7 +88,9 @@ def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
 
-_NAMES = tuple(field.name for field in fields(Arguments))[3:]
+_OPTIONS = fields(Arguments)[3:]
+_NAMES = [option.name for option in _OPTIONS]
+FLAGS = [option.name for option in _OPTIONS if option.metadata["metavar"] is None]
 OPTIONS = {**{_flag(name): name for name in _NAMES}, **{f"--{name}": name for name in _NAMES},
            "-q": "quiet"}
 """demhx's options as typed (``--batch-size``, also ``--batch_size``) → their field."""
@@ -100,10 +106,11 @@ DEEPEMHANCER = {
     "--cleaningStrengh": _NO_CLEANING, "--cleaningStrength": _NO_CLEANING,
     "--download": "demhx ships its models (see --model); nothing to download",
 }
-"""DeepEMhancer's flags → the field they set (the values of ``-g``, GPU ids, and ``-p``, a
-processing type, translated), or for those without a counterpart what to do instead."""
+"""DeepEMhancer's flags → the field they set (``-g`` and ``-p`` values translated), or for
+those without a counterpart what to do instead."""
 HELP_OPTIONS = ("-h", "--help", "-help")
 _SPELLINGS = {*OPTIONS, *DEEPEMHANCER, *HELP_OPTIONS}  # a word that is one is not a value
+_SEE_HELP = f"see {PROGRAM} --help"
 _ONE_MAP_ONLY = {
     "half2": ("--half2 does not combine with several inputs, --out-dir or --suffix; run "
               "demhx H1 OUT --half2 H2 for each pair of half-maps"),
@@ -131,13 +138,12 @@ def parse_arguments(argv: Sequence[str]) -> Arguments:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             fire.Fire(command, words, name=PROGRAM)
     except fire.core.FireExit:  # not expected: fire is given only words read here
-        raise UsageError(f"could not read the arguments; see {PROGRAM} --help") from None
+        raise UsageError(f"could not read the arguments; {_SEE_HELP}") from None
     return parsed[0]
 
 
 def _read(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """The paths (DeepEMhancer's ``-i IN`` and ``-o OUT`` among them), and each option's
-    field → its value's text."""
+    """The paths (with ``-i IN`` and ``-o OUT``), and each option's field → its value's text."""
     paths: list[str] = []
     spelt: dict[str, tuple[str, str]] = {}  # field → (spelling, value)
     queue, only_paths = list(argv), False
@@ -158,11 +164,10 @@ def _read(argv: Sequence[str]) -> tuple[list[str], dict[str, str]]:
             value = "True" if name in FLAGS else _value(spelling, queue, name == "noise_stats")
         if name in spelt:
             first = spelt[name][0]
-            translated = (first in DEEPEMHANCER) != (spelling in DEEPEMHANCER)  # -g, -p
-            if name not in ("device", "model") or not translated:
-                raise UsageError(f"{spelling} is given twice (also as {first}); give it once")
-            theirs, ours = (first, spelling) if first in DEEPEMHANCER else (spelling, first)
-            raise UsageError(f"{theirs} and {ours} both choose the {name}; give one of them")
+            if name in ("device", "model") and (first in OPTIONS) != (spelling in OPTIONS):
+                theirs, ours = sorted((first, spelling), key=lambda word: word in OPTIONS)
+                raise UsageError(f"{theirs} and {ours} both choose the {name}; give one of them")
+            raise UsageError(f"{spelling} is given twice (also as {first}); give it once")
         if spelling in DEEPEMHANCER and name in ("device", "model"):
             value = (_gpu_device if name == "device" else _processing_model)(spelling, value)
         spelt[name] = (spelling, value)
@@ -183,14 +188,13 @@ def _field(spelling: str) -> str:
     hint = f" (did you mean {close[0]}?)" if close else ""
     names = ", ".join([*map(_flag, _NAMES), "-q", "--version", "--help"])
     raise UsageError(f"unknown option {spelling}{hint}; options are {names} (and DeepEMhancer's "
-                     f"-i, -o, -i2, -s, -m, -b, -g, -p, --noiseStats); see {PROGRAM} --help")
+                     f"-i, -o, -i2, -s, -m, -b, -g, -p, --noiseStats); {_SEE_HELP}")
 
 
 def _value(spelling: str, queue: list[str], pair: bool) -> str:
-    """The next word as the value of ``spelling``; with ``pair`` two numbers as ``A,B``
-    (DeepEMhancer's ``--noiseStats MEAN STD``)."""
+    """The next word as the value of ``spelling``; with ``pair`` two numbers as ``A,B``."""
     if not queue or queue[0].startswith("--") or queue[0].partition("=")[0] in _SPELLINGS:
-        raise UsageError(f"{spelling} needs a value; see {PROGRAM} --help")
+        raise UsageError(f"{spelling} needs a value; {_SEE_HELP}")
     value = queue.pop(0)
     if pair and "," not in value and queue and _NUMBER.match(queue[0]):
         value = f"{value},{queue.pop(0)}"
@@ -198,8 +202,7 @@ def _value(spelling: str, queue: list[str], pair: bool) -> str:
 
 
 def _joined(paths: list[str], spelt: dict[str, tuple[str, str]]) -> list[str]:
-    """The paths with DeepEMhancer's ``-i IN`` first and ``-o OUT`` last (taken from
-    ``spelt``)."""
+    """The paths with ``-i IN`` first and ``-o OUT`` last (taken out of ``spelt``)."""
     if "input" in spelt:
         paths = [spelt.pop("input")[1], *paths]
     if "output" not in spelt:
@@ -227,8 +230,7 @@ def _gpu_device(spelling: str, text: str) -> str:
 
 
 def _processing_model(spelling: str, text: str) -> str:
-    """DeepEMhancer's ``-p``: ``tightTarget`` (its default) is demhx's default model, trained
-    on a tight target too and measured better than ``tight`` (models/README.md)."""
+    """DeepEMhancer's ``-p``: its default, tightTarget, is demhx's default model."""
     if text == "tightTarget":
         from demhx import model
 
@@ -250,13 +252,13 @@ def _convert(paths: list[str], raw: dict[str, str]) -> Arguments:
         clash = [name for name in one_map if name in raw]
         if not paths or clash:
             raise UsageError(_ONE_MAP_ONLY[clash[0]] if paths else
-                             f"missing IN; usage: {SEVERAL} [options], see {PROGRAM} --help")
+                             f"missing IN; usage: {SEVERAL} [options], {_SEE_HELP}")
     elif len(paths) != 2:
         usage = f"usage: {PROGRAM} IN OUT [options], or"
         raise UsageError(f"unexpected extra argument {paths[2]!r}; {usage} for several maps "
-                         f"{SEVERAL} [options]; see {PROGRAM} --help" if paths[2:] else
+                         f"{SEVERAL} [options]; {_SEE_HELP}" if paths[2:] else
                          f"missing {'OUT' if paths else 'IN'}; {usage} {SEVERAL} [options]; "
-                         f"see {PROGRAM} --help")
+                         f"{_SEE_HELP}")
     elif "shard" in raw:
         raise UsageError(f"--shard {raw['shard']} shares several maps among jobs; use it with "
                          f"{SEVERAL}, or leave it out")
@@ -270,8 +272,7 @@ def _convert(paths: list[str], raw: dict[str, str]) -> Arguments:
 
 
 def _typed(name: str, text: str) -> Any:
-    """An option's text as its field's value: flags true or false, counts positive integers,
-    the voxel size (z, y, x) from X,Y,Z or one value, the noise statistics from MEAN,STD."""
+    """An option's text as its field's value (the voxel size as (z, y, x))."""
     option = _flag(name)
     if name in FLAGS:
         if text.lower() not in ("true", "false"):
@@ -299,97 +300,37 @@ def _typed(name: str, text: str) -> Any:
     return z, y, x
 
 
-USAGE = ("usage: demhx IN OUT [--half2 H2] [--model NAME|PATH]\n"
-         "             [--device auto|cpu|cuda|cuda:N|cuda:N,M,...|cuda:all]\n"
-         "             [--batch-size N] [--threads N] [--tiling default|fast|reference]\n"
-         "             [--voxel-size A | --voxel-size X,Y,Z] [--noise-stats MEAN,STD]\n"
-         "             [--mask PATH] [--preview PNG|DIR] [--confidence PATH] [--tta N]\n"
-         "             [--overwrite] [--quiet] [--debug] [--version]\n"
-         "       demhx IN [IN ...] (--out-dir DIR | --suffix SUF | both) [--shard K/N]\n"
-         "             [options]")
-HELP = USAGE + """
+_OPTION_LINES = "\n".join(f"  {_flag(option.name) + ' ' + (option.metadata['metavar'] or ''):<20}"
+                          f"{option.metadata['help']}" for option in _OPTIONS)
+USAGE = (f"usage: {PROGRAM} IN OUT [options]\n"
+         f"       {PROGRAM} IN [IN ...] (--out-dir DIR | --suffix SUF | both) [--shard K/N] "
+         "[options]")
+HELP = f"""{USAGE}
 
-Locally sharpen and mask a cryo-EM map (DeepEMhancer method) on ONNX Runtime.
-
-positional arguments:
-  IN                    input map (.mrc, .map, .map.gz), or the first half-map
-  OUT                   output map (float32 MRC, input header kept); must not exist
-                        unless --overwrite
-  IN [IN ...]           with --out-dir or --suffix: any number of maps, enhanced one after
-                        the other with one model load; a map that fails is reported and
-                        the others run; a table ends the run, exit status 1 if any failed
+Locally sharpen and mask a cryo-EM map (DeepEMhancer method) on ONNX Runtime. IN is a map or
+the first half-map (MRC, also gzip/bzip2), OUT a float32 MRC with IN's header. With --out-dir
+or --suffix: any number of maps, one model load, a table at the end.
 
 options:
-  --half2 H2            second half-map; averaged with IN in float32 (recommended)
-  --model NAME|PATH     a shipped model's name (listed below) or an ONNX file (default: the
-                        shipped model marked "default")
-  --device DEV          auto (CUDA when usable, else CPU), cpu, cuda or cuda:N; several
-                        GPUs: cuda:N,M,... or cuda:all (each batch split across them;
-                        --batch-size is per GPU)
-  --batch-size N        cubes per inference call (default: 1 on CPU, from GPU memory on CUDA)
-  --threads N           CPU threads for inference (default: all physical cores)
-  --tiling SCHEME       default: the reference's cubes thinned to gaps <= 3/4 cube, solvent
-                        cubes skipped, more of them added while overlapping cubes disagree
-                        (predicted CC to the reference below 0.993);
-                        fast: the default's first cubes only (no cubes added);
-                        reference: the paper's stride 16 with plain averaging (slow)
-  --voxel-size A        voxel size in Å, one value or X,Y,Z; overrides the header
-  --noise-stats M,S     solvent noise mean and standard deviation of IN (skips estimation)
-  --mask PATH           a mask on IN's grid that marks the particle (1 on it, 0 in the
-                        solvent, soft edges allowed): the solvent noise is measured outside
-                        it (models with normalisation "mask" take their statistics inside
-                        it); the output is not masked by it (a masked IN comes out exactly
-                        0 outside its own mask, with or without --mask)
-  --out-dir DIR         several maps: write DIR/<input name> (DIR is created if missing)
-  --suffix SUF          several maps: add SUF to each name before the extension, beside
-                        the input or in --out-dir (a.map -> a_demhx.map for _demhx)
-  --shard K/N           several maps: run only job K's share of N (map i, from 0, is in
-                        share i % N + 1); default under a SLURM job array: from
-                        SLURM_ARRAY_TASK_ID (- SLURM_ARRAY_TASK_MIN + 1) and
-                        SLURM_ARRAY_TASK_COUNT. A share without maps exits 0
-  --preview PNG|DIR     also draw the central xy, xz and yz slices of the input (top row)
-                        and the output (bottom row) into a PNG file; a PATH not ending .png
-                        is a folder (created if missing) holding <output stem>.png for each
-                        map. Grey scale per map: its slices' 1st-99.5th percentiles. Needs
-                        matplotlib: pip install "demhx[preview]"
-  --confidence PATH     also write a confidence map to PATH (MRC, OUT's header and grid):
-                        each cube is run in --tta rotations (default 6), OUT is their mean
-                        and PATH the spread, the per-voxel standard deviation over the
-                        rotations in OUT's units (0 in skipped solvent): where the turned
-                        predictions disagree. Costs N times the network time
-  --tta N               rotations per cube: 3, 4, 6, 12 or 24 (groups of the cube's proper
-                        rotations; 24 is all, see README); without --confidence OUT is
-                        their mean alone
-  --overwrite           replace OUT (and the preview) if it exists
-  --quiet               no progress bar, device line or summary (warnings still print);
-                        with several maps the table prints only if a map failed
-  --debug               show the traceback of errors
-  --version             print the version and exit
-  -h, --help            show this help and exit
+{_OPTION_LINES}
+  --version           print the version and exit
+  -h, --help          show this help and exit
 
-Options are matched exactly (no abbreviations); --batch_size style spellings work too.
+shipped models (--model NAME):
 
-DeepEMhancer's options, with the same meaning:
-  -i, --inputMap IN     IN               -o, --outputMap OUT   OUT
-  -i2, --halfMap2 H2    --half2 H2       -s, --samplingRate A  --voxel-size A
-  --noiseStats M S      --noise-stats M,S
-  -m, --binaryMask PATH --mask PATH      -b, --batch_size N    --batch-size N
-  -g, --gpuIds IDS      --device cuda:IDS (-g 0,1: --device cuda:0,1; -1: --device cpu)
-  -p, --processingType tightTarget       the default model (tight target; no wideTarget or
-                        highRes model is shipped: convert DeepEMhancer's file with
-                        demhx-export from-keras)
-  --deepLearningModelPath and --cleaningStrengh are refused with what to use instead.
+DeepEMhancer's flags, with the same meaning: -i, --inputMap IN; -o, --outputMap OUT;
+-i2, --halfMap2 (--half2); -s, --samplingRate (--voxel-size); --noiseStats M S;
+-m, --binaryMask (--mask); -b, --batch_size (--batch-size); -g, --gpuIds IDS (--device
+cuda:IDS, -1: cpu); -p, --processingType tightTarget (the default model).
 
-Exit status: 0 done, 2 usage or input error, 1 failure while running (or any of several
-maps failed), 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP (nothing half-written is left behind).
+Options are matched exactly. Exit status: 0 done, 2 usage or input error, 1 failure (or a
+failed map), 130 Ctrl-C, 143 SIGTERM, 129 SIGHUP. Details: the README's "Command line".
 """
-_MODELS_AFTER = "  -h, --help            show this help and exit\n"
-"""The help lists the shipped models after this line."""
+_MODELS = "shipped models (--model NAME):\n"
 
 
 def help_text(folder: Path | None = None) -> str:
-    """:data:`HELP` with the shipped models, read now from the registry in ``folder`` (default:
-    the installed models), one line each and the default marked."""
+    """:data:`HELP` with the models of the registry in ``folder`` (default: those shipped)."""
     from demhx import model
 
     folder = folder or model.models_dir()
@@ -397,20 +338,14 @@ def help_text(folder: Path | None = None) -> str:
     titles = {name: f"{name} (default)" if name == registry["default"] else name
               for name in registry["models"]}
     width = max([_NAME_WIDTH, *(len(title) + 2 for title in titles.values())])
-    lines = [f"  {titles[name]:<{width}}{model.describe(folder, entry)}"
+    lines = [f"  {titles[name]:<{width}}{model.describe(folder, entry)}\n"
              for name, entry in registry["models"].items()]
-    listing = "\n".join(["", "shipped models (--model NAME):",
-                         *(lines or ["  none; pass --model PATH.onnx"])])
-    return HELP.replace(_MODELS_AFTER, _MODELS_AFTER + listing + "\n", 1)
+    return HELP.replace(_MODELS, _MODELS + "".join(lines or ["  none; pass --model PATH.onnx\n"]))
 
 
 def main(args: list[str], watch: _signals.OutputWatch) -> int:
-    """Run the command line ``args``; returns the exit status.
-
-    Errors become one line and a status; a signal's :class:`~demhx._signals.Interrupted`
-    propagates (also where code on its way turned it into another error), for
-    :func:`demhx.cli.main` to report.
-    """
+    """Run the command line ``args``; returns the exit status. Errors become one line and a
+    status; a signal's interruption propagates, for :func:`demhx.cli.main` to report."""
     if any(arg in HELP_OPTIONS for arg in args):
         sys.stdout.write(help_text())
         return 0
@@ -421,7 +356,8 @@ def main(args: list[str], watch: _signals.OutputWatch) -> int:
         return 0
     try:
         arguments = parse_arguments(args)
-        return _run_many(arguments, watch) if arguments.batch else _run(arguments, watch)
+        with _console(arguments):
+            return (_run_many if arguments.batch else _run)(arguments, watch)
     except Exception as error:  # every failure becomes one line and an exit status
         _signals.raise_taken()  # a signal's exception, turned into this error on its way
         return _report(error, "--debug" in args)
@@ -429,27 +365,24 @@ def main(args: list[str], watch: _signals.OutputWatch) -> int:
 
 def _run(args: Arguments, watch: _signals.OutputWatch) -> int:
     """Enhance IN into OUT (and the preview), with progress and a summary unless quiet."""
-    from demhx._progress import ProgressBar
-
     picture = _preview_path(args)  # checked before the run; None without --preview
     watch.watch([args.confidence, args.output, picture])
     bar = ProgressBar(enabled=False if args.quiet else None)
-    with _console(args):
-        try:
-            summary = _enhancer(args).process_file(
-                args.input, str(args.output), _options(args, bar), half2=args.half2,
-                voxel_size=args.voxel_size, mask=args.mask, confidence=args.confidence,
-                overwrite=args.overwrite)
-        finally:
-            bar.close()
-        logging.getLogger(PROGRAM).info(summary.line())
-        if picture is not None:
-            from demhx.preview import write_file_preview
+    try:
+        summary = _enhancer(args).process_file(
+            args.input, str(args.output), _options(args, bar), half2=args.half2,
+            voxel_size=args.voxel_size, mask=args.mask, confidence=args.confidence,
+            overwrite=args.overwrite)
+    finally:
+        bar.close()
+    LOG.info(summary.line())
+    if picture is not None:
+        from demhx.preview import write_file_preview
 
-            picture.parent.mkdir(parents=True, exist_ok=True)  # a --preview folder
-            write_file_preview(args.input, str(args.output), picture, half2=args.half2,
-                               voxel_size=args.voxel_size, overwrite=args.overwrite)
-            logging.getLogger(PROGRAM).info(f"wrote preview {picture}")
+        picture.parent.mkdir(parents=True, exist_ok=True)  # a --preview folder
+        write_file_preview(args.input, str(args.output), picture, half2=args.half2,
+                           voxel_size=args.voxel_size, overwrite=args.overwrite)
+        LOG.info(f"wrote preview {picture}")
     _signals.raise_taken()  # a signal whose exception was swallowed on its way
     return 0
 
@@ -461,11 +394,11 @@ def _enhancer(args: Arguments) -> Enhancer:
                     threads=args.threads)
 
 
-def _options(args: Arguments, progress: Callable[[int, int], None]) -> EnhanceOptions:
+def _options(args: Arguments, bar: ProgressBar) -> EnhanceOptions:
     from demhx import EnhanceOptions
 
     return EnhanceOptions(noise_stats=args.noise_stats, tiling=args.tiling, tta=args.tta,
-                          progress=progress)
+                          progress=bar)
 
 
 def _preview_path(args: Arguments) -> Path | None:
@@ -494,23 +427,22 @@ def _run_many(args: Arguments, watch: _signals.OutputWatch) -> int:
     """Enhance several maps with one model load; a table on stderr; 1 if any map failed."""
     from demhx import batch
 
-    planned = _plan_many(args)
-    if planned is None:  # this job's shard has no maps
+    every = [Path(path) for path in (args.input, *args.more_inputs)]
+    if args.shard is not None and not batch.shard_indices(len(every), args.shard):
+        LOG.info(batch.shard_line(args.shard, 0, len(every)))
         return 0
-    sources, outputs, previews, total = planned
-    watch.watch([*outputs, *(previews or [])])
-    enhancer = _enhancer(args)
-    with _console(args):
-        _warmup.start()  # numba's set-up while the model loads (a single map starts it itself)
-        enhancer.runtime  # noqa: B018 -- loads the model; its errors stop the run here
-        batch.create_folders(outputs + (previews or []))
-        results, interrupt = _enhance_many(args, enhancer, sources, outputs, previews, watch)
+    if args.preview is not None:
+        _require_matplotlib()
+    plan = batch.plan_maps(every, args.out_dir, args.suffix, args.shard, preview=args.preview,
+                           mask=args.mask)  # checked before any work
+    watch.watch([*plan.outputs, *(plan.previews or [])])
+    results, interrupt = _enhance_many(args, plan)
     _signals.close()  # the outcome is final: a later signal cannot cut the table short
     failed = sum(result.status != batch.OK for result in results)
     if failed or not args.quiet:
         _say(batch.summary_table(results, describe_error))
         if args.shard is not None:
-            _say(f"{PROGRAM}: {batch.shard_line(args.shard, len(sources), total)}\n")
+            _say(f"{PROGRAM}: {batch.shard_line(args.shard, len(plan.sources), len(every))}\n")
     if interrupt is not None:
         name = _signals.signal_name(interrupt)
         what = "interrupted" if name == "SIGINT" else f"stopped by {name}"
@@ -521,83 +453,52 @@ def _run_many(args: Arguments, watch: _signals.OutputWatch) -> int:
     return 1 if failed else 0
 
 
-def _plan_many(args: Arguments
-               ) -> tuple[list[Path], list[Path], list[Path] | None, int] | None:
-    """This job's inputs, outputs and previews, checked before any work, and the number of
-    maps given; None (after saying so) when its shard has no maps."""
-    from demhx import batch
-
-    every = [Path(path) for path in (args.input, *args.more_inputs)]
-    if args.shard is not None and not batch.shard_indices(len(every), args.shard):
-        with _console(args):
-            logging.getLogger(PROGRAM).info(batch.shard_line(args.shard, 0, len(every)))
-        return None
-    if args.preview is not None:
-        _require_matplotlib()
-    plan = batch.plan_maps(every, args.out_dir, args.suffix, args.shard, preview=args.preview,
-                           mask=args.mask)
-    return plan.sources, plan.outputs, plan.previews, len(every)
-
-
-def _enhance_many(args: Arguments, enhancer: Enhancer, sources: list[Path],
-                  outputs: list[Path], previews: list[Path] | None, watch: _signals.OutputWatch
+def _enhance_many(args: Arguments, plan: MapPlan
                   ) -> tuple[list[MapResult], KeyboardInterrupt | None]:
-    """Run the maps one by one (progress bar, one line each); on Ctrl-C (or SIGTERM, SIGHUP)
-    the maps not reached are marked not run (the one under way ok if its output was already
-    moved into place), and the interruption is returned."""
+    """Run the maps of ``plan``, a line each: their results and what interrupted them."""
     from demhx import batch
-    from demhx._progress import ProgressBar
 
-    log = logging.getLogger(PROGRAM)
     bar = ProgressBar(enabled=False if args.quiet else None)
-    results: list[MapResult] = []
-    try:
-        for result in batch.enhance_many(
-                enhancer, sources, outputs, _options(args, bar), previews=previews,
-                voxel_size=args.voxel_size, mask=args.mask, overwrite=args.overwrite):
-            bar.close()
-            if result.error is None or _signals.taken() is None:
-                results.append(result)  # (a map whose error was a signal's counts as not run)
-            _signals.raise_taken()  # a signal turned into this map's error, or swallowed
-            if result.error is not None:
-                log.info(f"failed: {describe_error(result.error)}")
-            elif result.summary is not None:
-                log.info(result.summary.line())
-    except KeyboardInterrupt as interrupt:
+
+    def said(result: MapResult) -> None:
         bar.close()
-        done = len(results)
-        results += [batch.MapResult(source, output,
-                                    batch.OK if watch.changed(output) else batch.NOT_RUN)
-                    for source, output in zip(sources[done:], outputs[done:], strict=True)]
-        return results, interrupt
-    return results, None
+        if result.error is not None:
+            LOG.info(f"failed: {describe_error(result.error)}")
+        elif result.summary is not None:
+            LOG.info(result.summary.line())
+
+    enhancer = _enhancer(args)
+    _warmup.start()  # numba's set-up while the model loads (a single map starts it itself)
+    enhancer.runtime  # noqa: B018 -- loads the model; its errors stop the run here
+    try:
+        return batch.enhance_plan(enhancer, plan, _options(args, bar), voxel_size=args.voxel_size,
+                                  mask=args.mask, overwrite=args.overwrite, on_result=said), None
+    except batch.BatchInterrupted as stopped:
+        return stopped.results, stopped.interrupt
+    finally:
+        bar.close()
 
 
 @contextlib.contextmanager
 def _console(args: Arguments) -> Iterator[None]:
-    """Info lines as ``demhx: ...`` (unless quiet; with ``--debug`` also the stage times) and
-    warnings as one line, on stderr; the library's option names shown as flags."""
-    logger = logging.getLogger(PROGRAM)
+    """Log lines and warnings as ``demhx: ...`` lines on stderr, options shown as flags."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(f"{PROGRAM}: %(message)s"))
-    saved = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if args.debug else logging.WARNING if args.quiet else
-                    logging.INFO)
-    logger.propagate = False
-
-    def show(message: Warning | str, *where: Any, **more: Any) -> None:
-        sys.stderr.write(f"{PROGRAM}: warning: {' '.join(cli_terms(str(message)).split())}\n")
-
+    saved = LOG.level, LOG.propagate
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.DEBUG if args.debug else logging.WARNING if args.quiet else
+                 logging.INFO)
+    LOG.propagate = False
     try:
         with warnings.catch_warnings():  # restores the warning filters and showwarning
             warnings.simplefilter("default")
-            warnings.showwarning = show
+            warnings.showwarning = lambda message, *where, **more: LOG.warning(
+                f"warning: {' '.join(str(message).split())}")
             yield
     finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]
+        LOG.removeHandler(handler)
+        LOG.setLevel(saved[0])
+        LOG.propagate = saved[1]
 
 
 class _Formatter(logging.Formatter):
@@ -609,17 +510,14 @@ class _Formatter(logging.Formatter):
 
 def _say(text: str) -> None:
     """Write to stderr; a terminal that hung up (SIGHUP) cannot stop the clean-up."""
-    try:
+    with contextlib.suppress(OSError, ValueError):
         sys.stderr.write(cli_terms(text))
         sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
 
 
 def _report(error: BaseException, debug: bool) -> int:
-    """Print an error as one line (the traceback first when debugging); its exit status.
-    The outcome is final from here: a signal now is ignored rather than cutting the line."""
-    _signals.close()
+    """Print an error as one line (the traceback first with --debug); its exit status."""
+    _signals.close()  # the outcome is final: a signal now cannot cut the line
     if debug:
         traceback.print_exception(type(error), error, error.__traceback__)
     usage = isinstance(error, USAGE_ERRORS)

@@ -1,11 +1,9 @@
 """The ``demhx`` command: signal handlers first, then the run (:mod:`demhx._command`).
 
-Exit status: 0 done, 2 for usage and input errors, 1 for failures while running (or a failed
-map of several), 128 + the signal's number when stopped by one: 130 Ctrl-C, 143 SIGTERM, 129
-SIGHUP; nothing half-written is left behind. A signal ends the run with one line
-(:func:`stop_line`) whenever it comes, and a second one changes nothing. This module needs
-only the standard library, so that :func:`run` installs the handlers (:mod:`demhx._signals`)
-before anything else is imported.
+Exit status: 0 done, 2 usage and input errors, 1 failures while running (or a failed map of
+several), 128 + the signal's number when stopped by one (130 Ctrl-C, 143 SIGTERM, 129 SIGHUP),
+reported in one line (:func:`stop_line`). This module needs only the standard library, so that
+:func:`run` installs the handlers (:mod:`demhx._signals`) before anything else is imported.
 """
 
 from __future__ import annotations
@@ -30,12 +28,8 @@ _MANY_NAMES = 3  # a stop line names up to this many outputs, then counts them
 
 
 def run() -> NoReturn:
-    """The console script (and ``python -m demhx``): :func:`main`, then exit with its status.
-
-    The signal handlers come first, before the imports of the run. The exit handlers run and
-    the standard streams are flushed, then the process ends without the interpreter's
-    teardown, which only frees memory (0.15 s with numba, ONNX Runtime and a map loaded).
-    """
+    """The console script (and ``python -m demhx``): :func:`main`, then exit with its status,
+    skipping the interpreter's teardown, which only frees memory (0.15 s with a map loaded)."""
     _signals.catch()  # first: from here on a signal ends the run with one line
     status = 1
     try:
@@ -75,11 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def stop_line(signal_name: str, written: Sequence[str] | None) -> str:
-    """The line that ends a run stopped by a signal (``"SIGINT"``, ``"SIGTERM"``, ...).
-
-    ``written``: the outputs the run had written, each complete (it moves an output into
-    place only when it is whole); None when the signal came before the run had noted them.
-    """
+    """The line that ends a run stopped by a signal (``"SIGINT"``, ``"SIGTERM"``, ...), given
+    the outputs it wrote, each complete (None: stopped before it noted them)."""
     what = "interrupted" if signal_name == "SIGINT" else f"stopped by {signal_name}"
     if written is None:
         return f"{PROGRAM}: {what} before any work; nothing written"

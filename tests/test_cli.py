@@ -372,6 +372,21 @@ def test_help_lists_the_deepemhancer_flags_and_exit_statuses() -> None:
         assert text in cli.HELP
 
 
+def test_help_gives_each_option_one_line_and_fits_a_screen() -> None:
+    """The option lines come from the fields of Arguments, the table the reader matches words
+    against: each option once, with its value's name; the README's command-line section
+    describes each of them."""
+    lines = cli.HELP.splitlines()
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").split("## Command line", 1)[1]
+    for field in dataclasses.fields(cli.Arguments)[3:]:
+        flag = f"--{field.name.replace('_', '-')}"
+        metavar = field.metadata["metavar"]
+        spelt = [line.split() for line in lines if line.startswith(f"  {flag} ")]
+        assert len(spelt) == 1 and (metavar is None or spelt[0][1] == metavar), flag
+        assert f"`{flag}" in readme.split("\n## ", 1)[0], flag
+    assert len(lines) <= 45 and max(map(len, lines)) <= 95
+
+
 def test_sigterm_in_a_real_process(source: Path, model: Path, tmp_path: Path) -> None:
     """A separate process stopped by SIGTERM: exit 143, one line, nothing written."""
     script = (
