@@ -67,7 +67,8 @@ class Arguments:
     voxel_size: tuple[float, float, float] | None = _option(  # (z, y, x) in Å
         "A", "voxel size in Å, A or X,Y,Z (default: the header's)")
     noise_stats: tuple[float, float] | None = _option("M,S", "solvent noise mean and std of IN")
-    mask: str | None = _option("PATH", "particle mask on IN's grid (noise measured outside it)")
+    mask: str | None = _option("PATH", "marks the particle: noise measured outside it; OUT is "
+                               "not masked by it")
     out_dir: str | None = _option("DIR", "several maps: write DIR/<input name>")
     suffix: str | None = _option("SUF", "several maps: add SUF to each name (a.map: a_x.map)")
     shard: Shard | None = _option("K/N", "several maps: job K's share of N (default: SLURM's)")
