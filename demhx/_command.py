@@ -90,8 +90,8 @@ def _flag(name: str) -> str:
 
 
 _OPTIONS = fields(Arguments)[3:]
-_NAMES = [option.name for option in _OPTIONS]
-FLAGS = [option.name for option in _OPTIONS if option.metadata["metavar"] is None]
+_NAMES = tuple(option.name for option in _OPTIONS)
+FLAGS = tuple(option.name for option in _OPTIONS if option.metadata["metavar"] is None)
 OPTIONS = {**{_flag(name): name for name in _NAMES}, **{f"--{name}": name for name in _NAMES},
            "-q": "quiet"}
 """demhx's options as typed (``--batch-size``, also ``--batch_size``) → their field."""
