@@ -408,20 +408,9 @@ def _preview_path(args: Arguments) -> Path | None:
         return None
     from demhx import preview
 
-    _require_matplotlib()
     inputs = [Path(name).expanduser() for name in (args.input, args.half2, args.mask) if name]
     return preview.checked_preview_path(args.preview, str(args.output), inputs,
                                         args.confidence, args.overwrite)
-
-
-def _require_matplotlib() -> None:
-    """UsageError naming the fix when --preview cannot work (before any slow work)."""
-    from demhx.preview import require_matplotlib
-
-    try:
-        require_matplotlib()
-    except ImportError as error:
-        raise UsageError(str(error)) from None
 
 
 def _run_many(args: Arguments, watch: _signals.OutputWatch) -> int:
@@ -432,8 +421,6 @@ def _run_many(args: Arguments, watch: _signals.OutputWatch) -> int:
     if args.shard is not None and not batch.shard_indices(len(every), args.shard):
         LOG.info(batch.shard_line(args.shard, 0, len(every)))
         return 0
-    if args.preview is not None:
-        _require_matplotlib()
     plan = batch.plan_maps(every, args.out_dir, args.suffix, args.shard, preview=args.preview,
                            mask=args.mask)  # checked before any work
     watch.watch([*plan.outputs, *(plan.previews or [])])

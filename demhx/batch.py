@@ -291,8 +291,10 @@ def plan_maps(sources: Sequence[Path], out_dir: str | Path | None, suffix: str |
     Every map's output (and preview) is named from all the sources, so that names clash or
     not whatever the shard; this job's inputs are checked (:func:`check_inputs`), and every
     file it writes is within the system's limits and is none of the inputs (nor ``mask``)
-    nor another's file.
+    nor another's file; with ``preview``, matplotlib must be installed.
     """
+    if preview is not None:
+        preview_module.require_matplotlib()
     share = shard_indices(len(sources), shard)
     check_inputs([sources[index] for index in share])
     outputs = output_paths(sources, out_dir, suffix)

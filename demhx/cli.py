@@ -12,16 +12,11 @@ import atexit
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import NoReturn
 
 from demhx import _signals
 
-if TYPE_CHECKING:
-    from demhx._command import HELP, USAGE, Arguments, help_text, parse_arguments
-    from demhx.errors import describe_error
-
-__all__ = ["HELP", "USAGE", "Arguments", "describe_error", "help_text", "main",
-           "parse_arguments", "run", "stop_line"]
+__all__ = ["main", "run", "stop_line"]
 
 PROGRAM = "demhx"
 _MANY_NAMES = 3  # a stop line names up to this many outputs, then counts them
@@ -99,11 +94,3 @@ def _stopped(interrupt: KeyboardInterrupt, watch: _signals.OutputWatch | None) -
         pass
     return _signals.exit_status(interrupt)
 
-
-def __getattr__(name: str) -> Any:
-    """The reading and help names of :mod:`demhx._command`, imported on first use."""
-    if name in __all__:
-        from demhx import _command
-
-        return getattr(_command, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

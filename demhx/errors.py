@@ -11,10 +11,17 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["cli_terms", "DemhxWarning", "describe_error", "option", "OPTIONS", "USAGE_ERRORS"]
+__all__ = ["cli_terms", "DemhxWarning", "describe_error", "MissingExtra", "option", "OPTIONS",
+           "USAGE_ERRORS"]
+
+
+class MissingExtra(ImportError):
+    """An option needs an optional dependency that is not installed (the message names the
+    ``pip install`` that adds it)."""
+
 
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError,
-                IsADirectoryError, NotADirectoryError)
+                IsADirectoryError, NotADirectoryError, MissingExtra)
 """Errors of the input or the options (exit status 2 on the command line)."""
 
 # Parameters of the API that are also options of the command line (``out_dir`` → ``--out-dir``).

@@ -26,6 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from demhx import _signals
+from demhx.errors import MissingExtra
 from demhx.mrcio import (
     check_distinct_outputs,
     check_folder_to_create,
@@ -174,11 +175,12 @@ def check_preview_path(path: str | Path, overwrite: bool = False) -> Path:
 
 
 def require_matplotlib() -> None:
-    """Raise ImportError naming the fix when matplotlib (needed for PNG previews) is missing."""
+    """Raise :class:`~demhx.errors.MissingExtra` naming the fix when matplotlib (needed for PNG
+    previews) is missing."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise ImportError(f"preview= needs matplotlib, which is not installed; "
+        raise MissingExtra(f"preview= needs matplotlib, which is not installed; "
                           f"{PREVIEW_FIX}") from None
 
 
@@ -296,7 +298,8 @@ def checked_preview_path(preview: str | Path, output: str | Path, inputs: Sequen
     """The picture's file for ``preview`` (a PNG or a folder) of the run writing ``output``,
     checked before any work: within the system's limits, not an input nor another output
     (nor in a folder named like one); a folder that does not exist yet is created only when
-    the picture is written."""
+    the picture is written; matplotlib must be installed (:func:`require_matplotlib`)."""
+    require_matplotlib()
     path = preview_file_path(preview, output)
     written = [("output", Path(output).expanduser()), ("preview", path)]
     if confidence is not None:

@@ -11,7 +11,8 @@ import pytest
 from conftest import synthetic_map, write_mrc
 from onnx_fixtures import identity_path
 
-from demhx import batch, cli, multi_device, pipeline
+from demhx import _command, batch, cli, multi_device, pipeline
+from demhx.errors import describe_error
 
 
 @pytest.fixture
@@ -98,8 +99,8 @@ def test_output_paths_with_dir_and_suffix(tmp_path: Path) -> None:
      {"input": "a", "output": None, "out_dir": "o", "noise_stats": (0.0, 1.0)}),
 ])
 def test_parse_several_maps(argv: list[str], expected: dict) -> None:
-    args = cli.parse_arguments(argv)
-    assert args == cli.Arguments(**expected)
+    args = _command.parse_arguments(argv)
+    assert args == _command.Arguments(**expected)
     assert args.batch == ("out_dir" in expected or "suffix" in expected)
 
 
@@ -338,7 +339,7 @@ def test_summary_table_aligns_columns() -> None:
     results = [batch.MapResult(Path("long/input.mrc"), Path("o.mrc"), batch.OK, seconds=12.25),
                batch.MapResult(Path("b.mrc"), Path("out/b.mrc"), batch.FAILED,
                                ValueError("b.mrc: bad\nmap"), seconds=0.04)]
-    table = batch.summary_table(results, cli.describe_error)
+    table = batch.summary_table(results, describe_error)
     lines = table.splitlines()
     assert lines[0].split() == ["input", "output", "status", "cubes", "seconds", "reason"]
     assert lines[1] == "long/input.mrc  o.mrc      ok          -     12.2"
@@ -448,7 +449,7 @@ def test_parse_shard_option_and_environment(argv: list[str], environ: dict[str, 
         monkeypatch.delenv(name, raising=False)
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
-    assert cli.parse_arguments(argv).shard == expected
+    assert _command.parse_arguments(argv).shard == expected
 
 
 @pytest.mark.parametrize(("argv", "environ", "message"), [

@@ -16,7 +16,8 @@ import pytest
 from conftest import write_mrc
 from onnx_fixtures import identity_path
 
-from demhx import cli
+from demhx import _command, cli
+from demhx.errors import describe_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def test_help_reads_the_registry_at_run_time(tmp_path: Path) -> None:
     broken.write_bytes(b"not onnx")
     onnx_fixtures.write_registry(tmp_path, {"small": first, "other": second, "broken": broken},
                    default="other")
-    text = cli.help_text(tmp_path)
+    text = _command.help_text(tmp_path)
     lines = text.split("shipped models (--model NAME):\n", 1)[1].splitlines()[:3]
     assert lines[0].split() == ["small", "v7.3,", "widths", "8,16,", "0.01", "M", "weights,",
                                 "2", "GFLOP", "per", "16³", "cube,", "1.0", "Å/voxel"]
@@ -70,8 +71,8 @@ def test_help_reads_the_registry_at_run_time(tmp_path: Path) -> None:
     registry = json.loads((tmp_path / "registry.json").read_text())
     registry["models"]["small"]["description"] = "the small one"
     (tmp_path / "registry.json").write_text(json.dumps(registry))
-    assert "  small             the small one\n" in cli.help_text(tmp_path)
-    assert "  none; pass --model PATH.onnx\n" in cli.help_text(tmp_path / "empty")
+    assert "  small             the small one\n" in _command.help_text(tmp_path)
+    assert "  none; pass --model PATH.onnx\n" in _command.help_text(tmp_path / "empty")
 
 
 def test_python_m_demhx() -> None:
@@ -96,7 +97,7 @@ def test_python_m_demhx() -> None:
 ])
 def test_parse_arguments(argv: list[str], expected: dict) -> None:
     values = {"input": "a", "output": "b", **expected}
-    assert cli.parse_arguments(argv) == cli.Arguments(**values)
+    assert _command.parse_arguments(argv) == _command.Arguments(**values)
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -172,12 +173,12 @@ def test_subprocess_error_has_no_traceback(tmp_path: Path) -> None:
 
 def test_describe_error() -> None:
     error = PermissionError(13, "Permission denied", "/x/out.mrc")
-    assert cli.describe_error(error) == ("/x/out.mrc: permission denied; check the permissions "
+    assert describe_error(error) == ("/x/out.mrc: permission denied; check the permissions "
                                          "or choose another path")
-    assert cli.describe_error(RuntimeError("a\nb")) == "a b"
-    assert cli.describe_error(KeyError("k")) == "KeyError: 'k'"
-    assert cli.describe_error(ValueError("x.mrc: bad; fix")) == "x.mrc: bad; fix"
-    assert cli.describe_error(MemoryError()).startswith("out of memory")
+    assert describe_error(RuntimeError("a\nb")) == "a b"
+    assert describe_error(KeyError("k")) == "KeyError: 'k'"
+    assert describe_error(ValueError("x.mrc: bad; fix")) == "x.mrc: bad; fix"
+    assert describe_error(MemoryError()).startswith("out of memory")
 
 
 # Run in a fresh interpreter: torch modules loaded by its start-up (a site-packages .pth
@@ -229,10 +230,10 @@ def test_demhx_never_imports_torch(model: Path) -> None:
 
 
 def test_parse_confidence_and_tta() -> None:
-    args = cli.parse_arguments(["a", "b", "--confidence", "c.mrc", "--tta", "12"])
+    args = _command.parse_arguments(["a", "b", "--confidence", "c.mrc", "--tta", "12"])
     assert (args.confidence, args.tta) == ("c.mrc", 12)
-    assert cli.parse_arguments(["a", "b", "--tta=4"]) == cli.Arguments("a", "b", tta=4)
-    assert cli.parse_arguments(["a", "b"]).confidence is None
+    assert _command.parse_arguments(["a", "b", "--tta=4"]) == _command.Arguments("a", "b", tta=4)
+    assert _command.parse_arguments(["a", "b"]).confidence is None
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -261,7 +262,7 @@ def test_run_writes_confidence_map_and_reports_rotations(
     with mrcfile.open(output) as out, mrcfile.open(confidence) as spread:
         assert spread.data.shape == out.data.shape == (20, 24, 28)
         assert not spread.data.any()  # the identity model agrees with itself in every rotation
-    assert "--confidence PATH" in cli.HELP and "--tta N" in cli.HELP
+    assert "--confidence PATH" in _command.HELP and "--tta N" in _command.HELP
 
 
 def test_unknown_tta_count_is_a_usage_error(source: Path, model: Path,
@@ -297,7 +298,7 @@ def test_unknown_tta_count_is_a_usage_error(source: Path, model: Path,
 ])
 def test_deepemhancer_flags(argv: list[str], expected: dict) -> None:
     values = {"input": "a", "output": "b", **expected}
-    assert cli.parse_arguments(argv) == cli.Arguments(**values)
+    assert _command.parse_arguments(argv) == _command.Arguments(**values)
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -332,7 +333,7 @@ def test_deepemhancer_flags(argv: list[str], expected: dict) -> None:
 def test_options_are_matched_exactly(argv: list[str], message: str | None,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     if message is None:
-        assert cli.parse_arguments(argv).suffix is None
+        assert _command.parse_arguments(argv).suffix is None
         return
     assert cli.main(argv) == 2
     out, err = capsys.readouterr()
@@ -344,7 +345,7 @@ def test_no_option_is_taken_by_a_prefix_or_a_first_letter() -> None:
     """Every option is matched exactly: each shorter spelling of one (``--over``, ``--b``),
     and each single-letter form that DeepEMhancer does not define (``-d``, ``-t``), is an
     unknown option, not the option fire would make of it."""
-    names = [field.name for field in dataclasses.fields(cli.Arguments)][3:]
+    names = [field.name for field in dataclasses.fields(_command.Arguments)][3:]
     spellings = {f"--{name.replace('_', '-')}" for name in names} | {f"--{name}" for name in names}
     deepemhancer = {"-i", "-o", "-i2", "-s", "-m", "-b", "-g", "-p", "-q", "-h"}
     shorter = {spelling[:end] for spelling in spellings for end in range(3, len(spelling))}
@@ -352,7 +353,7 @@ def test_no_option_is_taken_by_a_prefix_or_a_first_letter() -> None:
     assert len(shorter) > 50 and {"-d", "-t", "-v", "-n", "-c"} <= letters
     for word in sorted((shorter - spellings) | letters):
         with pytest.raises(ValueError, match=f"^unknown option {word}[ ;]"):
-            cli.parse_arguments(["a", "b", word, "1"])
+            _command.parse_arguments(["a", "b", word, "1"])
 
 
 def test_unknown_option_lists_the_valid_ones_in_cli_spelling(
@@ -369,16 +370,16 @@ def test_help_lists_the_deepemhancer_flags_and_exit_statuses() -> None:
     for text in ("-i, --inputMap", "-i2, --halfMap2", "-s, --samplingRate", "--noiseStats",
                  "-m, --binaryMask", "-b, --batch_size", "-g, --gpuIds", "tightTarget",
                  "143 SIGTERM", "129 SIGHUP", "130 Ctrl-C"):
-        assert text in cli.HELP
+        assert text in _command.HELP
 
 
 def test_help_gives_each_option_one_line_and_fits_a_screen() -> None:
     """The option lines come from the fields of Arguments, the table the reader matches words
     against: each option once, with its value's name; the README's command-line section
     describes each of them."""
-    lines = cli.HELP.splitlines()
+    lines = _command.HELP.splitlines()
     readme = (ROOT / "README.md").read_text(encoding="utf-8").split("## Command line", 1)[1]
-    for field in dataclasses.fields(cli.Arguments)[3:]:
+    for field in dataclasses.fields(_command.Arguments)[3:]:
         flag = f"--{field.name.replace('_', '-')}"
         metavar = field.metadata["metavar"]
         spelt = [line.split() for line in lines if line.startswith(f"  {flag} ")]

@@ -15,7 +15,7 @@ from conftest import real_map, synthetic_map
 from onnx_fixtures import smooth_model, write_model
 
 import demhx
-from demhx import cli, mrcio, normalise
+from demhx import _command, cli, mrcio, normalise
 from demhx.errors import cli_terms
 
 MASKED_MAPS = ["2566_3J6B_9.mrc", "emd_21457_seg.mrc", "emd_21457_seg_nstart.mrc",
@@ -189,7 +189,7 @@ def test_choose_stats_records_the_masks_it_used() -> None:
 def test_help_and_readme_give_mask_one_meaning() -> None:
     """The help, the README and the API's docstring say the same: the mask marks the particle,
     the noise is measured outside it, and the output is not masked by it."""
-    line = " ".join(cli.HELP[cli.HELP.index("  --mask PATH"):].split("\n  --out-dir")[0]
+    line = " ".join(_command.HELP[_command.HELP.index("  --mask PATH"):].split("\n  --out-dir")[0]
                     .split())
     readme = " ".join(README.read_text(encoding="utf-8").split())
     api = " ".join((demhx.enhance.__doc__ or "").split())

@@ -12,7 +12,8 @@ import pytest
 from conftest import write_mrc
 from onnx_fixtures import identity_path
 
-from demhx import cli, preview
+from demhx import batch, cli, preview
+from demhx.errors import USAGE_ERRORS, MissingExtra
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -150,6 +151,19 @@ def test_missing_matplotlib_names_the_fix(monkeypatch: pytest.MonkeyPatch,
     with pytest.raises(ImportError, match=r'pip install "demhx\[preview\]"'):
         preview.write_preview(volume, volume, tmp_path / "p.png")
     assert not (tmp_path / "p.png").exists()
+
+
+def test_preview_checks_before_any_work_need_matplotlib(monkeypatch: pytest.MonkeyPatch,
+                                                        tmp_path: Path) -> None:
+    """The API's checks of a run's preview refuse a missing matplotlib as a usage error (exit
+    status 2 on the command line), before any map is read."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(MissingExtra, match=r'pip install "demhx\[preview\]"'):
+        preview.checked_preview_path(tmp_path / "p.png", tmp_path / "out.mrc", [])
+    with pytest.raises(MissingExtra, match="needs matplotlib"):
+        batch.plan_maps([tmp_path / "a.mrc"], tmp_path / "out", None, preview=tmp_path)
+    assert MissingExtra in USAGE_ERRORS and issubclass(MissingExtra, ImportError)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_preview(source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
