@@ -459,7 +459,7 @@ def _enhance_many(args: Arguments, plan: MapPlan
     _warmup.start()  # numba's set-up while the model loads (a single map starts it itself)
     enhancer.runtime  # noqa: B018 -- loads the model; its errors stop the run here
     try:
-        return batch.enhance_plan(enhancer, plan, _options(args, bar), voxel_size=args.voxel_size,
+        return batch.enhance_many(enhancer, plan, _options(args, bar), voxel_size=args.voxel_size,
                                   mask=args.mask, overwrite=args.overwrite, on_result=said), None
     except batch.BatchInterrupted as stopped:
         return stopped.results, stopped.interrupt

@@ -3,11 +3,11 @@
 :func:`output_paths` names the outputs (in an output folder, with a suffix, or both) and
 refuses a plan in which two maps would write one file or an output would replace one of the
 inputs; :func:`check_inputs` checks that every input can be read before any map runs.
-:func:`enhance_many` runs an :class:`~demhx.pipeline.Enhancer` over the maps and
-yields one :class:`MapResult` per map as it finishes; a map that fails (unreadable file,
-refused input, existing output, ...) is reported in its result and the next map runs.
-:func:`enhance_plan` runs a :func:`plan_maps` plan to the end and returns every result; a
-Ctrl-C (or SIGTERM, SIGHUP) still gives one result per map, as :class:`BatchInterrupted`.
+:func:`plan_maps` checks a run of several maps before any work, and :func:`enhance_many`
+runs an :class:`~demhx.pipeline.Enhancer` over its maps: one :class:`MapResult` per map, in
+order; a map that fails (unreadable file, refused input, existing output, ...) is reported in
+its result and the next map runs; a Ctrl-C (or SIGTERM, SIGHUP) still gives one result per
+map, as :class:`BatchInterrupted`.
 :func:`summary_table` formats the results as a plain-text table.
 
 Under a cluster job array each job runs its share of the maps: :func:`choose_shard` reads
@@ -32,7 +32,7 @@ from demhx.options import EnhanceOptions, EnhanceSummary, VoxelSize
 from demhx.pipeline import Enhancer
 
 __all__ = ["BatchInterrupted", "check_inputs", "choose_shard", "create_folders",
-           "enhance_many", "enhance_plan", "MapPlan", "MapResult", "plan_maps",
+           "enhance_many", "MapPlan", "MapResult", "plan_maps",
            "output_path", "output_paths", "parse_shard", "preview_paths", "Shard",
            "shard_from_environment", "shard_indices", "shard_line", "summary_table"]
 
@@ -309,38 +309,8 @@ def plan_maps(sources: Sequence[Path], out_dir: str | Path | None, suffix: str |
     return MapPlan([sources[index] for index in share], outputs, previews)
 
 
-def enhance_many(enhancer: Enhancer, sources: Sequence[str | Path],
-                 outputs: Sequence[Path], options: EnhanceOptions | None = None, *,
-                 previews: Sequence[Path] | None = None, voxel_size: VoxelSize | None = None,
-                 mask: str | Path | None = None, overwrite: bool = False
-                 ) -> Iterator[MapResult]:
-    """Enhance each map into its output with one model; one :class:`MapResult` per map.
-
-    A map that raises an ``Exception`` is reported as failed and the next one runs
-    (``KeyboardInterrupt`` stops the loop). ``options`` apply to every map; ``voxel_size``,
-    ``mask`` and ``overwrite`` as for :meth:`demhx.pipeline.Enhancer.process_file`;
-    ``previews`` (one PNG per map) are written after each output (see
-    :func:`demhx.preview.write_file_preview`). The device line is
-    logged once, before the first map. Check the inputs first with :func:`check_inputs` to
-    refuse a run with an unreadable map before any work.
-    """
-    if len(outputs) != len(sources) or (previews is not None and len(previews) != len(sources)):
-        raise ValueError("enhance_many: give one output (and one preview) per source map")
-    # The device line once, before the first map; the pipeline's copy for each map is dropped.
-    device_line = enhancer.runtime.description
-    LOG.info(device_line)
-    repeated = _DropMessage(device_line)
-    LOG.addFilter(repeated)
-    try:
-        yield from _enhance_each(enhancer, sources, outputs, previews,
-                                 options or EnhanceOptions(), voxel_size=voxel_size, mask=mask,
-                                 overwrite=overwrite)
-    finally:
-        LOG.removeFilter(repeated)
-
-
 class BatchInterrupted(KeyboardInterrupt):
-    """A run of :func:`enhance_plan` stopped by Ctrl-C (or SIGTERM, SIGHUP).
+    """A run of :func:`enhance_many` stopped by Ctrl-C (or SIGTERM, SIGHUP).
 
     ``results`` has one :class:`MapResult` per map of the plan: those finished, then the map
     under way (``"ok"`` if its output was already in place) and the maps not reached, marked
@@ -353,25 +323,31 @@ class BatchInterrupted(KeyboardInterrupt):
         self.interrupt = interrupt
 
 
-def enhance_plan(enhancer: Enhancer, plan: MapPlan, options: EnhanceOptions | None = None, *,
+def enhance_many(enhancer: Enhancer, plan: MapPlan, options: EnhanceOptions | None = None, *,
                  voxel_size: VoxelSize | None = None, mask: str | Path | None = None,
                  overwrite: bool = False, on_result: Callable[[MapResult], object] | None = None
                  ) -> list[MapResult]:
-    """Enhance every map of ``plan`` (:func:`plan_maps`) with :func:`enhance_many`, its output
-    and preview folders created first; one :class:`MapResult` per map, in order.
+    """Enhance every map of ``plan`` (:func:`plan_maps`) with one model, its output and preview
+    folders created first; one :class:`MapResult` per map, in order.
 
-    ``on_result`` is called with each result as its map finishes. Raises
-    :class:`BatchInterrupted`, holding every map's result, when the run is interrupted: also
-    when a signal taken while a map ran was turned into that map's error on its way.
+    A map that raises an ``Exception`` is reported as failed and the next one runs.
+    ``options`` apply to every map; ``voxel_size``, ``mask`` and ``overwrite`` as for
+    :meth:`demhx.pipeline.Enhancer.process_file`; the plan's previews (one PNG per map) are
+    written after each output (:func:`demhx.preview.write_file_preview`). ``on_result`` is
+    called with each result as its map finishes. Raises :class:`BatchInterrupted`, holding
+    every map's result, when the run is interrupted: also when a signal taken while a map ran
+    was turned into that map's error on its way.
     """
+    if len(plan.outputs) != len(plan.sources) or (
+            plan.previews is not None and len(plan.previews) != len(plan.sources)):
+        raise ValueError("enhance_many: give one output (and one preview) per source map")
     create_folders([*plan.outputs, *(plan.previews or [])])
     watch = _signals.OutputWatch()  # tells whether the map under way was written
     watch.watch(plan.outputs)
     results: list[MapResult] = []
     try:
-        for result in enhance_many(enhancer, plan.sources, plan.outputs, options,
-                                   previews=plan.previews, voxel_size=voxel_size, mask=mask,
-                                   overwrite=overwrite):
+        for result in _each_map(enhancer, plan, options or EnhanceOptions(),
+                                voxel_size=voxel_size, mask=mask, overwrite=overwrite):
             if result.error is None or _signals.taken() is None:
                 results.append(result)  # (a map whose error was a signal's is not counted)
             _signals.raise_taken()
@@ -383,6 +359,22 @@ def enhance_plan(enhancer: Enhancer, plan: MapPlan, options: EnhanceOptions | No
                                                    strict=True))[len(results):]]
         raise BatchInterrupted(results, interrupt) from interrupt
     return results
+
+
+def _each_map(enhancer: Enhancer, plan: MapPlan, options: EnhanceOptions, *,
+              voxel_size: VoxelSize | None, mask: str | Path | None, overwrite: bool
+              ) -> Iterator[MapResult]:
+    """One result per map of ``plan`` as it finishes, the device line logged once first (the
+    pipeline's copy for each map dropped)."""
+    device_line = enhancer.runtime.description
+    LOG.info(device_line)
+    repeated = _DropMessage(device_line)
+    LOG.addFilter(repeated)
+    try:
+        yield from _enhance_each(enhancer, plan.sources, plan.outputs, plan.previews, options,
+                                 voxel_size=voxel_size, mask=mask, overwrite=overwrite)
+    finally:
+        LOG.removeFilter(repeated)
 
 
 class _DropMessage(logging.Filter):
@@ -400,7 +392,7 @@ def _enhance_each(enhancer: Enhancer, sources: Sequence[str | Path], outputs: Se
                   previews: Sequence[Path] | None, options: EnhanceOptions, *,
                   voxel_size: VoxelSize | None, mask: str | Path | None, overwrite: bool
                   ) -> Iterator[MapResult]:
-    """The loop of :func:`enhance_many`: one result per map, failures included."""
+    """The loop of :func:`_each_map`: one result per map, failures included."""
     for index, (source, output) in enumerate(zip(sources, outputs, strict=True)):
         start = time.perf_counter()
         picture = None if previews is None else previews[index]

@@ -291,14 +291,14 @@ def test_interrupt_keeps_finished_maps(maps: list[Path], model: Path, tmp_path: 
     assert err.rstrip().endswith("interrupted; only the maps marked ok were written")
 
 
-def test_enhance_plan_runs_every_map_in_order(maps: list[Path], model: Path,
+def test_enhance_many_runs_every_map_in_order(maps: list[Path], model: Path,
                                              tmp_path: Path) -> None:
     """The plan's folders are created, every map runs, and each result is passed on as its
     map finishes."""
     out = tmp_path / "out" / "deeper"
     plan = batch.plan_maps(maps, out, "_x")
     seen: list[batch.MapResult] = []
-    results = batch.enhance_plan(pipeline.Enhancer(str(model), device="cpu"), plan,
+    results = batch.enhance_many(pipeline.Enhancer(str(model), device="cpu"), plan,
                                  on_result=seen.append)
     assert results == seen and [result.status for result in results] == ["ok"] * 3
     assert [result.output for result in results] == plan.outputs
@@ -306,7 +306,7 @@ def test_enhance_plan_runs_every_map_in_order(maps: list[Path], model: Path,
 
 
 @pytest.mark.parametrize("written", [False, True])
-def test_enhance_plan_interrupted_marks_the_maps_not_run(
+def test_enhance_many_interrupted_marks_the_maps_not_run(
         maps: list[Path], model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         written: bool) -> None:
     """Ctrl-C in the second map: a KeyboardInterrupt holding one result per map; the second
@@ -324,7 +324,7 @@ def test_enhance_plan_interrupted_marks_the_maps_not_run(
     plan = batch.plan_maps(maps, tmp_path / "out", None)
     seen: list[batch.MapResult] = []
     with pytest.raises(KeyboardInterrupt) as stopped:
-        batch.enhance_plan(pipeline.Enhancer(str(model), device="cpu"), plan,
+        batch.enhance_many(pipeline.Enhancer(str(model), device="cpu"), plan,
                            on_result=seen.append)
     assert isinstance(stopped.value, batch.BatchInterrupted)
     assert type(stopped.value.interrupt) is KeyboardInterrupt
