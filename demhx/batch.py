@@ -344,10 +344,15 @@ def enhance_many(enhancer: Enhancer, plan: MapPlan, options: EnhanceOptions | No
     create_folders([*plan.outputs, *(plan.previews or [])])
     watch = _signals.OutputWatch()  # tells whether the map under way was written
     watch.watch(plan.outputs)
+    # The device line once, before the first map; the pipeline's copy for each map is dropped.
+    device_line = enhancer.runtime.description
+    LOG.info(device_line)
+    repeated = _DropMessage(device_line)
+    LOG.addFilter(repeated)
     results: list[MapResult] = []
     try:
-        for result in _each_map(enhancer, plan, options or EnhanceOptions(),
-                                voxel_size=voxel_size, mask=mask, overwrite=overwrite):
+        for result in _enhance_each(enhancer, plan, options or EnhanceOptions(),
+                                    voxel_size=voxel_size, mask=mask, overwrite=overwrite):
             if result.error is None or _signals.taken() is None:
                 results.append(result)  # (a map whose error was a signal's is not counted)
             _signals.raise_taken()
@@ -358,23 +363,9 @@ def enhance_many(enhancer: Enhancer, plan: MapPlan, options: EnhanceOptions | No
                     for source, output in list(zip(plan.sources, plan.outputs,
                                                    strict=True))[len(results):]]
         raise BatchInterrupted(results, interrupt) from interrupt
-    return results
-
-
-def _each_map(enhancer: Enhancer, plan: MapPlan, options: EnhanceOptions, *,
-              voxel_size: VoxelSize | None, mask: str | Path | None, overwrite: bool
-              ) -> Iterator[MapResult]:
-    """One result per map of ``plan`` as it finishes, the device line logged once first (the
-    pipeline's copy for each map dropped)."""
-    device_line = enhancer.runtime.description
-    LOG.info(device_line)
-    repeated = _DropMessage(device_line)
-    LOG.addFilter(repeated)
-    try:
-        yield from _enhance_each(enhancer, plan.sources, plan.outputs, plan.previews, options,
-                                 voxel_size=voxel_size, mask=mask, overwrite=overwrite)
     finally:
         LOG.removeFilter(repeated)
+    return results
 
 
 class _DropMessage(logging.Filter):
@@ -388,11 +379,12 @@ class _DropMessage(logging.Filter):
         return record.getMessage() != self.message
 
 
-def _enhance_each(enhancer: Enhancer, sources: Sequence[str | Path], outputs: Sequence[Path],
-                  previews: Sequence[Path] | None, options: EnhanceOptions, *,
+def _enhance_each(enhancer: Enhancer, plan: MapPlan, options: EnhanceOptions, *,
                   voxel_size: VoxelSize | None, mask: str | Path | None, overwrite: bool
                   ) -> Iterator[MapResult]:
-    """The loop of :func:`_each_map`: one result per map, failures included."""
+    """The loop of :func:`enhance_many`: one result per map as it finishes, failures
+    included."""
+    sources, outputs, previews = plan.sources, plan.outputs, plan.previews
     for index, (source, output) in enumerate(zip(sources, outputs, strict=True)):
         start = time.perf_counter()
         picture = None if previews is None else previews[index]
