@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from demhx.batch import MapPlan, MapResult, Shard
 
 __all__ = ["DEEPEMHANCER", "HELP", "OPTIONS", "USAGE", "Arguments",
-           "UsageError", "describe_error", "help_text", "main", "parse_arguments"]
+           "UsageError", "help_text", "main", "parse_arguments"]
 
 PROGRAM = "demhx"
 SEVERAL = f"{PROGRAM} IN [IN ...] --out-dir DIR|--suffix SUF"

@@ -161,3 +161,32 @@ def test_public_modules_say_what_they_export(path: Path) -> None:
     if path.stem != "__init__":
         assert _public_definitions(path) <= set(exported), (
             f"{path.name}: {sorted(_public_definitions(path) - set(exported))} not in __all__")
+
+
+def _defined_names(path: Path) -> set[str]:
+    """Every name a module binds at its top level: functions, classes and assignments."""
+    names = set()
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.add(node.name)
+        targets = (node.targets if isinstance(node, ast.Assign) else
+                   [node.target] if isinstance(node, ast.AnnAssign) else [])
+        names |= {target.id for target in targets if isinstance(target, ast.Name)}
+    return names
+
+
+@pytest.mark.parametrize("path", [path for path in _modules(RUNTIME) if path.stem != "__init__"],
+                         ids=lambda path: path.name)
+def test_no_module_re_exports_another_s_names(path: Path) -> None:
+    """A module's ``__all__`` lists only what it defines itself: a name lives in one module,
+    and callers import it from there (the package's ``__init__`` is the one front)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    exported: list[str] = []
+    for node in tree.body:
+        if (isinstance(node, ast.Assign) and any(isinstance(target, ast.Name) and
+                                                 target.id == "__all__"
+                                                 for target in node.targets)):
+            exported = list(ast.literal_eval(node.value))
+    foreign = sorted(set(exported) - _defined_names(path))
+    assert not foreign, f"{path.name} re-exports {foreign}; import them where they are defined"
+
