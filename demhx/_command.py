@@ -432,8 +432,7 @@ def _run_many(args: Arguments, watch: _signals.OutputWatch) -> int:
         if args.shard is not None:
             _say(f"{PROGRAM}: {batch.shard_line(args.shard, len(plan.sources), len(every))}\n")
     if interrupt is not None:
-        name = _signals.signal_name(interrupt)
-        what = "interrupted" if name == "SIGINT" else f"stopped by {name}"
+        what = _signals.how_stopped(_signals.signal_name(interrupt))
         _say(f"{PROGRAM}: {what}; only the maps marked ok were written\n")
         return _signals.exit_status(interrupt)
     if failed:

@@ -70,6 +70,12 @@ def signal_name(error: KeyboardInterrupt) -> str:
     return error.name if isinstance(error, Interrupted) else "SIGINT"
 
 
+def how_stopped(name: str) -> str:
+    """How a run stopped by the signal ``name`` says so: ``interrupted`` (Ctrl-C) or
+    ``stopped by SIGTERM``."""
+    return "interrupted" if name == "SIGINT" else f"stopped by {name}"
+
+
 class _State:
     """Where the handler stands: the signal taken (None: none yet), whether the outcome is
     final, and whether :func:`catch` installed the handler for the whole process."""

@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def stop_line(signal_name: str, written: Sequence[str] | None) -> str:
     """The line that ends a run stopped by a signal (``"SIGINT"``, ``"SIGTERM"``, ...), given
     the outputs it wrote, each complete (None: stopped before it noted them)."""
-    what = "interrupted" if signal_name == "SIGINT" else f"stopped by {signal_name}"
+    what = _signals.how_stopped(signal_name)
     if written is None:
         return f"{PROGRAM}: {what} before any work; nothing written"
     if not written:
