@@ -301,8 +301,8 @@ def load_spec(model: str | Path | None = None) -> ModelSpec:
 
 def describe(folder: Path, entry: dict[str, Any]) -> str:
     """One line about the registered model ``entry`` of the registry in ``folder``: its
-    registry description, else what its metadata says (version, widths, weights, cost, voxel
-    size); a line saying it cannot be read when it cannot."""
+    registry description, else what its metadata says (version, weights, cost, voxel size);
+    a line saying it cannot be read when it cannot."""
     from demhx.errors import describe_error
 
     if entry.get("description"):
@@ -314,8 +314,6 @@ def describe(folder: Path, entry: dict[str, Any]) -> str:
         return f"{path.name}: cannot be read ({describe_error(error)[:80]}); reinstall demhx"
     values = {key.removeprefix(METADATA_PREFIX): value for key, value in metadata.items()}
     parts = [f"v{values.get('version', '?')}"]
-    if "widths" in values:
-        parts.append(f"widths {values['widths']}")
     if "parameters" in values:
         parts.append(f"{int(values['parameters']) / 1e6:.2f} M weights")
     if "gflop_per_cube" in values:
