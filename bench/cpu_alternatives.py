@@ -123,13 +123,19 @@ def timed(enhancer: Enhancer, volume: np.ndarray, voxel: float,
     return enhanced, time.perf_counter() - start
 
 
-def _session(model: Any, threads: int, spinning: bool = True) -> Any:
+def _session(model: Any, threads: int, spinning: bool = True,
+             profile_prefix: Path | None = None) -> Any:
+    """A CPU session of ``model`` (a path or the model's bytes); with ``profile_prefix``,
+    profiled into a file of that prefix."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_prefix)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
@@ -185,13 +191,7 @@ def _conv_layers(channels_in: int, channels_out: int, edge: int = 64) -> tuple[b
 
 def profile(threads: int, scratch: Path, calls: int = 4) -> str:
     """The shares of the network's time by operator type (ONNX Runtime's profiler)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_profiling = True
-    options.profile_file_prefix = str(scratch / "profile")
-    session_ = ort.InferenceSession(str(SHIPPED), options, providers=["CPUExecutionProvider"])
+    session_ = _session(str(SHIPPED), threads, profile_prefix=scratch / "profile")
     for _ in range(calls):
         session_.run(None, {"input": _noise((1, 1, 64, 64, 64))})
     events = json.loads(Path(session_.end_profiling()).read_text())
